@@ -1,0 +1,253 @@
+//! Server configuration: defaults, overridden by an optional TOML file, overridden by
+//! environment variables (`AIKI_*`), overridden by flags.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+/// The server's settings. Every field can be set in the TOML file under the same name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// PostgreSQL connection string (URL or key=value form).
+    pub database_url: String,
+    /// Largest number of pooled database connections.
+    pub pool_size: usize,
+    /// Apply pending migrations at start (under an advisory lock, so replicas may race).
+    pub migrate: bool,
+    /// How long a lease lasts after a poll or a heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often workers are told to heartbeat (must be well below `lease_ttl`).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// The longest a poll may wait for work.
+    #[serde(with = "humantime_serde")]
+    pub max_poll_wait: Duration,
+    /// A run whose lease expires more often than this ends `failed`.
+    pub max_lease_expirations: u32,
+    /// How often the reaper looks for expired leases.
+    #[serde(with = "humantime_serde")]
+    pub reaper_interval: Duration,
+    /// Largest accepted payload (input, output, task result, error details), as JSON bytes.
+    pub max_payload_bytes: usize,
+    /// Retry policy of runs that do not set their own.
+    pub default_retry: RetryDefaults,
+    /// How long shutdown waits for in-flight calls before it stops anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// The server-wide default retry policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryDefaults {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// Delay before the second attempt.
+    #[serde(with = "humantime_serde")]
+    pub initial_interval: Duration,
+    /// Upper bound of the delay.
+    #[serde(with = "humantime_serde")]
+    pub max_interval: Duration,
+    /// Growth of the delay per attempt.
+    pub backoff_coefficient: f64,
+}
+
+impl Default for RetryDefaults {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(300),
+            backoff_coefficient: 2.0,
+        }
+    }
+}
+
+/// The default database URL: a local PostgreSQL with the role `aiki` that `aiki dev` creates.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://aiki:aiki@127.0.0.1:5432/aiki";
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            pool_size: 16,
+            migrate: true,
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            max_poll_wait: Duration::from_secs(60),
+            max_lease_expirations: 3,
+            reaper_interval: Duration::from_secs(1),
+            max_payload_bytes: 2 * 1024 * 1024,
+            default_retry: RetryDefaults::default(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Settings for tests: a given database, short leases, a quick reaper, a small pool.
+    pub fn for_test(database_url: &str) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database_url: database_url.to_owned(),
+            pool_size: 8,
+            lease_ttl: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_millis(500),
+            reaper_interval: Duration::from_millis(100),
+            shutdown_grace: Duration::from_secs(5),
+            ..Self::default()
+        }
+    }
+
+    /// Checks the settings that must agree with each other.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.pool_size >= 2, "pool_size must be at least 2");
+        anyhow::ensure!(
+            self.heartbeat_interval < self.lease_ttl,
+            "heartbeat_interval ({:?}) must be shorter than lease_ttl ({:?})",
+            self.heartbeat_interval,
+            self.lease_ttl
+        );
+        anyhow::ensure!(
+            !self.reaper_interval.is_zero(),
+            "reaper_interval must be positive"
+        );
+        anyhow::ensure!(
+            self.max_payload_bytes >= 1024,
+            "max_payload_bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.default_retry.max_attempts >= 1,
+            "default_retry.max_attempts must be at least 1"
+        );
+        anyhow::ensure!(
+            (1.0..=100.0).contains(&self.default_retry.backoff_coefficient),
+            "default_retry.backoff_coefficient must be between 1 and 100"
+        );
+        Ok(())
+    }
+}
+
+/// Command-line flags of `aiki-server`; each also reads an `AIKI_*` environment variable.
+#[derive(Debug, clap::Parser)]
+#[command(name = "aiki-server", version, about = "Aiki's gRPC server")]
+pub struct Args {
+    /// TOML file with any of the settings below (flags and environment win over it).
+    #[arg(long, env = "AIKI_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7070].
+    #[arg(long, env = "AIKI_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// PostgreSQL URL [default: postgres://aiki:aiki@127.0.0.1:5432/aiki].
+    #[arg(long, env = "AIKI_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Largest number of database connections [default: 16].
+    #[arg(long, env = "AIKI_POOL_SIZE")]
+    pub pool_size: Option<usize>,
+    /// Do not apply migrations at start (run `aiki migrate` instead).
+    #[arg(long, env = "AIKI_NO_MIGRATE")]
+    pub no_migrate: bool,
+    /// Lease duration, e.g. "30s" [default: 30s].
+    #[arg(long, env = "AIKI_LEASE_TTL", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Option<Duration>,
+    /// Heartbeat interval told to workers [default: 10s].
+    #[arg(long, env = "AIKI_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Longest poll wait [default: 60s].
+    #[arg(long, env = "AIKI_MAX_POLL_WAIT", value_parser = humantime::parse_duration)]
+    pub max_poll_wait: Option<Duration>,
+    /// Lease expirations after which a run fails [default: 3].
+    #[arg(long, env = "AIKI_MAX_LEASE_EXPIRATIONS")]
+    pub max_lease_expirations: Option<u32>,
+    /// Reaper period [default: 1s].
+    #[arg(long, env = "AIKI_REAPER_INTERVAL", value_parser = humantime::parse_duration)]
+    pub reaper_interval: Option<Duration>,
+    /// Largest payload in bytes [default: 2097152].
+    #[arg(long, env = "AIKI_MAX_PAYLOAD_BYTES")]
+    pub max_payload_bytes: Option<usize>,
+    /// Grace period for in-flight calls at shutdown [default: 30s].
+    #[arg(long, env = "AIKI_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+}
+
+impl Args {
+    /// Builds the configuration: defaults < file < environment/flags.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read config file {}: {e}", path.display())
+                })?;
+                toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(
+            listen,
+            database_url,
+            pool_size,
+            lease_ttl,
+            heartbeat_interval,
+            max_poll_wait
+        );
+        set!(
+            max_lease_expirations,
+            reaper_interval,
+            max_payload_bytes,
+            shutdown_grace
+        );
+        if self.no_migrate {
+            c.migrate = false;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_override_file() {
+        let dir = std::env::temp_dir().join(format!("aiki-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("server.toml");
+        std::fs::write(
+            &file,
+            "lease_ttl = \"45s\"\npool_size = 4\n[default_retry]\nmax_attempts = 7\n",
+        )
+        .unwrap();
+        let args = Args::parse_from([
+            "aiki-server",
+            "--config",
+            file.to_str().unwrap(),
+            "--pool-size",
+            "9",
+        ]);
+        let c = args.into_config().unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(45));
+        assert_eq!(c.pool_size, 9);
+        assert_eq!(c.default_retry.max_attempts, 7);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_combinations() {
+        assert!(toml::from_str::<Config>("lease_tll = \"4s\"").is_err());
+        let c = Config {
+            heartbeat_interval: Duration::from_secs(60),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,87 @@
+//! The server's error type and its one mapping to `tonic::Status`.
+
+use tonic::{Code, Status};
+
+/// Everything a request can fail with. User mistakes carry a message a person can act on;
+/// faults of the server or the database are `Unavailable` or `Internal`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        use tokio_postgres::error::SqlState;
+        match e.code() {
+            Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
+                Error::AlreadyExists(format!("already exists: {}", db_message(&e)))
+            }
+            Some(c)
+                if *c == SqlState::INVALID_TEXT_REPRESENTATION
+                    || *c == SqlState::CHECK_VIOLATION =>
+            {
+                Error::InvalidArgument(db_message(&e))
+            }
+            Some(c)
+                if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *c == SqlState::T_R_DEADLOCK_DETECTED
+                    || *c == SqlState::ADMIN_SHUTDOWN
+                    || *c == SqlState::CANNOT_CONNECT_NOW
+                    || *c == SqlState::TOO_MANY_CONNECTIONS =>
+            {
+                Error::Unavailable(format!("database busy, retry: {}", db_message(&e)))
+            }
+            Some(_) => Error::Internal(format!("database error: {}", db_message(&e))),
+            None => Error::Unavailable(format!("database unreachable: {e}")),
+        }
+    }
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => Error::Unavailable(format!("database pool: {other}")),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        };
+        if matches!(code, Code::Internal | Code::Unavailable) {
+            tracing::warn!(error = %e, "request failed");
+        }
+        Status::new(code, e.to_string())
+    }
+}

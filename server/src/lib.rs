@@ -1,0 +1,166 @@
+//! Aiki's server: the gRPC services over a PostgreSQL store.
+//!
+//! - [`config`]: settings from defaults, a TOML file, the environment and flags.
+//! - [`store`]: all SQL; the only module that talks to PostgreSQL.
+//! - [`service`]: `WorkflowService`, `WorkerService`, `AdminService`.
+//! - [`wake`]: LISTEN/NOTIFY, in-process wake-ups and timers for waiting polls.
+//! - [`reaper`]: ends expired leases; one per database (advisory lock).
+//!
+//! [`serve`] runs everything on a bound listener until a shutdown token is cancelled.
+
+pub mod config;
+pub mod error;
+pub mod reaper;
+pub mod service;
+pub mod store;
+pub mod validate;
+pub mod wake;
+
+use std::{str::FromStr, sync::Arc};
+
+use aiki_proto::v1::{
+    admin_service_server::AdminServiceServer, worker_service_server::WorkerServiceServer,
+    workflow_service_server::WorkflowServiceServer,
+};
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+use service::{Shared, admin::AdminSvc, worker::WorkerSvc, workflow::WorkflowSvc};
+use store::Store;
+
+/// Parses a database URL into a connection config, naming the server in errors.
+pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+    let mut pg = tokio_postgres::Config::from_str(url).context("invalid database_url")?;
+    pg.application_name("aiki-server");
+    Ok(pg)
+}
+
+/// Applies pending migrations to the database at `url`; returns the names applied.
+pub async fn migrate(url: &str) -> anyhow::Result<Vec<&'static str>> {
+    let store = Store::new(pg_config(url)?, 2)?;
+    Ok(store.migrate().await?)
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then stops taking work, lets
+/// in-flight calls finish (up to `shutdown_grace`) and returns.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let pg = pg_config(&config.database_url)?;
+    let store = Store::new(pg.clone(), config.pool_size)?;
+    store.ping().await.with_context(|| {
+        format!(
+            "cannot reach PostgreSQL at {}",
+            redact(&config.database_url)
+        )
+    })?;
+    if config.migrate {
+        store.migrate().await.context("migrations failed")?;
+    }
+    // Background work stops with `inner`, after the gRPC server has drained.
+    let inner = CancellationToken::new();
+    let wakers = wake::Wakers::new(inner.clone());
+    let shared = Arc::new(Shared {
+        store,
+        config: config.clone(),
+        wakers: wakers.clone(),
+        shutdown: shutdown.clone(),
+    });
+    for (ns, queue, due) in shared.store.next_visible().await? {
+        wakers.queue_ready((ns, queue), Some(due));
+    }
+    let listen_task = tokio::spawn(wake::listen(pg.clone(), wakers.clone(), inner.clone()));
+    let reaper_task = tokio::spawn(reaper::run(shared.clone(), pg, inner.clone()));
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<WorkflowServiceServer<WorkflowSvc>>()
+        .await;
+    health_reporter
+        .set_serving::<WorkerServiceServer<WorkerSvc>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServiceServer<AdminSvc>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(aiki_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(aiki_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    // Messages may carry a payload of the limit plus envelope; anything larger is refused by
+    // the transport before it is decoded.
+    let max_message = config
+        .max_payload_bytes
+        .saturating_mul(2)
+        .saturating_add(64 * 1024);
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "aiki-server listening");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let signal = {
+        let shutdown = shutdown.clone();
+        let reporter = health_reporter.clone();
+        async move {
+            shutdown.cancelled().await;
+            reporter
+                .set_not_serving::<WorkflowServiceServer<WorkflowSvc>>()
+                .await;
+            reporter
+                .set_not_serving::<WorkerServiceServer<WorkerSvc>>()
+                .await;
+            reporter
+                .set_not_serving::<AdminServiceServer<AdminSvc>>()
+                .await;
+            tracing::info!("shutting down: no new calls; finishing in-flight ones");
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            WorkflowServiceServer::new(WorkflowSvc(shared.clone()))
+                .max_decoding_message_size(max_message.saturating_mul(16)),
+        )
+        .add_service(
+            WorkerServiceServer::new(WorkerSvc(shared.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(AdminServiceServer::new(AdminSvc(shared.clone())))
+        .serve_with_incoming_shutdown(incoming, signal);
+    let grace = config.shutdown_grace;
+    let result = tokio::select! {
+        r = server => r.map_err(anyhow::Error::from),
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("in-flight calls did not finish within the shutdown grace period");
+            Ok(())
+        }
+    };
+    inner.cancel();
+    let _ = listen_task.await;
+    let _ = reaper_task.await;
+    tracing::info!("aiki-server stopped");
+    result
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,89 @@
+//! The reaper: ends expired leases. One server per database runs it at a time, elected by a
+//! session-level advisory lock held on a dedicated connection; if that server dies, its
+//! connection closes, the lock is freed and another replica takes over within seconds.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::service::Shared;
+
+/// "aiki" + 2: the reaper's advisory lock key.
+const REAPER_LOCK: i64 = 0x6169_6b69_0000_0002;
+/// Most leases ended per statement.
+const BATCH: i64 = 1000;
+
+/// Runs until `shutdown`: tries to become the reaper, reaps while it is, retries otherwise.
+pub async fn run(shared: Arc<Shared>, pg: tokio_postgres::Config, shutdown: CancellationToken) {
+    loop {
+        match lead(&shared, &pg, &shutdown).await {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "reaper connection failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Holds the lock and reaps until the connection fails or the server stops. Returns `Ok` when
+/// the lock is held by another server.
+async fn lead(
+    shared: &Shared,
+    pg: &tokio_postgres::Config,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let (client, conn) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let conn = tokio::spawn(conn);
+    let got: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&REAPER_LOCK])
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    if !got {
+        conn.abort();
+        return Ok(());
+    }
+    tracing::info!("this server is the reaper");
+    let mut tick = tokio::time::interval(shared.config.reaper_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => { conn.abort(); return Ok(()); }
+            _ = tick.tick() => {}
+        }
+        if conn.is_finished() {
+            return Err("the lock connection closed".into());
+        }
+        loop {
+            match shared
+                .store
+                .expire_leases(BATCH, shared.config.max_lease_expirations)
+                .await
+            {
+                Ok(expired) => {
+                    for e in &expired {
+                        tracing::warn!(run_id = %e.id, status = %e.status, "lease expired");
+                        shared.wakers.runs.wake(&e.id);
+                        if e.status == "queued" {
+                            shared
+                                .wakers
+                                .queue_ready((e.namespace.clone(), e.queue.clone()), None);
+                        }
+                    }
+                    if (expired.len() as i64) < BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reaping failed");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! `aiki.v1.WorkerService`: the lease protocol.
+
+use std::{sync::Arc, time::Duration};
+
+use aiki_proto::v1::{
+    CompleteRunRequest, CompleteRunResponse, FailRunRequest, FailRunResponse, HeartbeatRequest,
+    HeartbeatResponse, LeasedRun, PollTasksRequest, PollTasksResponse, RecordTaskRequest,
+    RecordTaskResponse, RegisterWorkerRequest, RegisterWorkerResponse, ReleaseRunRequest,
+    ReleaseRunResponse, RunStatus, task_result, worker_service_server::WorkerService,
+};
+use futures::future::select_all;
+use serde_json::json;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::{Shared, run_changed};
+use crate::{
+    error::{Error, Result},
+    store::{LeaseEnd, NewTask},
+    validate,
+};
+
+/// Most runs one poll may lease.
+const MAX_POLL_BATCH: u32 = 1000;
+/// Most leases one heartbeat may name.
+const MAX_HEARTBEAT_LEASES: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct WorkerSvc(pub Arc<Shared>);
+
+fn error_json(e: Option<&aiki_proto::v1::RunError>, max: usize) -> Result<serde_json::Value> {
+    let e = e.ok_or_else(|| Error::InvalidArgument("error is required".into()))?;
+    if e.r#type.len() > 128 {
+        return Err(Error::InvalidArgument(
+            "error.type must be at most 128 bytes".into(),
+        ));
+    }
+    let details = validate::payload("error.details", e.details.as_ref(), max)?;
+    let message: String = e.message.chars().take(16 * 1024).collect();
+    Ok(json!({"type": e.r#type, "message": message, "details": details}))
+}
+
+impl WorkerSvc {
+    async fn claim_any(
+        &self,
+        ns: &str,
+        queues: &[String],
+        max: u32,
+        worker: Uuid,
+    ) -> Result<Vec<LeasedRun>> {
+        let mut out = Vec::new();
+        // Start at a different queue each time so that one busy queue does not starve the rest.
+        let start = if queues.len() > 1 {
+            rand::random_range(0..queues.len())
+        } else {
+            0
+        };
+        for i in 0..queues.len() {
+            let want = max - out.len() as u32;
+            if want == 0 {
+                break;
+            }
+            let q = &queues[(start + i) % queues.len()];
+            out.extend(
+                self.0
+                    .store
+                    .claim(ns, q, want, worker, self.0.config.lease_ttl)
+                    .await?,
+            );
+        }
+        for r in &out {
+            if let Ok(id) = Uuid::parse_str(&r.run_id) {
+                run_changed(&self.0, id);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerSvc {
+    #[instrument(name = "rpc.RegisterWorker", skip_all, fields(identity = %req.get_ref().identity))]
+    async fn register_worker(
+        &self,
+        req: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let identity =
+            validate::opt_name("identity", &req.identity, 255)?.unwrap_or_else(|| "worker".into());
+        let host = validate::opt_name("host", &req.host, 255)?.unwrap_or_default();
+        if req.queues.is_empty() || req.queues.len() > 100 {
+            return Err(Error::InvalidArgument(format!(
+                "a worker serves 1 to 100 queues, got {}",
+                req.queues.len()
+            ))
+            .into());
+        }
+        let queues = req
+            .queues
+            .iter()
+            .map(|q| validate::name("queue", q, 128))
+            .collect::<Result<Vec<_>>>()?;
+        if req.workflows.len() > 1000 {
+            return Err(
+                Error::InvalidArgument("a worker serves at most 1000 workflows".into()).into(),
+            );
+        }
+        let mut workflows = Vec::new();
+        for w in &req.workflows {
+            let name = validate::name("workflow", &w.name, 128)?;
+            let version = validate::opt_name("version", &w.version, 64)?.unwrap_or_default();
+            workflows.push(json!({"name": name, "version": version}));
+        }
+        if req.slots == 0 || req.slots > 100_000 {
+            return Err(Error::InvalidArgument(format!(
+                "slots must be 1 to 100000, got {}",
+                req.slots
+            ))
+            .into());
+        }
+        let id = self
+            .0
+            .store
+            .register_worker(
+                &ns,
+                &identity,
+                &host,
+                &serde_json::Value::Array(workflows),
+                &queues,
+                req.slots,
+            )
+            .await?;
+        tracing::info!(worker_id = %id, identity, "worker registered");
+        let c = &self.0.config;
+        Ok(Response::new(RegisterWorkerResponse {
+            worker_id: id.to_string(),
+            lease_ttl: Some(aiki_proto::duration_to_proto(c.lease_ttl)),
+            heartbeat_interval: Some(aiki_proto::duration_to_proto(c.heartbeat_interval)),
+            max_poll_wait: Some(aiki_proto::duration_to_proto(c.max_poll_wait)),
+        }))
+    }
+
+    #[instrument(name = "rpc.PollTasks", skip_all, fields(max = req.get_ref().max_runs))]
+    async fn poll_tasks(
+        &self,
+        req: Request<PollTasksRequest>,
+    ) -> Result<Response<PollTasksResponse>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let worker = validate::uuid("worker_id", &req.worker_id)?;
+        if req.max_runs == 0 || req.max_runs > MAX_POLL_BATCH {
+            return Err(Error::InvalidArgument(format!(
+                "max_runs must be 1 to {MAX_POLL_BATCH}, got {}",
+                req.max_runs
+            ))
+            .into());
+        }
+        let wait = validate::duration("wait", req.wait.as_ref(), Duration::from_secs(3600))?
+            .min(self.0.config.max_poll_wait);
+        let registered = self
+            .0
+            .store
+            .touch_worker(&ns, worker)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "worker {worker} is not registered; call RegisterWorker first"
+                ))
+            })?;
+        let queues = if req.queues.is_empty() {
+            registered
+        } else {
+            req.queues
+                .iter()
+                .map(|q| validate::name("queue", q, 128))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        let notifies: Vec<_> = queues
+            .iter()
+            .map(|q| self.0.wakers.queues.subscribe(&(ns.clone(), q.clone())))
+            .collect();
+        loop {
+            // Register for wake-ups before looking, so that a run started in between is not missed.
+            let mut waits: Vec<_> = notifies.iter().map(|n| Box::pin(n.notified())).collect();
+            for w in &mut waits {
+                w.as_mut().enable();
+            }
+            let runs = self.claim_any(&ns, &queues, req.max_runs, worker).await?;
+            if !runs.is_empty()
+                || tokio::time::Instant::now() >= deadline
+                || self.0.shutdown.is_cancelled()
+            {
+                return Ok(Response::new(PollTasksResponse { runs }));
+            }
+            tokio::select! {
+                _ = select_all(waits) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = self.0.shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    #[instrument(name = "rpc.Heartbeat", skip_all, fields(leases = req.get_ref().leases.len()))]
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let worker = validate::uuid("worker_id", &req.worker_id)?;
+        if req.leases.len() > MAX_HEARTBEAT_LEASES {
+            return Err(Error::InvalidArgument(format!(
+                "a heartbeat names at most {MAX_HEARTBEAT_LEASES} leases"
+            ))
+            .into());
+        }
+        let mut ids = Vec::with_capacity(req.leases.len());
+        let mut tokens = Vec::with_capacity(req.leases.len());
+        for l in &req.leases {
+            ids.push(validate::uuid("leases.run_id", &l.run_id)?);
+            tokens.push(validate::uuid("leases.lease_token", &l.lease_token)?);
+        }
+        let out = self
+            .0
+            .store
+            .heartbeat(&ns, worker, &ids, &tokens, self.0.config.lease_ttl)
+            .await?;
+        if !out.worker_known {
+            return Err(Error::NotFound(format!(
+                "worker {worker} is not registered; call RegisterWorker first"
+            ))
+            .into());
+        }
+        let lost_run_ids = ids
+            .iter()
+            .filter(|id| !out.held.contains(id))
+            .map(Uuid::to_string)
+            .collect();
+        Ok(Response::new(HeartbeatResponse {
+            lost_run_ids,
+            cancel_run_ids: out.cancel.iter().map(Uuid::to_string).collect(),
+            lease_expires_at: Some(out.expires.into()),
+        }))
+    }
+
+    #[instrument(name = "rpc.RecordTask", skip_all)]
+    async fn record_task(
+        &self,
+        req: Request<RecordTaskRequest>,
+    ) -> Result<Response<RecordTaskResponse>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let id = validate::uuid("run_id", &req.run_id)?;
+        let token = validate::uuid("lease_token", &req.lease_token)?;
+        let task = req
+            .task
+            .ok_or_else(|| Error::InvalidArgument("task is required".into()))?;
+        let max = self.0.config.max_payload_bytes;
+        let (output, error) = match &task.result {
+            Some(task_result::Result::Output(v)) => {
+                (Some(validate::payload("task.output", Some(v), max)?), None)
+            }
+            Some(task_result::Result::Error(e)) => (None, Some(error_json(Some(e), max)?)),
+            None => {
+                return Err(
+                    Error::InvalidArgument("task.output or task.error is required".into()).into(),
+                );
+            }
+        };
+        let new = NewTask {
+            key: validate::name("task.key", &task.key, 512)?,
+            name: validate::name("task.name", &task.name, 255)?,
+            seq: task.seq,
+            output,
+            error,
+        };
+        let (task, recorded) = self.0.store.record_task(&ns, id, token, &new).await?;
+        if recorded {
+            run_changed(&self.0, id);
+        }
+        Ok(Response::new(RecordTaskResponse {
+            task: Some(task),
+            recorded,
+        }))
+    }
+
+    #[instrument(name = "rpc.CompleteRun", skip_all)]
+    async fn complete_run(
+        &self,
+        req: Request<CompleteRunRequest>,
+    ) -> Result<Response<CompleteRunResponse>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let id = validate::uuid("run_id", &req.run_id)?;
+        let token = validate::uuid("lease_token", &req.lease_token)?;
+        let output = validate::payload(
+            "output",
+            req.output.as_ref(),
+            self.0.config.max_payload_bytes,
+        )?;
+        if self
+            .0
+            .store
+            .complete_run(&ns, id, token, &output)
+            .await?
+            .is_some()
+        {
+            run_changed(&self.0, id);
+        }
+        Ok(Response::new(CompleteRunResponse {}))
+    }
+
+    #[instrument(name = "rpc.FailRun", skip_all)]
+    async fn fail_run(
+        &self,
+        req: Request<FailRunRequest>,
+    ) -> Result<Response<FailRunResponse>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let id = validate::uuid("run_id", &req.run_id)?;
+        let token = validate::uuid("lease_token", &req.lease_token)?;
+        let error = error_json(req.error.as_ref(), self.0.config.max_payload_bytes)?;
+        let retry_after = match &req.retry_after {
+            None => None,
+            Some(d) => Some(validate::duration(
+                "retry_after",
+                Some(d),
+                Duration::from_secs(86_400),
+            )?),
+        };
+        let end = LeaseEnd::Fail {
+            error,
+            non_retryable: req.non_retryable,
+            retry_after,
+        };
+        let run = self.0.store.end_lease(&ns, id, token, end).await?;
+        let run = match run {
+            Some(run) => {
+                self.after_lease_end(&run, id);
+                run
+            }
+            None => self
+                .0
+                .store
+                .get_run(&ns, id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("run {id} not found")))?,
+        };
+        let status = RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified);
+        Ok(Response::new(FailRunResponse {
+            status: run.status,
+            retry_at: if status == RunStatus::Queued {
+                run.visible_at
+            } else {
+                None
+            },
+        }))
+    }
+
+    #[instrument(name = "rpc.ReleaseRun", skip_all)]
+    async fn release_run(
+        &self,
+        req: Request<ReleaseRunRequest>,
+    ) -> Result<Response<ReleaseRunResponse>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let id = validate::uuid("run_id", &req.run_id)?;
+        let token = validate::uuid("lease_token", &req.lease_token)?;
+        let delay = validate::duration("delay", req.delay.as_ref(), Duration::from_secs(86_400))?;
+        let reason: String = req.reason.chars().take(1024).collect();
+        let run = match self
+            .0
+            .store
+            .end_lease(&ns, id, token, LeaseEnd::Release { reason, delay })
+            .await?
+        {
+            Some(run) => {
+                self.after_lease_end(&run, id);
+                run
+            }
+            None => self
+                .0
+                .store
+                .get_run(&ns, id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("run {id} not found")))?,
+        };
+        Ok(Response::new(ReleaseRunResponse { status: run.status }))
+    }
+}
+
+impl WorkerSvc {
+    fn after_lease_end(&self, run: &aiki_proto::v1::Run, id: Uuid) {
+        run_changed(&self.0, id);
+        if RunStatus::try_from(run.status) == Ok(RunStatus::Queued) {
+            let due = run
+                .visible_at
+                .and_then(|t| std::time::SystemTime::try_from(t).ok());
+            self.0
+                .wakers
+                .queue_ready((run.namespace.clone(), run.queue.clone()), due);
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! `aiki.v1.WorkflowService`: starting runs and reading them.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use aiki_proto::v1::{
+    CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunHistoryResponse, GetRunRequest,
+    GetRunResultRequest, GetRunResultResponse, HistoryEvent, ListRunsRequest, ListRunsResponse,
+    Run, RunStatus, StartRunRequest, StartRunResponse, StartRunsRequest, StartRunsResponse,
+    WatchRunRequest, get_run_request, workflow_service_server::WorkflowService,
+};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::{Shared, run_changed};
+use crate::{
+    error::{Error, Result},
+    store::{NewRun, RetryPolicy, RunFilter},
+    validate,
+};
+
+/// Waiters re-check this often for changes made by other server replicas.
+const RECHECK: Duration = Duration::from_millis(500);
+/// Longest `GetRunResult` wait.
+const MAX_RESULT_WAIT: Duration = Duration::from_secs(600);
+/// Most runs in one `StartRuns`.
+const MAX_BATCH: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct WorkflowSvc(pub Arc<Shared>);
+
+impl WorkflowSvc {
+    fn new_run(&self, r: &StartRunRequest) -> Result<NewRun> {
+        let c = &self.0.config;
+        let namespace = validate::namespace(&r.namespace)?;
+        let workflow = validate::name("workflow", &r.workflow, 128)?;
+        let version = validate::opt_name("version", &r.version, 64)?.unwrap_or_default();
+        let queue =
+            validate::opt_name("queue", &r.queue, 128)?.unwrap_or_else(|| "default".to_owned());
+        let idempotency_key = validate::opt_name("idempotency_key", &r.idempotency_key, 255)?;
+        let request_id = match idempotency_key {
+            Some(_) => None,
+            None => validate::opt_name("request_id", &r.request_id, 255)?,
+        };
+        let input = validate::payload("input", r.input.as_ref(), c.max_payload_bytes)?;
+        let delay =
+            validate::duration("delay", r.delay.as_ref(), Duration::from_secs(366 * 86_400))?;
+        if !(-1000..=1000).contains(&r.priority) {
+            return Err(Error::InvalidArgument(format!(
+                "priority must be between -1000 and 1000, got {}",
+                r.priority
+            )));
+        }
+        let return_existing = match ConflictPolicy::try_from(r.conflict_policy) {
+            Ok(ConflictPolicy::ReturnExisting) => true,
+            Ok(_) => false,
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown conflict_policy {}",
+                    r.conflict_policy
+                )));
+            }
+        };
+        let d = &c.default_retry;
+        let retry = match &r.retry_policy {
+            None => RetryPolicy {
+                max_attempts: d.max_attempts,
+                initial_interval: d.initial_interval,
+                max_interval: d.max_interval,
+                backoff_coefficient: d.backoff_coefficient,
+                non_retryable_error_types: Vec::new(),
+            },
+            Some(p) => {
+                let day = Duration::from_secs(86_400);
+                let initial = validate::duration(
+                    "retry_policy.initial_interval",
+                    p.initial_interval.as_ref(),
+                    day,
+                )?;
+                let max =
+                    validate::duration("retry_policy.max_interval", p.max_interval.as_ref(), day)?;
+                let coefficient = if p.backoff_coefficient == 0.0 {
+                    d.backoff_coefficient
+                } else {
+                    p.backoff_coefficient
+                };
+                if !(1.0..=100.0).contains(&coefficient) {
+                    return Err(Error::InvalidArgument(format!(
+                        "retry_policy.backoff_coefficient must be between 1 and 100, got {}",
+                        p.backoff_coefficient
+                    )));
+                }
+                if p.max_attempts > 1000 {
+                    return Err(Error::InvalidArgument(format!(
+                        "retry_policy.max_attempts must be at most 1000, got {}",
+                        p.max_attempts
+                    )));
+                }
+                let initial = if p.initial_interval.is_none() {
+                    d.initial_interval
+                } else {
+                    initial
+                };
+                let max = if p.max_interval.is_none() {
+                    d.max_interval.max(initial)
+                } else {
+                    max
+                };
+                if max < initial {
+                    return Err(Error::InvalidArgument(
+                        "retry_policy.max_interval must not be shorter than initial_interval"
+                            .into(),
+                    ));
+                }
+                for t in &p.non_retryable_error_types {
+                    validate::name("retry_policy.non_retryable_error_types entry", t, 128)?;
+                }
+                RetryPolicy {
+                    max_attempts: if p.max_attempts == 0 {
+                        d.max_attempts
+                    } else {
+                        p.max_attempts
+                    },
+                    initial_interval: initial,
+                    max_interval: max,
+                    backoff_coefficient: coefficient,
+                    non_retryable_error_types: p.non_retryable_error_types.clone(),
+                }
+            }
+        };
+        Ok(NewRun {
+            namespace,
+            id: Uuid::now_v7(),
+            workflow,
+            version,
+            queue,
+            priority: r.priority,
+            input,
+            idempotency_key,
+            request_id,
+            return_existing,
+            delay,
+            retry,
+        })
+    }
+
+    async fn start(&self, runs: Vec<NewRun>) -> Result<Vec<StartRunResponse>> {
+        let started = self.0.store.start_runs(&runs).await?;
+        for (new, (_, created)) in runs.iter().zip(&started) {
+            if *created {
+                let due = (!new.delay.is_zero()).then(|| std::time::SystemTime::now() + new.delay);
+                self.0
+                    .wakers
+                    .queue_ready((new.namespace.clone(), new.queue.clone()), due);
+            }
+        }
+        Ok(started
+            .into_iter()
+            .map(|(run, created)| StartRunResponse {
+                run: Some(run),
+                created,
+            })
+            .collect())
+    }
+
+    async fn get(&self, namespace: &str, id: Uuid) -> Result<Run> {
+        self.0
+            .store
+            .get_run(namespace, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("run {id} not found")))
+    }
+}
+
+/// Waits until `notify` fires, `RECHECK` passes, `deadline` comes or the server shuts down.
+async fn wait_change(
+    shared: &Shared,
+    notified: Pin<&mut tokio::sync::futures::Notified<'_>>,
+    deadline: tokio::time::Instant,
+) {
+    tokio::select! {
+        _ = notified => {}
+        _ = tokio::time::sleep(RECHECK) => {}
+        _ = tokio::time::sleep_until(deadline) => {}
+        _ = shared.shutdown.cancelled() => {}
+    }
+}
+
+#[tonic::async_trait]
+impl WorkflowService for WorkflowSvc {
+    #[instrument(name = "rpc.StartRun", skip_all, fields(workflow = %req.get_ref().workflow))]
+    async fn start_run(
+        &self,
+        req: Request<StartRunRequest>,
+    ) -> Result<Response<StartRunResponse>, Status> {
+        let run = self.new_run(req.get_ref())?;
+        let mut out = self.start(vec![run]).await?;
+        Ok(Response::new(
+            out.pop()
+                .ok_or_else(|| Error::Internal("no result".into()))?,
+        ))
+    }
+
+    #[instrument(name = "rpc.StartRuns", skip_all, fields(count = req.get_ref().runs.len()))]
+    async fn start_runs(
+        &self,
+        req: Request<StartRunsRequest>,
+    ) -> Result<Response<StartRunsResponse>, Status> {
+        let req = req.into_inner();
+        if req.runs.is_empty() || req.runs.len() > MAX_BATCH {
+            return Err(Error::InvalidArgument(format!(
+                "StartRuns takes 1 to {MAX_BATCH} runs, got {}",
+                req.runs.len()
+            ))
+            .into());
+        }
+        let runs = req
+            .runs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                self.new_run(r).map_err(|e| match e {
+                    Error::InvalidArgument(m) => Error::InvalidArgument(format!("runs[{i}]: {m}")),
+                    Error::ResourceExhausted(m) => {
+                        Error::ResourceExhausted(format!("runs[{i}]: {m}"))
+                    }
+                    e => e,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Response::new(StartRunsResponse {
+            results: self.start(runs).await?,
+        }))
+    }
+
+    #[instrument(name = "rpc.GetRun", skip_all)]
+    async fn get_run(&self, req: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let run = match req.r#ref {
+            Some(get_run_request::Ref::RunId(id)) => {
+                self.get(&ns, validate::uuid("run_id", &id)?).await?
+            }
+            Some(get_run_request::Ref::IdempotencyKey(key)) => {
+                let key = validate::name("idempotency_key", &key, 255)?;
+                self.0
+                    .store
+                    .get_run_by_key(&ns, &key)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("no run has idempotency key {key:?}")))?
+            }
+            None => {
+                return Err(Error::InvalidArgument("give run_id or idempotency_key".into()).into());
+            }
+        };
+        Ok(Response::new(run))
+    }
+
+    #[instrument(name = "rpc.GetRunResult", skip_all)]
+    async fn get_run_result(
+        &self,
+        req: Request<GetRunResultRequest>,
+    ) -> Result<Response<GetRunResultResponse>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let id = validate::uuid("run_id", &req.run_id)?;
+        let timeout = validate::duration("timeout", req.timeout.as_ref(), MAX_RESULT_WAIT)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let notify = self.0.wakers.runs.subscribe(&id);
+        let result = async {
+            loop {
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let run = self.get(&ns, id).await?;
+                let done = status_of_run(&run).is_terminal();
+                if done || tokio::time::Instant::now() >= deadline || self.0.shutdown.is_cancelled()
+                {
+                    return Ok(GetRunResultResponse {
+                        run: Some(run),
+                        done,
+                    });
+                }
+                wait_change(&self.0, notified, deadline).await;
+            }
+        }
+        .await;
+        self.0.wakers.runs.release(&id, notify);
+        result.map(Response::new).map_err(|e: Error| e.into())
+    }
+
+    #[instrument(name = "rpc.ListRuns", skip_all)]
+    async fn list_runs(
+        &self,
+        req: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let limit = match req.page_size {
+            0 => 100,
+            n @ 1..=1000 => n,
+            n => {
+                return Err(
+                    Error::InvalidArgument(format!("page_size must be 1 to 1000, got {n}")).into(),
+                );
+            }
+        };
+        let mut statuses = Vec::new();
+        for s in &req.statuses {
+            match RunStatus::try_from(*s) {
+                Ok(RunStatus::Unspecified) | Err(_) => {
+                    return Err(
+                        Error::InvalidArgument(format!("unknown status {s} in statuses")).into(),
+                    );
+                }
+                Ok(s) => statuses.push(s.as_str().to_owned()),
+            }
+        }
+        let bound = |t: &Option<prost_types::Timestamp>| -> Result<Option<Uuid>> {
+            let Some(t) = t else { return Ok(None) };
+            let secs = u64::try_from(t.seconds).map_err(|_| {
+                Error::InvalidArgument("created_after/created_before must be after 1970".into())
+            })?;
+            let ts = uuid::Timestamp::from_unix(
+                uuid::NoContext,
+                secs,
+                t.nanos.clamp(0, 999_999_999) as u32,
+            );
+            Ok(Some(min_v7(Uuid::new_v7(ts))))
+        };
+        let filter = RunFilter {
+            workflow: validate::opt_name("workflow", &req.workflow, 128)?,
+            statuses,
+            queue: validate::opt_name("queue", &req.queue, 128)?,
+            created_after: bound(&req.created_after)?,
+            created_before: bound(&req.created_before)?,
+            cursor: match req.page_token.as_str() {
+                "" => None,
+                t => Some(validate::uuid("page_token", t)?),
+            },
+            limit: i64::from(limit),
+        };
+        let runs = self.0.store.list_runs(&ns, &filter).await?;
+        let next_page_token = if runs.len() == limit as usize {
+            runs.last().map(|r| r.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListRunsResponse {
+            runs,
+            next_page_token,
+        }))
+    }
+
+    #[instrument(name = "rpc.CancelRun", skip_all)]
+    async fn cancel_run(&self, req: Request<CancelRunRequest>) -> Result<Response<Run>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let id = validate::uuid("run_id", &req.run_id)?;
+        if req.reason.len() > 1024 {
+            return Err(Error::InvalidArgument("reason must be at most 1024 bytes".into()).into());
+        }
+        let run = self.0.store.cancel_run(&ns, id, &req.reason).await?;
+        run_changed(&self.0, id);
+        Ok(Response::new(run))
+    }
+
+    #[instrument(name = "rpc.GetRunHistory", skip_all)]
+    async fn get_run_history(
+        &self,
+        req: Request<GetRunHistoryRequest>,
+    ) -> Result<Response<GetRunHistoryResponse>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let id = validate::uuid("run_id", &req.run_id)?;
+        let events = self.0.store.history(&ns, id, req.after_seq, 10_000).await?;
+        if events.is_empty() && req.after_seq <= 0 {
+            self.get(&ns, id).await?;
+        }
+        Ok(Response::new(GetRunHistoryResponse { events }))
+    }
+
+    type WatchRunStream =
+        Pin<Box<dyn Stream<Item = Result<HistoryEvent, Status>> + Send + 'static>>;
+
+    #[instrument(name = "rpc.WatchRun", skip_all)]
+    async fn watch_run(
+        &self,
+        req: Request<WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let id = validate::uuid("run_id", &req.run_id)?;
+        self.get(&ns, id).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let shared = self.0.clone();
+        let mut after = req.after_seq;
+        tokio::spawn(async move {
+            let notify = shared.wakers.runs.subscribe(&id);
+            let result: Result<()> = async {
+                loop {
+                    let notified = notify.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    // Read the status first: events written before a terminal status are then
+                    // all visible to the history read that follows.
+                    let run = shared.store.get_run(&ns, id).await?;
+                    let events = shared.store.history(&ns, id, after, 1000).await?;
+                    let more = events.len() == 1000;
+                    for e in events {
+                        after = e.seq;
+                        if tx.send(Ok(e)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    let ended = run.is_none_or(|r| status_of_run(&r).is_terminal());
+                    if (ended && !more) || shared.shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    if !more {
+                        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+                        wait_change(&shared, notified, far).await;
+                    }
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(e.into())).await;
+            }
+            shared.wakers.runs.release(&id, notify);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+fn status_of_run(run: &Run) -> RunStatus {
+    RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified)
+}
+
+/// The smallest UUIDv7 of a millisecond: `new_v7` fills random bits, which a range bound
+/// must not have.
+fn min_v7(u: Uuid) -> Uuid {
+    let mut b = *u.as_bytes();
+    b[6] &= 0xf0;
+    b[7] = 0;
+    b[8] &= 0xc0;
+    b[9..].fill(0);
+    Uuid::from_bytes(b)
+}

@@ -1,0 +1,811 @@
+//! The store: every SQL statement of Aiki, and the only code that talks to PostgreSQL.
+//!
+//! Each statement lives in its own file under `sql/`, is loaded with `include_str!`, prepared
+//! once per connection (`prepare_cached`) and always run with bound parameters. Hot paths
+//! (claim, heartbeat, record, complete) are single statements; rarer transitions (fail,
+//! release, cancel) lock the run row, decide in Rust and write in one transaction. Every state
+//! change writes its history event in the same transaction.
+
+mod migrate;
+mod rows;
+
+use std::time::{Duration, SystemTime};
+
+use aiki_proto::v1::{HistoryEvent, LeasedRun, Queue, Run, RunStatus, TaskResult, Worker};
+use deadpool_postgres::{GenericClient, Pool};
+use serde_json::{Value as Json, json};
+use tracing::instrument;
+use uuid::Uuid;
+
+pub use migrate::{MIGRATIONS, migrate};
+use rows::*;
+
+use crate::error::{Error, Result};
+
+macro_rules! sql {
+    ($name:literal) => {
+        include_str!(concat!("sql/", $name, ".sql"))
+    };
+}
+
+/// A run to insert, already validated.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub namespace: String,
+    pub id: Uuid,
+    pub workflow: String,
+    pub version: String,
+    pub queue: String,
+    pub priority: i32,
+    pub input: Json,
+    pub idempotency_key: Option<String>,
+    pub request_id: Option<String>,
+    pub return_existing: bool,
+    pub delay: Duration,
+    pub retry: RetryPolicy,
+}
+
+/// A run's retry policy with every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_interval: Duration,
+    pub max_interval: Duration,
+    pub backoff_coefficient: f64,
+    pub non_retryable_error_types: Vec<String>,
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `failed_attempt + 1`: `initial * coefficient^(n-1)`, capped at
+    /// `max_interval`, plus up to 20% jitter so that runs failing together do not retry
+    /// together.
+    pub fn backoff(&self, failed_attempt: u32, jitter: f64) -> Duration {
+        let exp = f64::from(failed_attempt.saturating_sub(1).min(64));
+        let base = self.initial_interval.as_secs_f64() * self.backoff_coefficient.powf(exp);
+        let capped = base.min(self.max_interval.as_secs_f64());
+        Duration::from_secs_f64(capped * (1.0 + 0.2 * jitter.clamp(0.0, 1.0)))
+    }
+}
+
+/// A task result reported by a worker.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub key: String,
+    pub name: String,
+    pub seq: u32,
+    pub output: Option<Json>,
+    pub error: Option<Json>,
+}
+
+/// Filters of [`Store::list_runs`].
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub workflow: Option<String>,
+    pub statuses: Vec<String>,
+    pub queue: Option<String>,
+    pub created_after: Option<Uuid>,
+    pub created_before: Option<Uuid>,
+    pub cursor: Option<Uuid>,
+    pub limit: i64,
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone)]
+pub struct HeartbeatOutcome {
+    pub worker_known: bool,
+    pub held: Vec<Uuid>,
+    pub cancel: Vec<Uuid>,
+    pub expires: SystemTime,
+}
+
+/// A run whose lease the reaper ended.
+#[derive(Debug, Clone)]
+pub struct Expired {
+    pub namespace: String,
+    pub id: Uuid,
+    pub queue: String,
+    pub status: String,
+}
+
+/// How a lease ends through [`Store::end_lease`].
+#[derive(Debug, Clone)]
+pub enum LeaseEnd {
+    /// The attempt failed (`FailRun`).
+    Fail {
+        error: Json,
+        non_retryable: bool,
+        retry_after: Option<Duration>,
+    },
+    /// The worker gave the run back (`ReleaseRun`).
+    Release { reason: String, delay: Duration },
+}
+
+/// The store over a connection pool.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Builds a pool of at most `size` connections (connections open lazily).
+    pub fn new(pg: tokio_postgres::Config, size: usize) -> Result<Self> {
+        let mgr = deadpool_postgres::Manager::from_config(
+            pg,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(size)
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot build the connection pool: {e}")))?;
+        Ok(Self { pool })
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<Vec<&'static str>> {
+        let mut client = self.pool.get().await?;
+        migrate(&mut client).await
+    }
+
+    /// Inserts runs in one transaction, deduplicating by idempotency key or request id, and
+    /// wakes the pollers of their queues (NOTIFY in the same transaction).
+    #[instrument(name = "store.runs.start", skip_all, fields(count = runs.len()))]
+    pub async fn start_runs(&self, runs: &[NewRun]) -> Result<Vec<(Run, bool)>> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let insert = tx.prepare_cached(sql!("run_insert")).await?;
+        let event = tx.prepare_cached(sql!("event_insert")).await?;
+        let mut out = Vec::with_capacity(runs.len());
+        let mut notify: Vec<String> = Vec::new();
+        for (i, r) in runs.iter().enumerate() {
+            let row = tx
+                .query_opt(
+                    &insert,
+                    &[
+                        &r.namespace,
+                        &r.id,
+                        &r.workflow,
+                        &r.version,
+                        &r.queue,
+                        &r.priority,
+                        &r.input,
+                        &r.idempotency_key,
+                        &r.request_id,
+                        &(r.retry.max_attempts as i32),
+                        &ms(r.retry.initial_interval),
+                        &ms(r.retry.max_interval),
+                        &r.retry.backoff_coefficient,
+                        &r.retry.non_retryable_error_types,
+                        &ms(r.delay),
+                    ],
+                )
+                .await?;
+            if let Some(row) = row {
+                let run = run_from_row(&row)?;
+                tx.execute(
+                    &event,
+                    &[
+                        &r.namespace,
+                        &r.id,
+                        &"run_created",
+                        &1i32,
+                        &None::<Uuid>,
+                        &None::<Json>,
+                    ],
+                )
+                .await?;
+                let due = (!r.delay.is_zero()).then(|| row.get::<_, SystemTime>("visible_at"));
+                let payload = crate::wake::ready_payload(&r.namespace, &r.queue, due);
+                if !notify.contains(&payload) {
+                    notify.push(payload);
+                }
+                out.push((run, true));
+                continue;
+            }
+            // Taken: the conflicting insert has committed (ON CONFLICT waited for it), so this
+            // statement, with its new snapshot, sees the run.
+            let existing = tx
+                .query_opt(
+                    &tx.prepare_cached(sql!("run_by_dedupe")).await?,
+                    &[
+                        &r.namespace,
+                        &r.idempotency_key,
+                        &r.request_id,
+                        &r.workflow,
+                        &r.input,
+                    ],
+                )
+                .await?;
+            let Some(existing) = existing else {
+                return Err(Error::Unavailable(
+                    "the run holding this idempotency key was removed concurrently; retry".into(),
+                ));
+            };
+            let same: bool = existing.get("same_start");
+            if !same && !r.return_existing {
+                let what = match &r.idempotency_key {
+                    Some(k) => format!("idempotency key {k:?}"),
+                    None => format!("request id {:?}", r.request_id.as_deref().unwrap_or("")),
+                };
+                let id: Uuid = existing.get("id");
+                let at = if runs.len() > 1 {
+                    format!(" (entry {i})")
+                } else {
+                    String::new()
+                };
+                return Err(Error::AlreadyExists(format!(
+                    "{what}{at} already started run {id} with a different workflow or input; \
+                     use another key, or conflict policy RETURN_EXISTING to get that run"
+                )));
+            }
+            out.push((run_from_row(&existing)?, false));
+        }
+        if !notify.is_empty() {
+            let stmt = tx.prepare_cached(sql!("notify_ready")).await?;
+            for payload in &notify {
+                tx.execute(&stmt, &[payload]).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// A run by id.
+    #[instrument(name = "store.run.get", skip_all)]
+    pub async fn get_run(&self, namespace: &str, id: Uuid) -> Result<Option<Run>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("run_get")).await?;
+        client
+            .query_opt(&stmt, &[&namespace, &id])
+            .await?
+            .as_ref()
+            .map(run_from_row)
+            .transpose()
+    }
+
+    /// A run by idempotency key.
+    #[instrument(name = "store.run.get_by_key", skip_all)]
+    pub async fn get_run_by_key(&self, namespace: &str, key: &str) -> Result<Option<Run>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("run_get_by_key")).await?;
+        client
+            .query_opt(&stmt, &[&namespace, &key])
+            .await?
+            .as_ref()
+            .map(run_from_row)
+            .transpose()
+    }
+
+    /// Runs matching `filter`, newest first.
+    #[instrument(name = "store.runs.list", skip_all)]
+    pub async fn list_runs(&self, namespace: &str, f: &RunFilter) -> Result<Vec<Run>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("run_list")).await?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &namespace,
+                    &f.workflow,
+                    &f.statuses,
+                    &f.queue,
+                    &f.created_after,
+                    &f.created_before,
+                    &f.cursor,
+                    &f.limit,
+                ],
+            )
+            .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    /// Cancels a run: at once if queued or suspended, by request if running. Idempotent.
+    #[instrument(name = "store.run.cancel", skip_all)]
+    pub async fn cancel_run(&self, namespace: &str, id: Uuid, reason: &str) -> Result<Run> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                &tx.prepare_cached(sql!("run_get_for_update")).await?,
+                &[&namespace, &id],
+            )
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        let status: String = row.get("status");
+        let requested: bool = row.get("cancel_requested");
+        let now = match status.as_str() {
+            "queued" | "suspended" => true,
+            "running" if !requested => false,
+            "running" | "cancelled" => return run_from_row(&row),
+            done => {
+                return Err(Error::FailedPrecondition(format!(
+                    "run {id} already {done}; only a queued, suspended or running run can be cancelled"
+                )));
+            }
+        };
+        let error = json!({"type": "Cancelled", "message": if reason.is_empty() { "cancelled" } else { reason }});
+        let row = tx
+            .query_one(
+                &tx.prepare_cached(sql!("run_cancel")).await?,
+                &[&namespace, &id, &now, &error],
+            )
+            .await?;
+        let kind = if now {
+            "run_cancelled"
+        } else {
+            "cancel_requested"
+        };
+        let attempt: i32 = row.get("attempt");
+        let details = json!({"reason": reason});
+        tx.execute(
+            &tx.prepare_cached(sql!("event_insert")).await?,
+            &[&namespace, &id, &kind, &attempt, &None::<Uuid>, &details],
+        )
+        .await?;
+        tx.commit().await?;
+        run_from_row(&row)
+    }
+
+    /// History events of a run after `after_seq`, oldest first, at most `limit`.
+    #[instrument(name = "store.run.history", skip_all)]
+    pub async fn history(
+        &self,
+        namespace: &str,
+        id: Uuid,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<HistoryEvent>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("events_list")).await?;
+        let rows = client
+            .query(&stmt, &[&namespace, &id, &after_seq, &limit])
+            .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// Registers a worker and returns its id.
+    #[instrument(name = "store.worker.register", skip_all)]
+    pub async fn register_worker(
+        &self,
+        namespace: &str,
+        identity: &str,
+        host: &str,
+        workflows: &Json,
+        queues: &[String],
+        slots: u32,
+    ) -> Result<Uuid> {
+        let id = Uuid::now_v7();
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("worker_register")).await?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &namespace,
+                    &id,
+                    &identity,
+                    &host,
+                    workflows,
+                    &queues,
+                    &(slots as i32),
+                ],
+            )
+            .await?;
+        Ok(id)
+    }
+
+    /// Marks a worker as seen; returns its registered queues, or `None` if it is unknown.
+    #[instrument(name = "store.worker.touch", skip_all)]
+    pub async fn touch_worker(&self, namespace: &str, id: Uuid) -> Result<Option<Vec<String>>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("worker_touch")).await?;
+        Ok(client
+            .query_opt(&stmt, &[&namespace, &id])
+            .await?
+            .map(|r| r.get(0)))
+    }
+
+    /// Leases up to `max` ready runs of one queue to `worker` for `ttl`, with the task results
+    /// recorded so far.
+    #[instrument(name = "store.run.claim", skip_all, fields(queue, max))]
+    pub async fn claim(
+        &self,
+        namespace: &str,
+        queue: &str,
+        max: u32,
+        worker: Uuid,
+        ttl: Duration,
+    ) -> Result<Vec<LeasedRun>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("claim")).await?;
+        let rows = client
+            .query(
+                &stmt,
+                &[&namespace, &queue, &(max as i64), &worker, &ms(ttl)],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut leased: Vec<LeasedRun> = rows.iter().map(leased_from_row).collect::<Result<_>>()?;
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.get("id")).collect();
+        let stmt = client.prepare_cached(sql!("tasks_of_runs")).await?;
+        for row in client.query(&stmt, &[&namespace, &ids]).await? {
+            let run_id: Uuid = row.get("run_id");
+            let run_id = run_id.to_string();
+            if let Some(l) = leased.iter_mut().find(|l| l.run_id == run_id) {
+                l.tasks.push(task_from_row(&row)?);
+            }
+        }
+        Ok(leased)
+    }
+
+    /// Extends the leases a worker names; see `sql/heartbeat.sql`.
+    #[instrument(name = "store.worker.heartbeat", skip_all, fields(leases = ids.len()))]
+    pub async fn heartbeat(
+        &self,
+        namespace: &str,
+        worker: Uuid,
+        ids: &[Uuid],
+        tokens: &[Uuid],
+        ttl: Duration,
+    ) -> Result<HeartbeatOutcome> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("heartbeat")).await?;
+        let row = client
+            .query_one(&stmt, &[&namespace, &worker, &ids, &tokens, &ms(ttl)])
+            .await?;
+        Ok(HeartbeatOutcome {
+            worker_known: row.get("worker_known"),
+            held: row.get("held"),
+            cancel: row.get("cancel"),
+            expires: row.get("expires"),
+        })
+    }
+
+    /// Checkpoints a task result under the lease `token`. Returns the recorded result (the
+    /// earlier one if the task was already recorded) and whether this call recorded it.
+    #[instrument(name = "store.task.record", skip_all, fields(task = %task.name))]
+    pub async fn record_task(
+        &self,
+        namespace: &str,
+        id: Uuid,
+        token: Uuid,
+        task: &NewTask,
+    ) -> Result<(TaskResult, bool)> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("task_record")).await?;
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &namespace,
+                    &id,
+                    &token,
+                    &task.key,
+                    &task.name,
+                    &(task.seq as i32),
+                    &task.output,
+                    &task.error,
+                ],
+            )
+            .await?;
+        let lease_ok: bool = row.get("lease_ok");
+        let recorded: bool = row.get("recorded");
+        if !lease_ok {
+            self.refusal(&client, namespace, id, token, None).await?;
+        }
+        let stmt = client.prepare_cached(sql!("task_get")).await?;
+        let row = client
+            .query_opt(&stmt, &[&namespace, &id, &task.key])
+            .await?
+            .ok_or_else(|| Error::Unavailable("task record vanished; retry".into()))?;
+        Ok((task_from_row(&row)?, recorded))
+    }
+
+    /// Completes a run under the lease `token`. A duplicate of the report that completed it
+    /// succeeds again without changing anything.
+    #[instrument(name = "store.run.complete", skip_all)]
+    pub async fn complete_run(
+        &self,
+        namespace: &str,
+        id: Uuid,
+        token: Uuid,
+        output: &Json,
+    ) -> Result<Option<Run>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("run_complete")).await?;
+        match client
+            .query_opt(&stmt, &[&namespace, &id, &token, output])
+            .await?
+        {
+            Some(row) => Ok(Some(run_from_row(&row)?)),
+            None => self
+                .refusal(&client, namespace, id, token, Some("complete"))
+                .await
+                .map(|()| None),
+        }
+    }
+
+    /// Ends the lease `token` of a running run by failure or release, deciding retry, failure
+    /// or cancellation. Returns the updated run, or `None` for a duplicate report.
+    #[instrument(name = "store.run.end_lease", skip_all)]
+    pub async fn end_lease(
+        &self,
+        namespace: &str,
+        id: Uuid,
+        token: Uuid,
+        end: LeaseEnd,
+    ) -> Result<Option<Run>> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                &tx.prepare_cached(sql!("run_get_for_update")).await?,
+                &[&namespace, &id],
+            )
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        let kind = match &end {
+            LeaseEnd::Fail { .. } => "fail",
+            LeaseEnd::Release { .. } => "release",
+        };
+        let status: String = row.get("status");
+        let row_token: Option<Uuid> = row.get("lease_token");
+        if status != "running" || row_token != Some(token) {
+            drop(tx);
+            return self
+                .refusal(&client, namespace, id, token, Some(kind))
+                .await
+                .map(|()| None);
+        }
+        let attempt: i32 = row.get("attempt");
+        let owner: Option<Uuid> = row.get("lease_owner");
+        let cancel_requested: bool = row.get("cancel_requested");
+        let policy = retry_from_row(&row);
+        let (next, error, next_attempt, delay, event, details) = match end {
+            _ if cancel_requested => {
+                let error =
+                    json!({"type": "Cancelled", "message": "cancelled at the request of a client"});
+                (
+                    "cancelled",
+                    Some(error.clone()),
+                    attempt,
+                    Duration::ZERO,
+                    "run_cancelled",
+                    error,
+                )
+            }
+            LeaseEnd::Fail {
+                error,
+                non_retryable,
+                retry_after,
+            } => {
+                let etype = error.get("type").and_then(Json::as_str).unwrap_or("");
+                let give_up = non_retryable
+                    || attempt as u32 >= policy.max_attempts
+                    || policy.non_retryable_error_types.iter().any(|t| t == etype);
+                if give_up {
+                    (
+                        "failed",
+                        Some(error.clone()),
+                        attempt,
+                        Duration::ZERO,
+                        "run_failed",
+                        error,
+                    )
+                } else {
+                    let delay = retry_after
+                        .unwrap_or_else(|| policy.backoff(attempt as u32, rand::random()));
+                    let details = json!({"error": error, "retry_in_ms": ms(delay)});
+                    (
+                        "queued",
+                        Some(error),
+                        attempt + 1,
+                        delay,
+                        "run_retry_scheduled",
+                        details,
+                    )
+                }
+            }
+            LeaseEnd::Release { reason, delay } => {
+                let previous: Option<Json> = row.get("error");
+                (
+                    "queued",
+                    previous,
+                    attempt,
+                    delay,
+                    "lease_released",
+                    json!({"reason": reason, "delay_ms": ms(delay)}),
+                )
+            }
+        };
+        let updated = tx
+            .query_one(
+                &tx.prepare_cached(sql!("run_end_lease")).await?,
+                &[
+                    &namespace,
+                    &id,
+                    &next,
+                    &error,
+                    &kind,
+                    &next_attempt,
+                    &ms(delay),
+                ],
+            )
+            .await?;
+        tx.execute(
+            &tx.prepare_cached(sql!("event_insert")).await?,
+            &[&namespace, &id, &event, &attempt, &owner, &details],
+        )
+        .await?;
+        if next == "queued" {
+            let queue: String = updated.get("queue");
+            let due = (!delay.is_zero()).then(|| updated.get::<_, SystemTime>("visible_at"));
+            let payload = crate::wake::ready_payload(namespace, &queue, due);
+            tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(run_from_row(&updated)?))
+    }
+
+    /// Called when a report under `token` did not apply: `Ok(())` if it duplicates the report
+    /// (`kind`) that already ended this lease, else the error that explains the refusal.
+    async fn refusal(
+        &self,
+        client: &impl GenericClient,
+        namespace: &str,
+        id: Uuid,
+        token: Uuid,
+        kind: Option<&str>,
+    ) -> Result<()> {
+        let stmt = client.prepare_cached(sql!("run_get")).await?;
+        let row = client
+            .query_opt(&stmt, &[&namespace, &id])
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        let status: String = row.get("status");
+        let row_token: Option<Uuid> = row.get("lease_token");
+        let lease_end: Option<String> = row.get("lease_end");
+        if row_token == Some(token) && kind.is_some() && lease_end.as_deref() == kind {
+            return Ok(());
+        }
+        if row_token == Some(token) {
+            let how = match lease_end.as_deref() {
+                Some("expire") => "expired",
+                Some("complete") => "ended with CompleteRun",
+                Some("fail") => "ended with FailRun",
+                Some("release") => "ended with ReleaseRun",
+                _ => "ended",
+            };
+            return Err(Error::FailedPrecondition(format!(
+                "the lease on run {id} has {how}; the run is {status} and this report was not applied"
+            )));
+        }
+        Err(Error::FailedPrecondition(format!(
+            "lease token {token} is not the current lease of run {id} (the run is {status}); \
+             another worker holds or held it, and this report was not applied"
+        )))
+    }
+
+    /// Ends up to `limit` expired leases (see `sql/leases_expire.sql`).
+    #[instrument(name = "store.leases.expire", skip_all)]
+    pub async fn expire_leases(&self, limit: i64, max_expirations: u32) -> Result<Vec<Expired>> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let stmt = tx.prepare_cached(sql!("leases_expire")).await?;
+        let rows = tx
+            .query(&stmt, &[&limit, &(max_expirations as i32)])
+            .await?;
+        let expired: Vec<Expired> = rows
+            .iter()
+            .map(|r| Expired {
+                namespace: r.get(0),
+                id: r.get(1),
+                queue: r.get(2),
+                status: r.get(3),
+            })
+            .collect();
+        let mut sent: Vec<String> = Vec::new();
+        for e in expired.iter().filter(|e| e.status == "queued") {
+            let payload = crate::wake::ready_payload(&e.namespace, &e.queue, None);
+            if !sent.contains(&payload) {
+                tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
+                    .await?;
+                sent.push(payload);
+            }
+        }
+        tx.commit().await?;
+        Ok(expired)
+    }
+
+    /// Workers of a namespace, most recently seen first.
+    #[instrument(name = "store.workers.list", skip_all)]
+    pub async fn list_workers(&self, namespace: &str) -> Result<Vec<Worker>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("workers_list")).await?;
+        client
+            .query(&stmt, &[&namespace])
+            .await?
+            .iter()
+            .map(worker_from_row)
+            .collect()
+    }
+
+    /// Depth per state of every queue of a namespace.
+    #[instrument(name = "store.queues.list", skip_all)]
+    pub async fn list_queues(&self, namespace: &str) -> Result<Vec<Queue>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("queues_list")).await?;
+        Ok(client
+            .query(&stmt, &[&namespace])
+            .await?
+            .iter()
+            .map(queue_from_row)
+            .collect())
+    }
+
+    /// The earliest future visibility of each queue (to arm timers at start).
+    #[instrument(name = "store.queues.next_visible", skip_all)]
+    pub async fn next_visible(&self) -> Result<Vec<(String, String, SystemTime)>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("next_visible")).await?;
+        Ok(client
+            .query(&stmt, &[])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// Runs `SELECT 1`: is the database reachable?
+    pub async fn ping(&self) -> Result<()> {
+        let client = self.pool.get().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+}
+
+fn not_found(id: Uuid) -> Error {
+    Error::NotFound(format!("run {id} not found"))
+}
+
+/// The run's status as the enum.
+pub fn status_of(s: &str) -> RunStatus {
+    RunStatus::parse(s).unwrap_or(RunStatus::Unspecified)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters_up() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            initial_interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(10),
+            backoff_coefficient: 2.0,
+            non_retryable_error_types: vec![],
+        };
+        assert_eq!(p.backoff(1, 0.0), Duration::from_secs(1));
+        assert_eq!(p.backoff(3, 0.0), Duration::from_secs(4));
+        assert_eq!(p.backoff(30, 0.0), Duration::from_secs(10));
+        assert_eq!(p.backoff(2, 1.0), Duration::from_secs_f64(2.4));
+    }
+}

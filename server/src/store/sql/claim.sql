@@ -1,0 +1,23 @@
+-- Leases up to $3 ready runs of one queue to worker $4 for $5 ms, in priority then age order,
+-- skipping rows other pollers hold; records a `run_leased` event for each.
+WITH ready AS (
+    SELECT namespace, id FROM runs
+    WHERE namespace = $1 AND queue = $2 AND status = 'queued' AND visible_at <= now()
+    ORDER BY priority DESC, visible_at, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), leased AS (
+    UPDATE runs r
+    SET status = 'running', lease_owner = $4, lease_token = gen_random_uuid(),
+        lease_expires_at = now() + $5::bigint * interval '1 millisecond', lease_end = NULL,
+        started_at = coalesce(r.started_at, now()), updated_at = now()
+    FROM ready
+    WHERE r.namespace = ready.namespace AND r.id = ready.id
+    RETURNING r.*
+), events AS (
+    INSERT INTO run_events (namespace, run_id, type, attempt, worker_id, details)
+    SELECT namespace, id, 'run_leased', attempt, lease_owner,
+           jsonb_build_object('lease_expires_at', lease_expires_at)
+    FROM leased
+)
+SELECT * FROM leased

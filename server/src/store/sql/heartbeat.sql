@@ -1,0 +1,19 @@
+-- Extends every lease of worker $2 named in ($3 ids, $4 tokens) by $5 ms; answers which are
+-- still held, which are to be cancelled, and whether the worker is known.
+WITH leases AS (
+    SELECT * FROM unnest($3::uuid[], $4::uuid[]) AS l(id, token)
+), extended AS (
+    UPDATE runs r
+    SET lease_expires_at = now() + $5::bigint * interval '1 millisecond'
+    FROM leases l
+    WHERE r.namespace = $1 AND r.id = l.id AND r.lease_token = l.token
+      AND r.status = 'running' AND r.lease_owner = $2
+    RETURNING r.id, r.cancel_requested, r.lease_expires_at
+), worker AS (
+    UPDATE workers SET last_heartbeat_at = now() WHERE namespace = $1 AND id = $2 RETURNING id
+)
+SELECT EXISTS (SELECT 1 FROM worker) AS worker_known,
+       coalesce(array_agg(e.id) FILTER (WHERE e.id IS NOT NULL), '{}') AS held,
+       coalesce(array_agg(e.id) FILTER (WHERE e.cancel_requested), '{}') AS cancel,
+       coalesce(max(e.lease_expires_at), now() + $5::bigint * interval '1 millisecond') AS expires
+FROM (SELECT 1) one LEFT JOIN extended e ON true

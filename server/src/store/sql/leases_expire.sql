@@ -1,0 +1,38 @@
+-- Ends up to $1 expired leases: the run is queued again, or ends `failed` once its lease has
+-- expired more than $2 times, or `cancelled` if that was requested. Records the events.
+WITH expired AS (
+    SELECT namespace, id FROM runs
+    WHERE status = 'running' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), updated AS (
+    UPDATE runs r
+    SET lease_expirations = r.lease_expirations + 1,
+        status = CASE WHEN r.cancel_requested THEN 'cancelled'
+                      WHEN r.lease_expirations + 1 > $2 THEN 'failed'
+                      ELSE 'queued' END,
+        error = CASE
+            WHEN r.cancel_requested THEN jsonb_build_object('type', 'Cancelled', 'message',
+                'cancelled: the worker did not acknowledge before its lease expired')
+            WHEN r.lease_expirations + 1 > $2 THEN jsonb_build_object('type', 'LeaseExpired',
+                'message', format('the lease expired %s times without a report (limit %s)',
+                                  r.lease_expirations + 1, $2))
+            ELSE r.error END,
+        finished_at = CASE WHEN r.cancel_requested OR r.lease_expirations + 1 > $2
+                           THEN now() END,
+        lease_end = 'expire', lease_expires_at = NULL, visible_at = now(), updated_at = now()
+    FROM expired
+    WHERE r.namespace = expired.namespace AND r.id = expired.id
+    RETURNING r.*
+), events AS (
+    INSERT INTO run_events (namespace, run_id, type, attempt, worker_id, details)
+    SELECT namespace, id, 'lease_expired', attempt, lease_owner,
+           jsonb_build_object('lease_expirations', lease_expirations)
+    FROM updated
+    UNION ALL
+    SELECT namespace, id, CASE status WHEN 'failed' THEN 'run_failed' ELSE 'run_cancelled' END,
+           attempt, lease_owner, error
+    FROM updated WHERE status <> 'queued'
+)
+SELECT namespace, id, queue, status FROM updated

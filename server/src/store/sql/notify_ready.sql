@@ -1,0 +1,1 @@
+SELECT pg_notify('aiki_ready', $1)

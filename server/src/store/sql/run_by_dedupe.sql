@@ -1,0 +1,7 @@
+-- The run holding an idempotency key or request id, and whether it was started with the same
+-- workflow and input.
+SELECT *, (workflow = $4 AND input = $5) AS same_start
+FROM runs
+WHERE namespace = $1
+  AND ((idempotency_key = $2 AND $2 IS NOT NULL) OR (request_id = $3 AND $3 IS NOT NULL))
+LIMIT 1

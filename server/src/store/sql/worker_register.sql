@@ -1,0 +1,2 @@
+INSERT INTO workers (namespace, id, identity, host, workflows, queues, slots)
+VALUES ($1, $2, $3, $4, $5, $6, $7)

@@ -1,0 +1,108 @@
+//! Checks of everything a client or worker sends, with messages a person can act on.
+
+use std::time::Duration;
+
+use aiki_proto::prost_types;
+use serde_json::Value as Json;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// The namespace of a request ("default" when empty).
+pub fn namespace(ns: &str) -> Result<String> {
+    if ns.is_empty() {
+        return Ok("default".to_owned());
+    }
+    name("namespace", ns, 64)
+}
+
+/// A name of workflow, queue, version, ...: 1 to `max` characters, no control characters.
+pub fn name(what: &str, s: &str, max: usize) -> Result<String> {
+    let len = s.chars().count();
+    if len == 0 || len > max {
+        return Err(Error::InvalidArgument(format!(
+            "{what} must be 1 to {max} characters long, got {len}"
+        )));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {s:?} must not contain control characters"
+        )));
+    }
+    Ok(s.to_owned())
+}
+
+/// An optional name: empty means absent.
+pub fn opt_name(what: &str, s: &str, max: usize) -> Result<Option<String>> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        name(what, s, max).map(Some)
+    }
+}
+
+/// A UUID sent as a string.
+pub fn uuid(what: &str, s: &str) -> Result<Uuid> {
+    if s.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} is required")));
+    }
+    Uuid::parse_str(s)
+        .map_err(|_| Error::InvalidArgument(format!("{what} {s:?} is not a valid UUID")))
+}
+
+/// A payload converted to JSON and checked against the size limit.
+pub fn payload(what: &str, v: Option<&prost_types::Value>, max_bytes: usize) -> Result<Json> {
+    let json = match v {
+        None => Json::Null,
+        Some(v) => aiki_proto::value_to_json(v)
+            .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?,
+    };
+    let size = serde_json::to_vec(&json)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if size > max_bytes {
+        return Err(Error::ResourceExhausted(format!(
+            "{what} is {size} bytes of JSON; the limit is {max_bytes} bytes (store large data elsewhere and pass a reference)"
+        )));
+    }
+    Ok(json)
+}
+
+/// A non-negative duration, at most `max`.
+pub fn duration(what: &str, d: Option<&prost_types::Duration>, max: Duration) -> Result<Duration> {
+    let Some(d) = d else {
+        return Ok(Duration::ZERO);
+    };
+    let d = aiki_proto::duration_from_proto(d)
+        .ok_or_else(|| Error::InvalidArgument(format!("{what} must be a non-negative duration")))?;
+    if d > max {
+        return Err(Error::InvalidArgument(format!(
+            "{what} must be at most {}",
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(namespace("").unwrap(), "default");
+        assert!(name("workflow", "", 128).is_err());
+        assert!(name("workflow", &"x".repeat(129), 128).is_err());
+        assert!(name("queue", "a\nb", 128).is_err());
+        assert!(name("queue", "billing-eu", 128).is_ok());
+    }
+
+    #[test]
+    fn payload_limit_is_resource_exhausted() {
+        let v = aiki_proto::json_to_value(&Json::String("x".repeat(2000)));
+        assert!(matches!(
+            payload("input", Some(&v), 1024),
+            Err(Error::ResourceExhausted(_))
+        ));
+    }
+}
