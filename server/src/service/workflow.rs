@@ -301,9 +301,10 @@ impl WorkflowService for WorkflowSvc {
             0 => 100,
             n @ 1..=1000 => n,
             n => {
-                return Err(
-                    Error::InvalidArgument(format!("page_size must be 1 to 1000, got {n}")).into(),
-                );
+                return Err(Error::InvalidArgument(format!(
+                    "page_size must be 1 to 1000, got {n}"
+                ))
+                .into());
             }
         };
         let mut statuses = Vec::new();

@@ -1,0 +1,347 @@
+//! `aiki dev`: the whole local stack in one command, and `aiki dev postgres`: just make sure a
+//! local PostgreSQL is running and reachable with the default URL.
+//!
+//! For a local database URL (host 127.0.0.1 or localhost) PostgreSQL is started with
+//! `pg_ctlcluster` if it is installed but down, installed with `apt-get` if it is missing
+//! (as root), and the URL's role and database are created if they do not exist.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    str::FromStr,
+    time::Duration,
+};
+
+use aiki::{Client, StartOptions};
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    #[command(subcommand)]
+    what: Option<DevWhat>,
+    /// PostgreSQL URL of the dev database.
+    #[arg(long, env = "AIKI_DATABASE_URL", default_value = aiki_server::config::DEFAULT_DATABASE_URL, global = true)]
+    database_url: String,
+    /// Address the server listens on [default: the --server address].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Start no worker.
+    #[arg(long)]
+    no_worker: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum DevWhat {
+    /// Only make sure PostgreSQL runs and the database exists; print its URL.
+    Postgres,
+}
+
+pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
+    ensure_postgres(&args.database_url).await?;
+    if let Some(DevWhat::Postgres) = args.what {
+        println!("{}", args.database_url);
+        return Ok(());
+    }
+    let listen = match &args.listen {
+        Some(l) => l.clone(),
+        None => server
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_owned(),
+    };
+    let dir = std::env::temp_dir().join(format!("aiki-dev-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+
+    let mut children: Vec<(&str, Child)> = Vec::new();
+    let result = async {
+        let server_bin = sibling("aiki-server")?;
+        let child = Command::new(&server_bin)
+            .env("AIKI_DATABASE_URL", &args.database_url)
+            .env("AIKI_LISTEN", &listen)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", server_bin.display()))?;
+        children.push(("aiki-server", child));
+        let client = wait_for_server(server, &mut children[0].1).await?;
+
+        if !args.no_worker {
+            let config = dir.join("worker.toml");
+            std::fs::write(&config, WORKER_TOML)?;
+            let worker_bin = sibling("aiki-worker")?;
+            let child = Command::new(&worker_bin)
+                .arg("--config")
+                .arg(&config)
+                .arg("--server")
+                .arg(server)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("cannot start {}", worker_bin.display()))?;
+            children.push(("aiki-worker", child));
+            println!("worker config: {}", config.display());
+
+            let input = serde_json::json!({"name": "Ada"});
+            let run = client
+                .start_run("hello", &input, StartOptions::default())
+                .await?;
+            println!(
+                "started run {} of workflow hello with input {input}",
+                run.id
+            );
+            let out: serde_json::Value = run.result(Duration::from_secs(60)).await?;
+            println!("run {} completed with output {out}", run.id);
+        }
+        println!();
+        println!(
+            "Aiki is running: server {server}, database {}",
+            aiki_server::redact(&args.database_url)
+        );
+        println!("Try, in another terminal:");
+        println!(
+            "  aiki run start hello --input '{{\"name\":\"Grace\"}}' --key hello-grace --wait"
+        );
+        println!("  aiki run list");
+        println!("  aiki workers");
+        println!("Press Ctrl-C to stop.");
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        stop(children).await;
+        return Err(e);
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let exited = async {
+        loop {
+            for (name, c) in children.iter_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return (name.to_string(), status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        (name, status) = exited => {
+            stop(children).await;
+            bail!("{name} exited unexpectedly ({status})");
+        }
+    }
+    println!("stopping…");
+    stop(children).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The dev worker's workflows: `hello` greets whoever its input names.
+const WORKER_TOML: &str = r#"# Written by `aiki dev`: one workflow, run as a command (input JSON on stdin, output on stdout).
+queues = ["default"]
+slots = 4
+shutdown_grace = "5s"
+
+[workflows.hello]
+command = ["sh", "-c", "printf '{\"greeting\":\"hello\",\"input\":'; cat; printf '}'"]
+timeout = "10s"
+"#;
+
+/// Stops children in reverse order of start: SIGTERM, then kill after 10 s.
+async fn stop(children: Vec<(&str, Child)>) {
+    for (name, mut c) in children.into_iter().rev() {
+        if let Some(pid) = c.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        if tokio::time::timeout(Duration::from_secs(10), c.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(name, "did not stop within 10s; killing");
+            let _ = c.kill().await;
+        }
+    }
+}
+
+async fn wait_for_server(server: &str, child: &mut Child) -> anyhow::Result<Client> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("aiki-server exited during start ({status}); see its log above");
+        }
+        if let Ok(Ok(client)) =
+            tokio::time::timeout(Duration::from_secs(2), Client::connect(server.to_owned())).await
+        {
+            if client.queues().await.is_ok() {
+                return Ok(client);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("aiki-server did not answer at {server} within 60s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A binary of this workspace next to the running `aiki` (e.g. target/debug/aiki-server).
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    if path.exists() {
+        return Ok(path);
+    }
+    bail!(
+        "{} not found next to {}; build it first with `cargo build --workspace`",
+        name,
+        exe.display()
+    )
+}
+
+fn is_local(pg: &tokio_postgres::Config) -> bool {
+    pg.get_hosts().iter().all(|h| match h {
+        tokio_postgres::config::Host::Tcp(h) => h == "127.0.0.1" || h == "localhost" || h == "::1",
+        tokio_postgres::config::Host::Unix(_) => true,
+    })
+}
+
+async fn try_connect(
+    pg: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Makes sure the database of `url` is reachable: starts or installs a local PostgreSQL and
+/// creates the role and database if needed.
+pub async fn ensure_postgres(url: &str) -> anyhow::Result<()> {
+    let pg = tokio_postgres::Config::from_str(url).context("invalid database URL")?;
+    if try_connect(&pg).await.is_ok() {
+        return Ok(());
+    }
+    if !is_local(&pg) {
+        bail!(
+            "cannot connect to {}; is that PostgreSQL up?",
+            aiki_server::redact(url)
+        );
+    }
+    let user = pg.get_user().unwrap_or("postgres").to_owned();
+    let dbname = pg.get_dbname().unwrap_or(&user).to_owned();
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let mut admin = pg.clone();
+    admin.dbname("postgres");
+
+    if let Err(e) = try_connect(&admin).await {
+        let refused = e.as_db_error().is_none();
+        if refused {
+            start_postgres().await?;
+        }
+        // Reachable now; create the role if the server does not know it.
+        if try_connect(&admin).await.is_err() {
+            let pw = password
+                .as_deref()
+                .map(|p| format!(" PASSWORD '{}'", p.replace('\'', "''")))
+                .unwrap_or_default();
+            let ident = format!("\"{}\"", user.replace('"', "\"\""));
+            let sql = format!(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{r}') THEN CREATE ROLE {ident} LOGIN CREATEDB{pw}; ELSE ALTER ROLE {ident} LOGIN CREATEDB{pw}; END IF; END $$;",
+                r = user.replace('\'', "''"),
+            );
+            psql_as_postgres(&sql).await?;
+        }
+    }
+    let client = try_connect(&admin).await.with_context(|| {
+        format!(
+            "cannot connect to {} even after setting it up",
+            aiki_server::redact(url)
+        )
+    })?;
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&dbname])
+        .await?
+        .is_some();
+    if !exists {
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE \"{}\"",
+                dbname.replace('"', "\"\"")
+            ))
+            .await
+            .with_context(|| format!("cannot create database {dbname}"))?;
+        eprintln!("created database {dbname}");
+    }
+    Ok(())
+}
+
+async fn start_postgres() -> anyhow::Result<()> {
+    if which("pg_ctlcluster").is_none() {
+        eprintln!("PostgreSQL is not installed; installing it with apt-get…");
+        sh("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql").await?;
+    }
+    let versions: Vec<String> = std::fs::read_dir("/etc/postgresql")
+        .context("no /etc/postgresql: PostgreSQL does not look installed")?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("main").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if versions.is_empty() {
+        bail!("no PostgreSQL cluster found under /etc/postgresql");
+    }
+    for v in &versions {
+        eprintln!("starting PostgreSQL {v}…");
+        // "already running" is fine; the connection check below is what counts.
+        let _ = sh(&format!(
+            "pg_ctlcluster --skip-systemctl-redirect {v} main start"
+        ))
+        .await;
+    }
+    for _ in 0..60 {
+        if Command::new("pg_isready")
+            .args(["-q", "-h", "127.0.0.1"])
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("PostgreSQL did not come up within 30s")
+}
+
+async fn psql_as_postgres(sql: &str) -> anyhow::Result<()> {
+    let runner = if which("runuser").is_some() {
+        "runuser -u postgres --"
+    } else {
+        "sudo -n -u postgres"
+    };
+    let quoted = sql.replace('\'', "'\\''");
+    sh(&format!(
+        "cd / && {runner} psql -v ON_ERROR_STOP=1 -q -c '{quoted}'"
+    ))
+    .await
+}
+
+async fn sh(script: &str) -> anyhow::Result<()> {
+    let status = Command::new("sh").arg("-c").arg(script).status().await?;
+    if !status.success() {
+        bail!("`{script}` failed ({status})");
+    }
+    Ok(())
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join(cmd))
+        .find(|p| Path::new(p).exists())
+}

@@ -1,0 +1,344 @@
+//! `aiki`: the command line of Aiki.
+//!
+//! Exit codes: 0 success; 1 an error (message on stderr); 2 a usage error; 3 the run ended
+//! `failed` or `cancelled` (`run result`, `run start --wait`); 4 the wait timed out.
+
+mod dev;
+mod output;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use aiki::{Client, ListFilter, RunStatus, StartOptions};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use output::Output;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "aiki",
+    version,
+    about = "Aiki: durable workflows on PostgreSQL",
+    propagate_version = true
+)]
+struct Cli {
+    /// Server address.
+    #[arg(
+        long,
+        global = true,
+        env = "AIKI_SERVER",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    server: String,
+    /// Namespace.
+    #[arg(
+        long,
+        short = 'n',
+        global = true,
+        env = "AIKI_NAMESPACE",
+        default_value = "default"
+    )]
+    namespace: String,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// Tables and text for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start, inspect, wait for and cancel runs.
+    #[command(subcommand)]
+    Run(RunCmd),
+    /// Registered workers, their last heartbeat and the leases they hold.
+    Workers,
+    /// Queue depths per state and the age of the oldest ready run.
+    Queues,
+    /// Apply database migrations.
+    Migrate {
+        /// PostgreSQL URL.
+        #[arg(long, env = "AIKI_DATABASE_URL", default_value = aiki_server::config::DEFAULT_DATABASE_URL)]
+        database_url: String,
+    },
+    /// Run the whole local stack: PostgreSQL (started or installed if missing), a server, a
+    /// worker, and a first workflow.
+    Dev(dev::DevArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum RunCmd {
+    /// Start a run.
+    Start(StartArgs),
+    /// Show a run, by id or by idempotency key.
+    Get {
+        /// Run id.
+        #[arg(required_unless_present = "key", conflicts_with = "key")]
+        id: Option<String>,
+        /// Idempotency key.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Print a run's output; with --wait, wait up to SECS for it to end.
+    Result {
+        id: String,
+        /// Seconds to wait for the run to end.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// List runs, newest first.
+    List(ListArgs),
+    /// Cancel a run.
+    Cancel {
+        id: String,
+        /// Why (kept in the history).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Print a run's history.
+    History { id: String },
+    /// Follow a run's history live until it ends.
+    Watch { id: String },
+}
+
+#[derive(Debug, Args)]
+struct StartArgs {
+    /// Workflow name.
+    workflow: String,
+    /// Input as JSON, or @FILE to read it from a file (@- for stdin).
+    #[arg(long, short, default_value = "null")]
+    input: String,
+    /// Idempotency key: a second start with it returns the first run.
+    #[arg(long)]
+    key: Option<String>,
+    /// With --key: return the existing run even if its input differs.
+    #[arg(long)]
+    return_existing: bool,
+    /// Queue.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Priority, -1000 to 1000 (higher first).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    priority: i32,
+    /// Delay before the run may start, e.g. 30s or 5m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    delay: Option<Duration>,
+    /// Attempts in all (retry policy).
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Wait for the run to end and print its output (up to SECS, default 60).
+    #[arg(long, num_args = 0..=1, default_missing_value = "60")]
+    wait: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    /// Only this workflow.
+    #[arg(long)]
+    workflow: Option<String>,
+    /// Only these states (repeatable): queued, running, suspended, completed, failed, cancelled.
+    #[arg(long)]
+    status: Vec<String>,
+    /// Only this queue.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Only runs created within this long, e.g. 1h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// Page size (1 to 1000).
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Continue from a previous page.
+    #[arg(long)]
+    page_token: Option<String>,
+}
+
+/// An error with its exit code.
+struct Exit(u8, anyhow::Error);
+
+impl<E: Into<anyhow::Error>> From<E> for Exit {
+    fn from(e: E) -> Self {
+        Exit(1, e.into())
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = matches!(
+        cli.command,
+        Command::Run(_) | Command::Workers | Command::Queues
+    );
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AIKI_LOG")
+                .unwrap_or_else(|_| if quiet { "warn".into() } else { "info".into() }),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Exit(code, e)) => {
+            eprintln!("aiki: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    Ok(Client::connect(cli.server.clone())
+        .await?
+        .with_namespace(cli.namespace.clone()))
+}
+
+fn read_input(arg: &str) -> anyhow::Result<serde_json::Value> {
+    let text = match arg.strip_prefix('@') {
+        Some("-") => std::io::read_to_string(std::io::stdin())?,
+        Some(path) => std::fs::read_to_string(PathBuf::from(path))
+            .map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))?,
+        None => arg.to_owned(),
+    };
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--input is not valid JSON: {e}"))
+}
+
+fn parse_status(s: &str) -> anyhow::Result<RunStatus> {
+    RunStatus::parse(&s.to_ascii_lowercase()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown status {s:?}; use queued, running, suspended, completed, failed or cancelled"
+        )
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), Exit> {
+    let out = Output::new(cli.output == Format::Json);
+    match &cli.command {
+        Command::Migrate { database_url } => {
+            let applied = aiki_server::migrate(database_url).await?;
+            out.migrated(&applied);
+            Ok(())
+        }
+        Command::Dev(args) => Ok(dev::run(args, &cli.server).await?),
+        Command::Workers => {
+            out.workers(&connect(&cli).await?.workers().await?);
+            Ok(())
+        }
+        Command::Queues => {
+            out.queues(&connect(&cli).await?.queues().await?);
+            Ok(())
+        }
+        Command::Run(cmd) => run_cmd(&cli, cmd, &out).await,
+    }
+}
+
+async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
+    let client = connect(cli).await?;
+    match cmd {
+        RunCmd::Start(a) => {
+            let input = read_input(&a.input)?;
+            let opts = StartOptions {
+                idempotency_key: a.key.clone(),
+                return_existing: a.return_existing,
+                queue: a.queue.clone(),
+                priority: a.priority,
+                delay: a.delay,
+                retry: a.max_attempts.map(|n| aiki::RetryPolicy {
+                    max_attempts: Some(n),
+                    ..Default::default()
+                }),
+                ..StartOptions::default()
+            };
+            let handle = client.start_run(&a.workflow, &input, opts).await?;
+            match a.wait {
+                None => {
+                    out.started(&handle);
+                    Ok(())
+                }
+                Some(secs) => {
+                    if !out.json {
+                        eprintln!(
+                            "{} run {}; waiting…",
+                            if handle.created {
+                                "started"
+                            } else {
+                                "found existing"
+                            },
+                            handle.id
+                        );
+                    }
+                    wait_and_print(&client, &handle.id, secs, out).await
+                }
+            }
+        }
+        RunCmd::Get { id, key } => {
+            let run = match (id, key) {
+                (Some(id), _) => client.get(id).await?,
+                (None, Some(key)) => client.get_by_key(key).await?,
+                (None, None) => return Err(anyhow::anyhow!("give a run id or --key").into()),
+            };
+            out.run(&run);
+            Ok(())
+        }
+        RunCmd::Result { id, wait } => wait_and_print(&client, id, *wait, out).await,
+        RunCmd::List(a) => {
+            let filter = ListFilter {
+                workflow: a.workflow.clone(),
+                statuses: a
+                    .status
+                    .iter()
+                    .map(|s| parse_status(s))
+                    .collect::<anyhow::Result<_>>()?,
+                queue: a.queue.clone(),
+                created_after: a.since.map(|d| std::time::SystemTime::now() - d),
+                created_before: None,
+                page_size: a.limit,
+                page_token: a.page_token.clone(),
+            };
+            out.runs(&client.list(&filter).await?);
+            Ok(())
+        }
+        RunCmd::Cancel { id, reason } => {
+            out.cancelled(&client.cancel(id, reason).await?);
+            Ok(())
+        }
+        RunCmd::History { id } => {
+            out.history(&client.history(id).await?);
+            Ok(())
+        }
+        RunCmd::Watch { id } => {
+            let mut stream = client.watch(id).await?;
+            while let Some(event) = stream.next().await {
+                out.event(&event?);
+            }
+            out.run_end(&client.get(id).await?);
+            Ok(())
+        }
+    }
+}
+
+async fn wait_and_print(client: &Client, id: &str, secs: u64, out: &Output) -> Result<(), Exit> {
+    let run = match client.wait(id, Duration::from_secs(secs)).await {
+        Ok(run) => run,
+        Err(aiki::Error::Timeout { .. }) => {
+            let run = client.get(id).await?;
+            out.result(&run);
+            return Err(Exit(
+                4,
+                anyhow::anyhow!("run {id} is still {} after {secs}s", run.status.as_str()),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    out.result(&run);
+    match run.status {
+        RunStatus::Completed => Ok(()),
+        status => Err(Exit(3, anyhow::anyhow!("run {id} {}", status.as_str()))),
+    }
+}

@@ -1,0 +1,512 @@
+//! The client: start runs, read them, wait for their results.
+
+use std::time::Duration;
+
+use aiki_proto::v1::{
+    self, CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunRequest,
+    GetRunResultRequest, ListRunsRequest, StartRunRequest, StartRunsRequest, WatchRunRequest,
+    admin_service_client::AdminServiceClient, get_run_request,
+    workflow_service_client::WorkflowServiceClient,
+};
+use backon::{ExponentialBuilder, Retryable};
+use futures::{Stream, StreamExt};
+use serde::{Serialize, de::DeserializeOwned};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{
+    RunStatus,
+    error::{Error, Result, RunError},
+};
+
+pub use aiki_proto::v1::{HistoryEvent, Queue, Worker};
+
+/// How a start is deduplicated and scheduled. `Default` is a plain start on queue "default".
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// One run per key, forever: a second start with the key returns the first run.
+    pub idempotency_key: Option<String>,
+    /// With a key: return the existing run even if its input differs (instead of
+    /// `Error::AlreadyExists`).
+    pub return_existing: bool,
+    /// Queue name; `None` is "default".
+    pub queue: Option<String>,
+    /// Pin a workflow version.
+    pub version: Option<String>,
+    /// Higher is leased first; -1000 to 1000.
+    pub priority: i32,
+    /// Not leased before this delay.
+    pub delay: Option<Duration>,
+    /// Retry policy of the run (server defaults otherwise).
+    pub retry: Option<RetryPolicy>,
+}
+
+impl StartOptions {
+    /// Options with an idempotency key.
+    pub fn key(key: impl Into<String>) -> Self {
+        Self {
+            idempotency_key: Some(key.into()),
+            ..Self::default()
+        }
+    }
+}
+
+/// A run's retry policy; `None` fields take the server's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct RetryPolicy {
+    pub max_attempts: Option<u32>,
+    pub initial_interval: Option<Duration>,
+    pub max_interval: Option<Duration>,
+    pub backoff_coefficient: Option<f64>,
+    pub non_retryable_error_types: Vec<String>,
+}
+
+impl From<&RetryPolicy> for v1::RetryPolicy {
+    fn from(p: &RetryPolicy) -> Self {
+        Self {
+            max_attempts: p.max_attempts.unwrap_or(0),
+            initial_interval: p.initial_interval.map(aiki_proto::duration_to_proto),
+            max_interval: p.max_interval.map(aiki_proto::duration_to_proto),
+            backoff_coefficient: p.backoff_coefficient.unwrap_or(0.0),
+            non_retryable_error_types: p.non_retryable_error_types.clone(),
+        }
+    }
+}
+
+/// A run as the server last described it.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub id: String,
+    pub workflow: String,
+    pub version: String,
+    pub queue: String,
+    pub status: RunStatus,
+    pub input: serde_json::Value,
+    pub output: Option<serde_json::Value>,
+    pub error: Option<RunError>,
+    pub idempotency_key: Option<String>,
+    pub attempt: u32,
+    pub cancel_requested: bool,
+    /// The full message, with timestamps and the retry policy.
+    pub raw: v1::Run,
+}
+
+impl From<v1::Run> for Run {
+    fn from(r: v1::Run) -> Self {
+        let json = |v: &Option<prost_types::Value>| {
+            v.as_ref().and_then(|v| aiki_proto::value_to_json(v).ok())
+        };
+        Self {
+            id: r.id.clone(),
+            workflow: r.workflow.clone(),
+            version: r.version.clone(),
+            queue: r.queue.clone(),
+            status: RunStatus::try_from(r.status).unwrap_or(RunStatus::Unspecified),
+            input: json(&r.input).unwrap_or(serde_json::Value::Null),
+            output: json(&r.output),
+            error: r.error.as_ref().map(RunError::from),
+            idempotency_key: (!r.idempotency_key.is_empty()).then(|| r.idempotency_key.clone()),
+            attempt: r.attempt,
+            cancel_requested: r.cancel_requested,
+            raw: r,
+        }
+    }
+}
+
+/// Filters of [`Client::list`]; `Default` lists everything, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub workflow: Option<String>,
+    pub statuses: Vec<RunStatus>,
+    pub queue: Option<String>,
+    pub created_after: Option<std::time::SystemTime>,
+    pub created_before: Option<std::time::SystemTime>,
+    /// 1 to 1000 (default 100).
+    pub page_size: u32,
+    /// From the previous page.
+    pub page_token: Option<String>,
+}
+
+/// One page of runs.
+#[derive(Debug, Clone)]
+pub struct RunPage {
+    pub runs: Vec<Run>,
+    /// `None` on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// A handle on a started run.
+#[derive(Debug, Clone)]
+pub struct RunHandle {
+    client: Client,
+    /// The run's id.
+    pub id: String,
+    /// False when the start returned an existing run (same idempotency key).
+    pub created: bool,
+    /// The run as the start returned it.
+    pub run: Run,
+}
+
+impl RunHandle {
+    /// Waits up to `timeout` for the run to end and returns its output as `T`.
+    /// A failed or cancelled run is an error ([`Error::RunFailed`], [`Error::RunCancelled`]).
+    pub async fn result<T: DeserializeOwned>(&self, timeout: Duration) -> Result<T> {
+        self.client.result(&self.id, timeout).await
+    }
+
+    /// The run's current state.
+    pub async fn get(&self) -> Result<Run> {
+        self.client.get(&self.id).await
+    }
+
+    /// Cancels the run.
+    pub async fn cancel(&self) -> Result<Run> {
+        self.client.cancel(&self.id, "").await
+    }
+}
+
+/// A connection to an Aiki server. Cheap to clone; all clones share one HTTP/2 connection,
+/// which reconnects by itself when the server comes back.
+#[derive(Debug, Clone)]
+pub struct Client {
+    workflows: WorkflowServiceClient<Channel>,
+    admin: AdminServiceClient<Channel>,
+    namespace: String,
+}
+
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(8)
+        .with_jitter()
+}
+
+fn retryable(e: &Error) -> bool {
+    matches!(e, Error::Unavailable(_))
+}
+
+impl Client {
+    /// Connects to `addr` (e.g. `http://127.0.0.1:7070`), retrying with exponential backoff
+    /// for a few seconds if the server is not up yet.
+    pub async fn connect(addr: impl Into<String>) -> Result<Self> {
+        let channel = connect_channel(addr.into()).await?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// A client over an existing channel.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            workflows: WorkflowServiceClient::new(channel.clone())
+                .max_decoding_message_size(64 * 1024 * 1024),
+            admin: AdminServiceClient::new(channel),
+            namespace: "default".to_owned(),
+        }
+    }
+
+    /// The same client, working in another namespace.
+    pub fn with_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    fn start_request<I: Serialize>(
+        &self,
+        workflow: &str,
+        input: &I,
+        opts: &StartOptions,
+    ) -> Result<StartRunRequest> {
+        let input = serde_json::to_value(input)?;
+        Ok(StartRunRequest {
+            namespace: self.namespace.clone(),
+            workflow: workflow.to_owned(),
+            version: opts.version.clone().unwrap_or_default(),
+            input: Some(aiki_proto::json_to_value(&input)),
+            queue: opts.queue.clone().unwrap_or_default(),
+            idempotency_key: opts.idempotency_key.clone().unwrap_or_default(),
+            conflict_policy: if opts.return_existing {
+                ConflictPolicy::ReturnExisting
+            } else {
+                ConflictPolicy::Fail
+            } as i32,
+            // Makes this call's own retries safe when no idempotency key is given.
+            request_id: uuid::Uuid::new_v4().to_string(),
+            delay: opts.delay.map(aiki_proto::duration_to_proto),
+            priority: opts.priority,
+            retry_policy: opts.retry.as_ref().map(Into::into),
+        })
+    }
+
+    /// Starts a run of `workflow` with `input`. With an idempotency key, a second start with
+    /// the same key and input returns the first run (`created == false`).
+    pub async fn start_run<I: Serialize>(
+        &self,
+        workflow: &str,
+        input: &I,
+        opts: StartOptions,
+    ) -> Result<RunHandle> {
+        let req = self.start_request(workflow, input, &opts)?;
+        let resp = (|| async {
+            let mut c = self.workflows.clone();
+            c.start_run(req.clone())
+                .await
+                .map(|r| r.into_inner())
+                .map_err(Error::from)
+        })
+        .retry(backoff())
+        .when(retryable)
+        .await?;
+        let run: Run = resp.run.unwrap_or_default().into();
+        Ok(RunHandle {
+            client: self.clone(),
+            id: run.id.clone(),
+            created: resp.created,
+            run,
+        })
+    }
+
+    /// Starts many runs in one round trip and one transaction (all or none).
+    pub async fn start_runs<I: Serialize>(
+        &self,
+        runs: &[(&str, I, StartOptions)],
+    ) -> Result<Vec<RunHandle>> {
+        let req = StartRunsRequest {
+            runs: runs
+                .iter()
+                .map(|(w, i, o)| self.start_request(w, i, o))
+                .collect::<Result<_>>()?,
+        };
+        let resp = (|| async {
+            let mut c = self.workflows.clone();
+            c.start_runs(req.clone())
+                .await
+                .map(|r| r.into_inner())
+                .map_err(Error::from)
+        })
+        .retry(backoff())
+        .when(retryable)
+        .await?;
+        Ok(resp
+            .results
+            .into_iter()
+            .map(|r| {
+                let run: Run = r.run.unwrap_or_default().into();
+                RunHandle {
+                    client: self.clone(),
+                    id: run.id.clone(),
+                    created: r.created,
+                    run,
+                }
+            })
+            .collect())
+    }
+
+    async fn get_by(&self, r: get_run_request::Ref) -> Result<Run> {
+        let req = GetRunRequest {
+            namespace: self.namespace.clone(),
+            r#ref: Some(r),
+        };
+        let run = (|| async {
+            self.workflows
+                .clone()
+                .get_run(req.clone())
+                .await
+                .map_err(Error::from)
+        })
+        .retry(backoff())
+        .when(retryable)
+        .await?;
+        Ok(run.into_inner().into())
+    }
+
+    /// A run by id.
+    pub async fn get(&self, run_id: &str) -> Result<Run> {
+        self.get_by(get_run_request::Ref::RunId(run_id.to_owned()))
+            .await
+    }
+
+    /// A run by idempotency key.
+    pub async fn get_by_key(&self, key: &str) -> Result<Run> {
+        self.get_by(get_run_request::Ref::IdempotencyKey(key.to_owned()))
+            .await
+    }
+
+    /// Waits up to `timeout` for the run to end; `Ok(run)` in any terminal state, or
+    /// [`Error::Timeout`].
+    pub async fn wait(&self, run_id: &str, timeout: Duration) -> Result<Run> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let req = GetRunResultRequest {
+                namespace: self.namespace.clone(),
+                run_id: run_id.to_owned(),
+                timeout: Some(aiki_proto::duration_to_proto(
+                    left.min(Duration::from_secs(60)),
+                )),
+            };
+            let resp = (|| async {
+                self.workflows
+                    .clone()
+                    .get_run_result(req.clone())
+                    .await
+                    .map_err(Error::from)
+            })
+            .retry(backoff())
+            .when(retryable)
+            .await?
+            .into_inner();
+            if resp.done {
+                return Ok(resp.run.unwrap_or_default().into());
+            }
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    run_id: run_id.to_owned(),
+                });
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the run to end and returns its output as `T`.
+    pub async fn result<T: DeserializeOwned>(&self, run_id: &str, timeout: Duration) -> Result<T> {
+        let run = self.wait(run_id, timeout).await?;
+        match run.status {
+            RunStatus::Completed => Ok(serde_json::from_value(
+                run.output.unwrap_or(serde_json::Value::Null),
+            )?),
+            RunStatus::Cancelled => Err(Error::RunCancelled { run_id: run.id }),
+            _ => Err(Error::RunFailed {
+                run_id: run.id,
+                error: run.error.unwrap_or(RunError {
+                    kind: String::new(),
+                    message: "failed".into(),
+                    details: None,
+                }),
+            }),
+        }
+    }
+
+    /// Lists runs, newest first.
+    pub async fn list(&self, f: &ListFilter) -> Result<RunPage> {
+        let req = ListRunsRequest {
+            namespace: self.namespace.clone(),
+            workflow: f.workflow.clone().unwrap_or_default(),
+            statuses: f.statuses.iter().map(|s| *s as i32).collect(),
+            queue: f.queue.clone().unwrap_or_default(),
+            created_after: f.created_after.map(Into::into),
+            created_before: f.created_before.map(Into::into),
+            page_size: f.page_size,
+            page_token: f.page_token.clone().unwrap_or_default(),
+        };
+        let resp = (|| async {
+            self.workflows
+                .clone()
+                .list_runs(req.clone())
+                .await
+                .map_err(Error::from)
+        })
+        .retry(backoff())
+        .when(retryable)
+        .await?
+        .into_inner();
+        Ok(RunPage {
+            runs: resp.runs.into_iter().map(Into::into).collect(),
+            next_page_token: (!resp.next_page_token.is_empty()).then_some(resp.next_page_token),
+        })
+    }
+
+    /// Cancels a run: a queued run ends at once, a running one when its worker hears of it.
+    pub async fn cancel(&self, run_id: &str, reason: &str) -> Result<Run> {
+        let req = CancelRunRequest {
+            namespace: self.namespace.clone(),
+            run_id: run_id.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let run = (|| async {
+            self.workflows
+                .clone()
+                .cancel_run(req.clone())
+                .await
+                .map_err(Error::from)
+        })
+        .retry(backoff())
+        .when(retryable)
+        .await?;
+        Ok(run.into_inner().into())
+    }
+
+    /// A run's history, oldest first.
+    pub async fn history(&self, run_id: &str) -> Result<Vec<HistoryEvent>> {
+        let req = GetRunHistoryRequest {
+            namespace: self.namespace.clone(),
+            run_id: run_id.to_owned(),
+            after_seq: 0,
+        };
+        let resp = (|| async {
+            self.workflows
+                .clone()
+                .get_run_history(req.clone())
+                .await
+                .map_err(Error::from)
+        })
+        .retry(backoff())
+        .when(retryable)
+        .await?;
+        Ok(resp.into_inner().events)
+    }
+
+    /// A live stream of a run's history events, ending when the run ends.
+    pub async fn watch(
+        &self,
+        run_id: &str,
+    ) -> Result<impl Stream<Item = Result<HistoryEvent>> + use<>> {
+        let req = WatchRunRequest {
+            namespace: self.namespace.clone(),
+            run_id: run_id.to_owned(),
+            after_seq: 0,
+        };
+        let stream = self.workflows.clone().watch_run(req).await?.into_inner();
+        Ok(stream.map(|e| e.map_err(Error::from)))
+    }
+
+    /// Workers registered in this namespace.
+    pub async fn workers(&self) -> Result<Vec<Worker>> {
+        let req = v1::ListWorkersRequest {
+            namespace: self.namespace.clone(),
+        };
+        Ok(self
+            .admin
+            .clone()
+            .list_workers(req)
+            .await?
+            .into_inner()
+            .workers)
+    }
+
+    /// Queue depths in this namespace.
+    pub async fn queues(&self) -> Result<Vec<Queue>> {
+        let req = v1::ListQueuesRequest {
+            namespace: self.namespace.clone(),
+        };
+        Ok(self
+            .admin
+            .clone()
+            .list_queues(req)
+            .await?
+            .into_inner()
+            .queues)
+    }
+}
+
+/// Opens a channel to `addr`, retrying with backoff while the server is unreachable.
+pub async fn connect_channel(addr: String) -> Result<Channel> {
+    let endpoint = Endpoint::from_shared(addr.clone())
+        .map_err(|e| Error::InvalidArgument(format!("server address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    (|| async { endpoint.connect().await })
+        .retry(backoff())
+        .notify(|e, d| tracing::debug!(error = %e, delay = ?d, "server not reachable yet"))
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot connect to {addr}: {e}")))
+}

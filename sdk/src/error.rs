@@ -1,0 +1,94 @@
+//! The SDK's typed errors.
+
+use tonic::{Code, Status};
+
+/// Why a workflow run failed or ended, as the server recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunError {
+    /// A short class, e.g. `ExitStatus`, `Timeout`, `LeaseExpired`, `Cancelled`.
+    pub kind: String,
+    /// For people.
+    pub message: String,
+    /// Anything else.
+    pub details: Option<serde_json::Value>,
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.kind.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.kind, self.message)
+        }
+    }
+}
+
+impl From<&aiki_proto::v1::RunError> for RunError {
+    fn from(e: &aiki_proto::v1::RunError) -> Self {
+        Self {
+            kind: e.r#type.clone(),
+            message: e.message.clone(),
+            details: e
+                .details
+                .as_ref()
+                .and_then(|d| aiki_proto::value_to_json(d).ok()),
+        }
+    }
+}
+
+/// Everything the client can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request was malformed (bad name, payload, duration...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The run (or worker) does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The idempotency key names a run started with another input.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// The request does not fit the run's state (e.g. cancelling a completed run).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// A payload is over the server's limit.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
+    /// The server could not be reached, even after retries.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The run did not end within the time given.
+    #[error("timed out waiting for run {run_id}")]
+    Timeout { run_id: String },
+    /// The run ended `failed`.
+    #[error("run {run_id} failed: {error}")]
+    RunFailed { run_id: String, error: RunError },
+    /// The run ended `cancelled`.
+    #[error("run {run_id} was cancelled")]
+    RunCancelled { run_id: String },
+    /// An input or output did not (de)serialize.
+    #[error("serialization: {0}")]
+    Serde(#[from] serde_json::Error),
+    /// Any other status from the server.
+    #[error("server error: {0}")]
+    Server(Status),
+}
+
+impl From<Status> for Error {
+    fn from(s: Status) -> Self {
+        let m = s.message().to_owned();
+        match s.code() {
+            Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(m),
+            Code::NotFound => Error::NotFound(m),
+            Code::AlreadyExists => Error::AlreadyExists(m),
+            Code::FailedPrecondition => Error::FailedPrecondition(m),
+            Code::ResourceExhausted => Error::ResourceExhausted(m),
+            Code::Unavailable => Error::Unavailable(m),
+            _ => Error::Server(s),
+        }
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

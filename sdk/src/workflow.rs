@@ -1,0 +1,316 @@
+//! The workflow API that worker code uses: [`Context::task`] runs a step at most once per run
+//! by checkpointing its result on the server before the workflow goes on.
+//!
+//! A task's key is its name, a hash of its input, and how many times that (name, input) pair
+//! has already occurred in this execution, so loops work. Each recorded task also keeps its
+//! position in the execution; a re-execution that reaches a recorded task at another position
+//! has changed its order of tasks, and fails with a non-determinism error instead of silently
+//! mixing results.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aiki_proto::v1::{
+    RecordTaskRequest, TaskResult, task_result, worker_service_client::WorkerServiceClient,
+};
+use backon::{ExponentialBuilder, Retryable};
+use serde::{Serialize, de::DeserializeOwned};
+use sha2::{Digest, Sha256};
+use tonic::{Code, transport::Channel};
+
+/// How a workflow (or one of its tasks) failed.
+///
+/// Any `std::error::Error` converts into it with `?`. By default a failure is retried by the
+/// run's retry policy; [`WorkflowError::non_retryable`] ends the run at once.
+#[derive(Debug, Clone)]
+pub struct WorkflowError {
+    /// A short class, e.g. "PaymentDeclined". Listed in a retry policy's
+    /// `non_retryable_error_types`, it ends the run at once.
+    pub kind: String,
+    pub message: String,
+    pub details: Option<serde_json::Value>,
+    pub non_retryable: bool,
+    /// Retry no sooner than this (instead of the policy's backoff).
+    pub retry_after: Option<Duration>,
+    pub(crate) lease_lost: bool,
+}
+
+impl WorkflowError {
+    /// A retryable error of class `kind`.
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            message: message.into(),
+            details: None,
+            non_retryable: false,
+            retry_after: None,
+            lease_lost: false,
+        }
+    }
+
+    /// Ends the run at once, whatever the retry policy.
+    pub fn non_retryable(mut self) -> Self {
+        self.non_retryable = true;
+        self
+    }
+
+    /// Attaches details.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    /// Asks for the retry no sooner than `delay`.
+    pub fn retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// True when the worker lost the run's lease: nothing about the run may be reported.
+    pub fn is_lease_lost(&self) -> bool {
+        self.lease_lost
+    }
+
+    pub(crate) fn lease_lost(message: impl Into<String>) -> Self {
+        Self {
+            lease_lost: true,
+            ..Self::new("LeaseLost", message)
+        }
+    }
+}
+
+impl std::fmt::Display for WorkflowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for WorkflowError {
+    fn from(e: E) -> Self {
+        Self::new(short_type_name::<E>(), e.to_string())
+    }
+}
+
+fn short_type_name<E>() -> String {
+    let full = std::any::type_name::<E>();
+    let base = full.split('<').next().unwrap_or(full);
+    base.rsplit("::").next().unwrap_or(base).to_owned()
+}
+
+/// The lease a workflow execution runs under.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub namespace: String,
+    pub run_id: String,
+    pub lease_token: String,
+    pub workflow: String,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Default)]
+struct Progress {
+    /// Recorded results by key.
+    recorded: HashMap<String, TaskResult>,
+    /// Occurrences of (name, input hash) so far in this execution.
+    seen: HashMap<(String, String), u32>,
+    /// Tasks started so far in this execution.
+    next_seq: u32,
+}
+
+/// What a workflow function gets: its run's identity and the checkpointed task API.
+#[derive(Debug, Clone)]
+pub struct Context {
+    lease: Arc<Lease>,
+    client: WorkerServiceClient<Channel>,
+    progress: Arc<Mutex<Progress>>,
+}
+
+impl Context {
+    /// A context for one execution of a leased run, with the task results recorded so far.
+    pub fn new(
+        lease: Lease,
+        client: WorkerServiceClient<Channel>,
+        recorded: Vec<TaskResult>,
+    ) -> Self {
+        let recorded = recorded.into_iter().map(|t| (t.key.clone(), t)).collect();
+        Self {
+            lease: Arc::new(lease),
+            client,
+            progress: Arc::new(Mutex::new(Progress {
+                recorded,
+                ..Progress::default()
+            })),
+        }
+    }
+
+    /// The run's id.
+    pub fn run_id(&self) -> &str {
+        &self.lease.run_id
+    }
+
+    /// The attempt, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.lease.attempt
+    }
+
+    /// The workflow's name.
+    pub fn workflow(&self) -> &str {
+        &self.lease.workflow
+    }
+
+    /// Runs `f(input)` once per run: if this task already completed in an earlier execution,
+    /// returns its recorded output without calling `f`; otherwise calls `f` and checkpoints its
+    /// output on the server before returning it. A failing `f` is not recorded: the error goes
+    /// back to the workflow (and, with `?`, fails the attempt, to be retried by policy).
+    pub async fn task<I, O, E, F, Fut>(
+        &self,
+        name: &str,
+        input: I,
+        f: F,
+    ) -> Result<O, WorkflowError>
+    where
+        I: Serialize,
+        O: Serialize + DeserializeOwned,
+        E: Into<WorkflowError>,
+        F: FnOnce(I) -> Fut,
+        Fut: Future<Output = Result<O, E>>,
+    {
+        let input_json = serde_json::to_vec(&input).map_err(|e| {
+            WorkflowError::new("Serialization", format!("task {name:?} input: {e}")).non_retryable()
+        })?;
+        let hash = hex8(&Sha256::digest(&input_json));
+        let (key, seq, recorded) = {
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            let n = p.seen.entry((name.to_owned(), hash.clone())).or_insert(0);
+            let key = format!("{name}#{hash}#{n}");
+            *n += 1;
+            let seq = p.next_seq;
+            p.next_seq += 1;
+            let recorded = p.recorded.get(&key).cloned();
+            (key, seq, recorded)
+        };
+        if let Some(t) = recorded {
+            if t.seq != seq {
+                return Err(WorkflowError::new(
+                    "NonDeterminism",
+                    format!(
+                        "task {name:?} (key {key}) was recorded as task #{} of this run but is now task #{seq}: \
+                         the workflow's code changed the order of its tasks",
+                        t.seq
+                    ),
+                )
+                .non_retryable());
+            }
+            return decode(name, t);
+        }
+        let output = f(input).await.map_err(Into::into)?;
+        let value = serde_json::to_value(&output).map_err(|e| {
+            WorkflowError::new("Serialization", format!("task {name:?} output: {e}"))
+                .non_retryable()
+        })?;
+        let task = TaskResult {
+            key: key.clone(),
+            name: name.to_owned(),
+            seq,
+            result: Some(task_result::Result::Output(aiki_proto::json_to_value(
+                &value,
+            ))),
+        };
+        let recorded = self.record(task).await?;
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recorded
+            .insert(key, recorded.clone());
+        decode(name, recorded)
+    }
+
+    async fn record(&self, task: TaskResult) -> Result<TaskResult, WorkflowError> {
+        let req = RecordTaskRequest {
+            namespace: self.lease.namespace.clone(),
+            run_id: self.lease.run_id.clone(),
+            lease_token: self.lease.lease_token.clone(),
+            task: Some(task.clone()),
+        };
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(10)
+            .with_jitter();
+        let resp = (|| async { self.client.clone().record_task(req.clone()).await })
+            .retry(policy)
+            .when(|s| {
+                matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Unknown | Code::Cancelled
+                )
+            })
+            .await;
+        match resp {
+            Ok(r) => Ok(r.into_inner().task.unwrap_or(task)),
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                Err(WorkflowError::lease_lost(s.message().to_owned()))
+            }
+            Err(s) => Err(WorkflowError::new(
+                "RecordTask",
+                format!("could not checkpoint task: {}", s.message()),
+            )),
+        }
+    }
+}
+
+fn decode<O: DeserializeOwned>(name: &str, t: TaskResult) -> Result<O, WorkflowError> {
+    match t.result {
+        Some(task_result::Result::Output(v)) => {
+            let json = aiki_proto::value_to_json(&v)
+                .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?}: {e}")))?;
+            serde_json::from_value(json).map_err(|e| {
+                WorkflowError::new(
+                    "Serialization",
+                    format!("recorded output of task {name:?} does not fit: {e}"),
+                )
+                .non_retryable()
+            })
+        }
+        Some(task_result::Result::Error(e)) => Err(WorkflowError {
+            details: e
+                .details
+                .as_ref()
+                .and_then(|d| aiki_proto::value_to_json(d).ok()),
+            ..WorkflowError::new(e.r#type, e.message)
+        }),
+        None => Err(WorkflowError::new(
+            "Protocol",
+            format!("task {name:?} has no recorded result"),
+        )),
+    }
+}
+
+fn hex8(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("boom")]
+    struct Boom;
+
+    #[test]
+    fn std_errors_convert_with_their_type_name() {
+        let e: WorkflowError = Boom.into();
+        assert_eq!(e.kind, "Boom");
+        assert!(!e.non_retryable);
+    }
+
+    #[test]
+    fn hashes_are_stable() {
+        assert_eq!(hex8(&Sha256::digest(b"{}")), "44136fa355b3678a");
+    }
+}

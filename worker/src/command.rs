@@ -1,0 +1,270 @@
+//! Workflows defined as commands, for the `aiki-worker` binary.
+//!
+//! Each workflow runs one command as one checkpointed task: the run's input as JSON on stdin,
+//! its output as JSON on stdout (empty stdout is `null`). A non-zero exit fails the attempt
+//! with the command's stderr; exit codes listed in `non_retryable_exit_codes` end the run at
+//! once. A command that outlives its `timeout` is killed and the attempt fails `Timeout`.
+
+use std::{collections::BTreeMap, path::PathBuf, process::Stdio, time::Duration};
+
+use aiki::{Context, WorkflowError};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+
+/// The `aiki-worker` configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Server address [default: http://127.0.0.1:7070].
+    #[serde(default = "default_server")]
+    pub server: String,
+    /// Namespace [default: "default"].
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// A name for people [default: host:pid].
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Queues to serve [default: ["default"]].
+    #[serde(default = "default_queues")]
+    pub queues: Vec<String>,
+    /// Runs executed at once [default: 4].
+    #[serde(default = "default_slots")]
+    pub slots: usize,
+    /// How long shutdown lets running commands finish before releasing them [default: 30s].
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Workflow name → command.
+    pub workflows: BTreeMap<String, CommandSpec>,
+}
+
+/// One workflow's command.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    /// Program and arguments, e.g. `["python3", "charge.py"]`.
+    pub command: Vec<String>,
+    /// Killed and failed after this long [default: 5m].
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory [default: the worker's].
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Exit codes that end the run at once instead of being retried.
+    #[serde(default)]
+    pub non_retryable_exit_codes: Vec<i32>,
+}
+
+fn default_server() -> String {
+    "http://127.0.0.1:7070".into()
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_queues() -> Vec<String> {
+    vec!["default".into()]
+}
+fn default_slots() -> usize {
+    4
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Config {
+    /// Parses and checks a configuration file's text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let c: Config = toml::from_str(text)?;
+        anyhow::ensure!(
+            !c.workflows.is_empty(),
+            "the config defines no [workflows.NAME] entry"
+        );
+        for (name, w) in &c.workflows {
+            anyhow::ensure!(!w.command.is_empty(), "workflows.{name}.command is empty");
+            anyhow::ensure!(
+                !w.timeout.is_zero(),
+                "workflows.{name}.timeout must be positive"
+            );
+        }
+        anyhow::ensure!(c.slots >= 1, "slots must be at least 1");
+        Ok(c)
+    }
+}
+
+/// Most bytes of stderr kept in an error.
+const STDERR_LIMIT: usize = 8 * 1024;
+
+/// Runs `spec` for one run, as the task "command": a re-executed run whose command already
+/// succeeded gets the recorded output back without running it again.
+pub async fn run(
+    spec: &CommandSpec,
+    ctx: Context,
+    input: serde_json::Value,
+) -> Result<serde_json::Value, WorkflowError> {
+    let run_id = ctx.run_id().to_owned();
+    let attempt = ctx.attempt();
+    ctx.task("command", input, |input| exec(spec, run_id, attempt, input))
+        .await
+}
+
+async fn exec(
+    spec: &CommandSpec,
+    run_id: String,
+    attempt: u32,
+    input: serde_json::Value,
+) -> Result<serde_json::Value, WorkflowError> {
+    let mut cmd = tokio::process::Command::new(&spec.command[0]);
+    cmd.args(&spec.command[1..])
+        .envs(&spec.env)
+        .env("AIKI_RUN_ID", &run_id)
+        .env("AIKI_ATTEMPT", attempt.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(dir) = &spec.cwd {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        WorkflowError::new("Spawn", format!("cannot start {:?}: {e}", spec.command[0]))
+            .non_retryable()
+    })?;
+    let stdin_bytes = serde_json::to_vec(&input)
+        .map_err(|e| WorkflowError::new("Serialization", e.to_string()))?;
+    let mut stdin = child.stdin.take();
+    let feed = async move {
+        if let Some(stdin) = stdin.as_mut() {
+            // A command that does not read its input is not an error.
+            let _ = stdin.write_all(&stdin_bytes).await;
+            let _ = stdin.shutdown().await;
+        }
+    };
+    let run = async {
+        let ((), out) = tokio::join!(feed, child.wait_with_output());
+        out
+    };
+    let out = match tokio::time::timeout(spec.timeout, run).await {
+        Ok(out) => {
+            out.map_err(|e| WorkflowError::new("Io", format!("waiting for the command: {e}")))?
+        }
+        Err(_) => {
+            return Err(WorkflowError::new(
+                "Timeout",
+                format!(
+                    "the command ran longer than {} and was killed",
+                    humantime_serde::re::humantime::format_duration(spec.timeout)
+                ),
+            ));
+        }
+    };
+    if !out.status.success() {
+        let code = out.status.code();
+        let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if stderr.len() > STDERR_LIMIT {
+            let cut = (0..=STDERR_LIMIT)
+                .rev()
+                .find(|i| stderr.is_char_boundary(*i))
+                .unwrap_or(0);
+            stderr.truncate(cut);
+            stderr.push_str("…");
+        }
+        let what = match code {
+            Some(c) => format!("exit status {c}"),
+            None => "killed by a signal".to_owned(),
+        };
+        let message = if stderr.trim().is_empty() {
+            what.clone()
+        } else {
+            format!("{what}: {}", stderr.trim_end())
+        };
+        let err = WorkflowError::new("ExitStatus", message)
+            .with_details(serde_json::json!({"exit_code": code, "stderr": stderr}));
+        return Err(match code {
+            Some(c) if spec.non_retryable_exit_codes.contains(&c) => err.non_retryable(),
+            _ => err,
+        });
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if stdout.trim().is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_str(stdout.trim()).map_err(|e| {
+        let head: String = stdout.chars().take(200).collect();
+        WorkflowError::new(
+            "InvalidOutput",
+            format!("the command's stdout is not JSON ({e}): {head}"),
+        )
+        .non_retryable()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(cmd: &[&str]) -> CommandSpec {
+        CommandSpec {
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: Duration::from_secs(5),
+            env: BTreeMap::new(),
+            cwd: None,
+            non_retryable_exit_codes: vec![3],
+        }
+    }
+
+    #[tokio::test]
+    async fn stdin_to_stdout() {
+        let out = exec(&spec(&["cat"]), "r".into(), 1, serde_json::json!({"a": 1}))
+            .await
+            .unwrap();
+        assert_eq!(out, serde_json::json!({"a": 1}));
+    }
+
+    #[tokio::test]
+    async fn failure_carries_stderr_and_exit_code() {
+        let e = exec(
+            &spec(&["sh", "-c", "echo nope >&2; exit 2"]),
+            "r".into(),
+            1,
+            serde_json::Value::Null,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind, "ExitStatus");
+        assert!(e.message.contains("nope"), "{}", e.message);
+        assert!(!e.non_retryable);
+        let e = exec(
+            &spec(&["sh", "-c", "exit 3"]),
+            "r".into(),
+            1,
+            serde_json::Value::Null,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.non_retryable);
+    }
+
+    #[tokio::test]
+    async fn timeout_kills() {
+        let mut s = spec(&["sleep", "10"]);
+        s.timeout = Duration::from_millis(100);
+        let e = exec(&s, "r".into(), 1, serde_json::Value::Null)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, "Timeout");
+    }
+
+    #[test]
+    fn config_defaults_and_errors() {
+        let c = Config::parse("[workflows.echo]\ncommand = [\"cat\"]\n").unwrap();
+        assert_eq!(c.queues, vec!["default"]);
+        assert_eq!(c.workflows["echo"].timeout, Duration::from_secs(300));
+        assert!(Config::parse("[workflows.echo]\ncommand = []\n").is_err());
+        assert!(Config::parse("slots = 2\n").is_err());
+    }
+}

@@ -1,0 +1,671 @@
+//! Aiki's worker runtime.
+//!
+//! A [`Worker`] registers with the server, long-polls its queues for runs while it has free
+//! slots, executes each leased run's workflow function with a [`aiki::Context`], heartbeats
+//! every lease it holds in one call, and reports the outcome under the lease token.
+//!
+//! - A run whose lease is lost (the heartbeat says so, a report is refused, or heartbeats have
+//!   failed for longer than the lease lasts) is stopped at once and never reported.
+//! - A run whose cancellation is requested is stopped and released; the server ends it.
+//! - When the server is away, polls, heartbeats and reports retry with backoff; a worker the
+//!   server no longer knows registers again.
+//! - On shutdown the worker stops polling, lets running runs finish for a grace period, then
+//!   stops and releases the rest so another worker can take them at once.
+//!
+//! [`command`] holds the workflows of the `aiki-worker` binary: commands fed JSON on stdin.
+
+pub mod command;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aiki::{Context, WorkflowError, workflow::Lease};
+use aiki_proto::v1::{
+    self, CompleteRunRequest, FailRunRequest, HeartbeatRequest, LeasedRun, PollTasksRequest,
+    RegisterWorkerRequest, ReleaseRunRequest, WorkflowRef,
+    worker_service_client::WorkerServiceClient,
+};
+use backon::{ExponentialBuilder, Retryable};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status, transport::Channel};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type Handler = Arc<
+    dyn Fn(Context, serde_json::Value) -> BoxFuture<Result<serde_json::Value, WorkflowError>>
+        + Send
+        + Sync,
+>;
+
+/// Builds a [`Worker`].
+pub struct WorkerBuilder {
+    server: String,
+    namespace: String,
+    identity: String,
+    queues: Vec<String>,
+    slots: usize,
+    poll_batch: u32,
+    poll_wait: Duration,
+    shutdown_grace: Duration,
+    workflows: HashMap<String, Handler>,
+}
+
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("server", &self.server)
+            .field("queues", &self.queues)
+            .field("slots", &self.slots)
+            .field("workflows", &self.workflows.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl WorkerBuilder {
+    /// A worker of server `server` (e.g. `http://127.0.0.1:7070`), on queue "default", with 4
+    /// slots.
+    pub fn new(server: impl Into<String>) -> Self {
+        let host = hostname();
+        Self {
+            server: server.into(),
+            namespace: "default".into(),
+            identity: format!("{host}:{}", std::process::id()),
+            queues: Vec::new(),
+            slots: 4,
+            poll_batch: 0,
+            poll_wait: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            workflows: HashMap::new(),
+        }
+    }
+
+    /// The namespace to work in (default "default").
+    pub fn namespace(mut self, ns: impl Into<String>) -> Self {
+        self.namespace = ns.into();
+        self
+    }
+
+    /// A name for people (default host:pid).
+    pub fn identity(mut self, id: impl Into<String>) -> Self {
+        self.identity = id.into();
+        self
+    }
+
+    /// Adds a queue to serve (default: only "default").
+    pub fn queue(mut self, q: impl Into<String>) -> Self {
+        self.queues.push(q.into());
+        self
+    }
+
+    /// How many runs may execute at once (default 4).
+    pub fn slots(mut self, n: usize) -> Self {
+        self.slots = n.max(1);
+        self
+    }
+
+    /// Most runs leased by one poll (default: all free slots).
+    pub fn poll_batch(mut self, n: u32) -> Self {
+        self.poll_batch = n;
+        self
+    }
+
+    /// How long one poll waits for work (capped by the server).
+    pub fn poll_wait(mut self, d: Duration) -> Self {
+        self.poll_wait = d;
+        self
+    }
+
+    /// How long shutdown lets running runs finish before releasing them (default 30 s).
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.shutdown_grace = d;
+        self
+    }
+
+    /// Registers workflow `name`: `f(ctx, input)` returns the run's output.
+    pub fn register<I, O, F, Fut>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(Context, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let handler: Handler = Arc::new(move |ctx, input| {
+            let f = f.clone();
+            Box::pin(async move {
+                let input: I = serde_json::from_value(input).map_err(|e| {
+                    WorkflowError::new(
+                        "InvalidInput",
+                        format!("the run's input does not fit the workflow: {e}"),
+                    )
+                    .non_retryable()
+                })?;
+                let out = f(ctx, input).await?;
+                serde_json::to_value(out).map_err(|e| {
+                    WorkflowError::new("Serialization", format!("workflow output: {e}"))
+                        .non_retryable()
+                })
+            })
+        });
+        self.workflows.insert(name.into(), handler);
+        self
+    }
+
+    /// Connects (retrying while the server is away) and builds the worker.
+    pub async fn build(mut self) -> Result<Worker, aiki::Error> {
+        if self.queues.is_empty() {
+            self.queues.push("default".into());
+        }
+        let channel = aiki::connect_channel(self.server.clone()).await?;
+        Ok(Worker {
+            inner: Arc::new(Inner {
+                client: WorkerServiceClient::new(channel)
+                    .max_decoding_message_size(256 * 1024 * 1024),
+                cfg: self,
+                worker_id: Mutex::new(String::new()),
+                leases: Mutex::new(HashMap::new()),
+                settings: Mutex::new(Settings::default()),
+            }),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Settings {
+    lease_ttl: Duration,
+    heartbeat_interval: Duration,
+    max_poll_wait: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            max_poll_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+struct Held {
+    token: String,
+    /// Stops the execution: cancelled when the lease is lost or the run is to be cancelled.
+    stop: CancellationToken,
+    /// Set when the stop is a cancellation (release the run) rather than a loss (report nothing).
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct Inner {
+    cfg: WorkerBuilder,
+    client: WorkerServiceClient<Channel>,
+    worker_id: Mutex<String>,
+    leases: Mutex<HashMap<String, Held>>,
+    settings: Mutex<Settings>,
+}
+
+/// A running worker; see the crate docs.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("worker_id", &self.worker_id())
+            .finish()
+    }
+}
+
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+}
+
+fn transient(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Internal
+    )
+}
+
+impl Worker {
+    /// The id the server gave this worker (empty before it registered).
+    pub fn worker_id(&self) -> String {
+        self.inner
+            .worker_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many runs this worker holds right now.
+    pub fn held(&self) -> usize {
+        self.inner
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains (see the crate docs) and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), aiki::Error> {
+        let inner = self.inner.clone();
+        let registered = tokio::select! {
+            r = inner.register() => r,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        registered?;
+        let slots = Arc::new(Semaphore::new(inner.cfg.slots));
+        let stop_heartbeat = CancellationToken::new();
+        let heartbeat = tokio::spawn(inner.clone().heartbeat_loop(stop_heartbeat.clone()));
+        let mut running = tokio::task::JoinSet::new();
+
+        while !shutdown.is_cancelled() {
+            // Wait for at least one free slot, then take as many as are free (up to the batch).
+            let first = tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.cancelled() => break,
+            };
+            let batch = if inner.cfg.poll_batch == 0 {
+                inner.cfg.slots as u32
+            } else {
+                inner.cfg.poll_batch
+            };
+            let mut permits = vec![first];
+            while (permits.len() as u32) < batch {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let runs = tokio::select! {
+                r = inner.poll(permits.len() as u32) => r,
+                _ = shutdown.cancelled() => break,
+            };
+            let runs = match runs {
+                Ok(runs) => runs,
+                Err(e) => {
+                    tracing::warn!(error = %e, "poll failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+            };
+            for run in runs {
+                let Some(permit) = permits.pop() else {
+                    // The server never leases more than asked; release anything extra.
+                    inner
+                        .release(
+                            &run.run_id,
+                            &run.lease_token,
+                            "worker had no free slot",
+                            Duration::ZERO,
+                        )
+                        .await;
+                    continue;
+                };
+                let inner = inner.clone();
+                running.spawn(async move {
+                    inner.execute(run).await;
+                    drop(permit);
+                });
+            }
+            while running.try_join_next().is_some() {}
+        }
+
+        // Drain: let running runs finish for the grace period, then stop and release them.
+        tracing::info!(held = self.held(), "worker stopping: no more polls");
+        let drained = tokio::time::timeout(inner.cfg.shutdown_grace, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            let held: Vec<(String, String)> = {
+                let leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+                leases
+                    .iter()
+                    .map(|(id, h)| (id.clone(), h.token.clone()))
+                    .collect()
+            };
+            running.abort_all();
+            while running.join_next().await.is_some() {}
+            for (id, token) in held {
+                inner
+                    .release(&id, &token, "worker shut down", Duration::ZERO)
+                    .await;
+            }
+        }
+        stop_heartbeat.cancel();
+        let _ = heartbeat.await;
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn worker_id(&self) -> String {
+        self.worker_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    async fn register(&self) -> Result<(), aiki::Error> {
+        let req = RegisterWorkerRequest {
+            namespace: self.cfg.namespace.clone(),
+            identity: self.cfg.identity.clone(),
+            host: hostname(),
+            workflows: self
+                .cfg
+                .workflows
+                .keys()
+                .map(|n| WorkflowRef {
+                    name: n.clone(),
+                    version: String::new(),
+                })
+                .collect(),
+            queues: self.cfg.queues.clone(),
+            slots: self.cfg.slots as u32,
+        };
+        let resp = (|| async { self.client.clone().register_worker(req.clone()).await })
+            .retry(backoff())
+            .when(transient)
+            .notify(|e, d| tracing::warn!(error = %e.message(), retry_in = ?d, "cannot register; retrying"))
+            .await
+            .map_err(aiki::Error::from)?
+            .into_inner();
+        let d = |d: Option<aiki_proto::prost_types::Duration>, dflt| {
+            d.as_ref()
+                .and_then(aiki_proto::duration_from_proto)
+                .unwrap_or(dflt)
+        };
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = Settings {
+            lease_ttl: d(resp.lease_ttl, Duration::from_secs(30)),
+            heartbeat_interval: d(resp.heartbeat_interval, Duration::from_secs(10)),
+            max_poll_wait: d(resp.max_poll_wait, Duration::from_secs(30)),
+        };
+        tracing::info!(worker_id = %resp.worker_id, queues = ?self.cfg.queues, "worker registered");
+        *self.worker_id.lock().unwrap_or_else(|e| e.into_inner()) = resp.worker_id;
+        Ok(())
+    }
+
+    fn settings(&self) -> Settings {
+        self.settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    async fn poll(&self, max: u32) -> Result<Vec<LeasedRun>, Status> {
+        let wait = self.cfg.poll_wait.min(self.settings().max_poll_wait);
+        let req = PollTasksRequest {
+            namespace: self.cfg.namespace.clone(),
+            worker_id: self.worker_id(),
+            queues: self.cfg.queues.clone(),
+            max_runs: max,
+            wait: Some(aiki_proto::duration_to_proto(wait)),
+        };
+        match self.client.clone().poll_tasks(req).await {
+            Ok(r) => Ok(r.into_inner().runs),
+            Err(s) if s.code() == Code::NotFound => {
+                tracing::warn!("the server does not know this worker; registering again");
+                self.register()
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                Ok(Vec::new())
+            }
+            Err(s) => Err(s),
+        }
+    }
+
+    async fn execute(self: &Arc<Self>, run: LeasedRun) {
+        let stop = CancellationToken::new();
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                run.run_id.clone(),
+                Held {
+                    token: run.lease_token.clone(),
+                    stop: stop.clone(),
+                    cancel: cancel.clone(),
+                },
+            );
+        let Some(handler) = self.cfg.workflows.get(&run.workflow).cloned() else {
+            tracing::warn!(run_id = %run.run_id, workflow = %run.workflow, "no handler for this workflow; releasing the run");
+            self.release(
+                &run.run_id,
+                &run.lease_token,
+                &format!("worker has no workflow {:?}", run.workflow),
+                Duration::from_secs(5),
+            )
+            .await;
+            self.forget(&run.run_id);
+            return;
+        };
+        let input = run
+            .input
+            .as_ref()
+            .and_then(|v| aiki_proto::value_to_json(v).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let ctx = Context::new(
+            Lease {
+                namespace: self.cfg.namespace.clone(),
+                run_id: run.run_id.clone(),
+                lease_token: run.lease_token.clone(),
+                workflow: run.workflow.clone(),
+                attempt: run.attempt,
+            },
+            self.client.clone(),
+            run.tasks.clone(),
+        );
+        let outcome = tokio::select! {
+            r = handler(ctx, input) => Some(r),
+            _ = stop.cancelled() => None,
+        };
+        match outcome {
+            None if cancel.load(std::sync::atomic::Ordering::SeqCst) => {
+                tracing::info!(run_id = %run.run_id, "run cancelled; releasing it");
+                self.release(&run.run_id, &run.lease_token, "cancelled", Duration::ZERO)
+                    .await;
+            }
+            None => {
+                tracing::warn!(run_id = %run.run_id, "lease lost; run stopped and not reported")
+            }
+            Some(Err(e)) if e.is_lease_lost() => {
+                tracing::warn!(run_id = %run.run_id, error = %e.message, "lease lost; run stopped and not reported")
+            }
+            Some(Ok(output)) => {
+                let req = CompleteRunRequest {
+                    namespace: self.cfg.namespace.clone(),
+                    run_id: run.run_id.clone(),
+                    lease_token: run.lease_token.clone(),
+                    output: Some(aiki_proto::json_to_value(&output)),
+                };
+                self.report(&run.run_id, &stop, || {
+                    let req = req.clone();
+                    let mut c = self.client.clone();
+                    async move { c.complete_run(req).await.map(|_| ()) }
+                })
+                .await;
+            }
+            Some(Err(e)) => {
+                tracing::info!(run_id = %run.run_id, error = %e, "run attempt failed");
+                let req = FailRunRequest {
+                    namespace: self.cfg.namespace.clone(),
+                    run_id: run.run_id.clone(),
+                    lease_token: run.lease_token.clone(),
+                    error: Some(v1::RunError {
+                        r#type: e.kind.clone(),
+                        message: e.message.clone(),
+                        details: e.details.as_ref().map(aiki_proto::json_to_value),
+                    }),
+                    non_retryable: e.non_retryable,
+                    retry_after: e.retry_after.map(aiki_proto::duration_to_proto),
+                };
+                self.report(&run.run_id, &stop, || {
+                    let req = req.clone();
+                    let mut c = self.client.clone();
+                    async move { c.fail_run(req).await.map(|_| ()) }
+                })
+                .await;
+            }
+        }
+        self.forget(&run.run_id);
+    }
+
+    /// Sends a final report, retrying transient failures until the lease is lost.
+    async fn report<F, Fut>(&self, run_id: &str, stop: &CancellationToken, send: F)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), Status>>,
+    {
+        let result = tokio::select! {
+            r = send.retry(backoff()).when(transient) => r,
+            _ = stop.cancelled() => Err(Status::failed_precondition("lease lost while reporting")),
+        };
+        match result {
+            Ok(()) => {}
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                tracing::warn!(run_id, reason = s.message(), "report refused: lease lost");
+            }
+            Err(s) => tracing::error!(run_id, error = %s, "report failed"),
+        }
+    }
+
+    async fn release(&self, run_id: &str, token: &str, reason: &str, delay: Duration) {
+        let req = ReleaseRunRequest {
+            namespace: self.cfg.namespace.clone(),
+            run_id: run_id.to_owned(),
+            lease_token: token.to_owned(),
+            reason: reason.to_owned(),
+            delay: Some(aiki_proto::duration_to_proto(delay)),
+        };
+        let policy = ExponentialBuilder::default()
+            .with_max_times(5)
+            .with_jitter();
+        if let Err(s) = (|| async { self.client.clone().release_run(req.clone()).await })
+            .retry(policy)
+            .when(transient)
+            .await
+        {
+            tracing::warn!(run_id, error = %s.message(), "release failed; the lease will expire instead");
+        }
+    }
+
+    fn forget(&self, run_id: &str) {
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(run_id);
+    }
+
+    /// Stops the executions named, as lost (report nothing) or cancelled (release).
+    fn stop(&self, run_ids: &[String], cancelled: bool) {
+        let leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        for id in run_ids {
+            if let Some(h) = leases.get(id) {
+                h.cancel
+                    .store(cancelled, std::sync::atomic::Ordering::SeqCst);
+                h.stop.cancel();
+            }
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut last_ok = Instant::now();
+        loop {
+            let s = self.settings();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(s.heartbeat_interval) => {}
+            }
+            let leases: Vec<v1::Lease> = {
+                let held = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+                held.iter()
+                    .map(|(id, h)| v1::Lease {
+                        run_id: id.clone(),
+                        lease_token: h.token.clone(),
+                    })
+                    .collect()
+            };
+            let req = HeartbeatRequest {
+                namespace: self.cfg.namespace.clone(),
+                worker_id: self.worker_id(),
+                leases,
+            };
+            let resp = tokio::time::timeout(
+                s.heartbeat_interval.max(Duration::from_secs(1)),
+                self.client.clone().heartbeat(req),
+            )
+            .await;
+            match resp {
+                Ok(Ok(r)) => {
+                    last_ok = Instant::now();
+                    let r = r.into_inner();
+                    if !r.lost_run_ids.is_empty() {
+                        tracing::warn!(runs = ?r.lost_run_ids, "leases lost");
+                        self.stop(&r.lost_run_ids, false);
+                    }
+                    if !r.cancel_run_ids.is_empty() {
+                        self.stop(&r.cancel_run_ids, true);
+                    }
+                }
+                Ok(Err(s)) if s.code() == Code::NotFound => {
+                    tracing::warn!("the server does not know this worker; registering again");
+                    let _ = self.register().await;
+                }
+                Ok(Err(s)) => tracing::warn!(error = %s.message(), "heartbeat failed"),
+                Err(_) => tracing::warn!("heartbeat timed out"),
+            }
+            // Without a heartbeat for a whole lease, every lease may have gone to another
+            // worker: stop everything rather than risk running a run twice at once.
+            if last_ok.elapsed() >= s.lease_ttl {
+                let all: Vec<String> = self
+                    .leases
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect();
+                if !all.is_empty() {
+                    tracing::warn!(
+                        runs = all.len(),
+                        "no heartbeat for a whole lease; stopping every run"
+                    );
+                    self.stop(&all, false);
+                }
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}

@@ -1,0 +1,83 @@
+//! `aiki-worker`: runs the workflows of a TOML file as commands (see `aiki_worker::command`).
+
+use std::{path::PathBuf, sync::Arc};
+
+use aiki_worker::{WorkerBuilder, command};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Runs Aiki workflows defined as commands in a TOML file.
+#[derive(Debug, Parser)]
+#[command(name = "aiki-worker", version)]
+struct Args {
+    /// The configuration file (see README: "aiki-worker").
+    #[arg(long, short, env = "AIKI_WORKER_CONFIG")]
+    config: PathBuf,
+    /// Server address; overrides the file's `server`.
+    #[arg(long, env = "AIKI_SERVER")]
+    server: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aiki-worker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let text = std::fs::read_to_string(&args.config)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.config.display()))?;
+    let mut config = command::Config::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    if let Some(server) = args.server {
+        config.server = server;
+    }
+    let mut builder = WorkerBuilder::new(&config.server)
+        .namespace(&config.namespace)
+        .slots(config.slots)
+        .shutdown_grace(config.shutdown_grace);
+    if let Some(identity) = &config.identity {
+        builder = builder.identity(identity);
+    }
+    for q in &config.queues {
+        builder = builder.queue(q);
+    }
+    for (name, spec) in config.workflows {
+        let spec = Arc::new(spec);
+        builder = builder.register(name, move |ctx, input: serde_json::Value| {
+            let spec = spec.clone();
+            async move { command::run(&spec, ctx, input).await }
+        });
+    }
+    let worker = builder.build().await?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received; draining");
+        signal.cancel();
+    });
+    worker.run(shutdown).await?;
+    Ok(())
+}
