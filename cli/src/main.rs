@@ -77,18 +77,12 @@ enum Command {
 enum RunCmd {
     /// Start a run.
     Start(StartArgs),
-    /// Show a run, by id or by idempotency key.
-    Get {
-        /// Run id.
-        #[arg(required_unless_present = "key", conflicts_with = "key")]
-        id: Option<String>,
-        /// Idempotency key.
-        #[arg(long)]
-        key: Option<String>,
-    },
+    /// Show a run.
+    Get(RunRef),
     /// Print a run's output; with --wait, wait up to SECS for it to end.
     Result {
-        id: String,
+        #[command(flatten)]
+        run: RunRef,
         /// Seconds to wait for the run to end.
         #[arg(long, default_value_t = 0)]
         wait: u64,
@@ -97,15 +91,38 @@ enum RunCmd {
     List(ListArgs),
     /// Cancel a run.
     Cancel {
-        id: String,
+        #[command(flatten)]
+        run: RunRef,
         /// Why (kept in the history).
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Print a run's history.
-    History { id: String },
+    History(RunRef),
     /// Follow a run's history live until it ends.
-    Watch { id: String },
+    Watch(RunRef),
+}
+
+/// A run, by id or by idempotency key.
+#[derive(Debug, Args)]
+struct RunRef {
+    /// Run id.
+    #[arg(required_unless_present = "key", conflicts_with = "key")]
+    id: Option<String>,
+    /// Idempotency key of the run (instead of its id).
+    #[arg(long)]
+    key: Option<String>,
+}
+
+impl RunRef {
+    /// The run's id, looking the key up if needed.
+    async fn id(&self, client: &Client) -> anyhow::Result<String> {
+        match (&self.id, &self.key) {
+            (Some(id), _) => Ok(id.clone()),
+            (None, Some(key)) => Ok(client.get_by_key(key).await?.id),
+            (None, None) => anyhow::bail!("give a run id or --key"),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -277,16 +294,17 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
                 }
             }
         }
-        RunCmd::Get { id, key } => {
-            let run = match (id, key) {
-                (Some(id), _) => client.get(id).await?,
+        RunCmd::Get(r) => {
+            let run = match (&r.id, &r.key) {
                 (None, Some(key)) => client.get_by_key(key).await?,
-                (None, None) => return Err(anyhow::anyhow!("give a run id or --key").into()),
+                _ => client.get(&r.id(&client).await?).await?,
             };
             out.run(&run);
             Ok(())
         }
-        RunCmd::Result { id, wait } => wait_and_print(&client, id, *wait, out).await,
+        RunCmd::Result { run, wait } => {
+            wait_and_print(&client, &run.id(&client).await?, *wait, out).await
+        }
         RunCmd::List(a) => {
             let filter = ListFilter {
                 workflow: a.workflow.clone(),
@@ -304,15 +322,16 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
             out.runs(&client.list(&filter).await?);
             Ok(())
         }
-        RunCmd::Cancel { id, reason } => {
-            out.cancelled(&client.cancel(id, reason).await?);
+        RunCmd::Cancel { run, reason } => {
+            out.cancelled(&client.cancel(&run.id(&client).await?, reason).await?);
             Ok(())
         }
-        RunCmd::History { id } => {
-            out.history(&client.history(id).await?);
+        RunCmd::History(r) => {
+            out.history(&client.history(&r.id(&client).await?).await?);
             Ok(())
         }
-        RunCmd::Watch { id } => {
+        RunCmd::Watch(r) => {
+            let id = &r.id(&client).await?;
             let mut stream = client.watch(id).await?;
             while let Some(event) = stream.next().await {
                 out.event(&event?);

@@ -271,6 +271,9 @@ impl Worker {
         registered?;
         let slots = Arc::new(Semaphore::new(inner.cfg.slots));
         let stop_heartbeat = CancellationToken::new();
+        // Heartbeats stop with this future, also when it is dropped: a worker that is gone must
+        // not keep its leases alive.
+        let _heartbeat_guard = stop_heartbeat.clone().drop_guard();
         let heartbeat = tokio::spawn(inner.clone().heartbeat_loop(stop_heartbeat.clone()));
         let mut running = tokio::task::JoinSet::new();
 

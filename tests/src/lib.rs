@@ -1,0 +1,333 @@
+//! Test support: a fresh PostgreSQL database per test (cloned from a migrated template), an
+//! in-process server on a loopback port, raw protocol clients, and the workspace's binaries.
+//!
+//! The admin URL comes from `AIKI_TEST_DATABASE_URL` (default
+//! `postgres://aiki:aiki@127.0.0.1:5432/postgres`, the role `aiki dev postgres` creates).
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    str::FromStr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use aiki_proto::v1::{
+    LeasedRun, PollTasksRequest, RegisterWorkerRequest, StartRunRequest, WorkflowRef,
+    worker_service_client::WorkerServiceClient, workflow_service_client::WorkflowServiceClient,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use aiki_server::Config;
+
+/// The admin connection string.
+pub fn admin_url() -> String {
+    std::env::var("AIKI_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://aiki:aiki@127.0.0.1:5432/postgres".into())
+}
+
+fn url_for(db: &str) -> String {
+    let mut pg =
+        tokio_postgres::Config::from_str(&admin_url()).expect("valid AIKI_TEST_DATABASE_URL");
+    pg.dbname(db);
+    // Rebuild as key=value: works for any URL form.
+    let mut parts = vec![format!("dbname={db}")];
+    if let Some(u) = pg.get_user() {
+        parts.push(format!("user={u}"));
+    }
+    if let Some(p) = pg.get_password() {
+        parts.push(format!("password={}", String::from_utf8_lossy(p)));
+    }
+    for h in pg.get_hosts() {
+        match h {
+            tokio_postgres::config::Host::Tcp(h) => parts.push(format!("host={h}")),
+            tokio_postgres::config::Host::Unix(p) => parts.push(format!("host={}", p.display())),
+        }
+    }
+    if let Some(port) = pg.get_ports().first() {
+        parts.push(format!("port={port}"));
+    }
+    parts.join(" ")
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to {}: {e}; run `cargo run -p aiki-cli -- dev postgres` first",
+                admin_url()
+            )
+        });
+    tokio::spawn(conn);
+    client
+}
+
+/// The template's name: changes whenever the migrations change.
+fn template_name() -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for (v, name, sql) in aiki_server::store::MIGRATIONS {
+        for b in format!("{v}{name}{sql}").bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    format!("aiki_tmpl_{:012x}", h & 0xffff_ffff_ffff)
+}
+
+/// A database of its own for one test, dropped (with FORCE) when this is dropped.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// Clones the migrated template into a new database.
+    pub async fn new() -> Self {
+        let tmpl = template_name();
+        let client = admin().await;
+        // One creator at a time, across test processes: the template must have no other
+        // session while it is cloned.
+        client
+            .execute("SELECT pg_advisory_lock(7307100)", &[])
+            .await
+            .expect("lock");
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&tmpl])
+            .await
+            .expect("query")
+            .is_some();
+        if !exists {
+            let building = format!("{tmpl}_build");
+            client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
+                .await
+                .expect("drop");
+            client
+                .batch_execute(&format!("CREATE DATABASE {building}"))
+                .await
+                .expect("create template");
+            aiki_server::migrate(&url_for(&building))
+                .await
+                .expect("migrate template");
+            client
+                .batch_execute(&format!("ALTER DATABASE {building} RENAME TO {tmpl}"))
+                .await
+                .expect("rename");
+        }
+        let name = format!("aiki_t_{}", uuid::Uuid::new_v4().simple());
+        client
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {tmpl}"))
+            .await
+            .expect("create test db");
+        client
+            .execute("SELECT pg_advisory_unlock(7307100)", &[])
+            .await
+            .expect("unlock");
+        let url = url_for(&name);
+        Self { name, url }
+    }
+
+    /// A connection to this database, for assertions on stored rows.
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop from a thread of its own: this may run inside or outside a runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let client = admin().await;
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A server running in this process on a loopback port.
+#[derive(Debug)]
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server on `db` with [`Config::for_test`].
+    pub async fn start(db: &TestDb) -> Self {
+        Self::start_with(Config::for_test(&db.url)).await
+    }
+
+    /// Starts a server with `config` (its `listen` is ignored: a free loopback port is used).
+    pub async fn start_with(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(aiki_server::serve(config, listener, shutdown.clone()));
+        let server = Self {
+            addr,
+            shutdown,
+            task: Some(task),
+        };
+        // Ready when it answers.
+        let client = server.client().await;
+        for _ in 0..200 {
+            if client.queues().await.is_ok() {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("test server did not come up");
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// An SDK client.
+    pub async fn client(&self) -> aiki::Client {
+        aiki::Client::connect(self.url()).await.expect("connect")
+    }
+
+    /// A raw channel.
+    pub async fn channel(&self) -> Channel {
+        aiki::connect_channel(self.url()).await.expect("channel")
+    }
+
+    pub async fn workflows(&self) -> WorkflowServiceClient<Channel> {
+        WorkflowServiceClient::new(self.channel().await)
+    }
+
+    pub async fn workers(&self) -> WorkerServiceClient<Channel> {
+        WorkerServiceClient::new(self.channel().await)
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task").expect("server result");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A worker speaking the raw protocol: registers, then polls, reports, heartbeats by hand.
+#[derive(Debug, Clone)]
+pub struct RawWorker {
+    pub id: String,
+    pub client: WorkerServiceClient<Channel>,
+}
+
+impl RawWorker {
+    pub async fn register(server: &TestServer, queues: &[&str]) -> Self {
+        let mut client = server.workers().await;
+        let id = client
+            .register_worker(RegisterWorkerRequest {
+                namespace: String::new(),
+                identity: "raw-test-worker".into(),
+                host: "test".into(),
+                workflows: vec![WorkflowRef {
+                    name: "any".into(),
+                    version: String::new(),
+                }],
+                queues: queues.iter().map(|q| q.to_string()).collect(),
+                slots: 100,
+            })
+            .await
+            .expect("register")
+            .into_inner()
+            .worker_id;
+        Self { id, client }
+    }
+
+    /// Polls once, waiting up to `wait`.
+    pub async fn poll(&self, max: u32, wait: Duration) -> Vec<LeasedRun> {
+        self.client
+            .clone()
+            .poll_tasks(PollTasksRequest {
+                namespace: String::new(),
+                worker_id: self.id.clone(),
+                queues: Vec::new(),
+                max_runs: max,
+                wait: Some(aiki_proto::duration_to_proto(wait)),
+            })
+            .await
+            .expect("poll")
+            .into_inner()
+            .runs
+    }
+}
+
+/// A plain StartRun request.
+pub fn start_req(workflow: &str, input: serde_json::Value) -> StartRunRequest {
+    StartRunRequest {
+        workflow: workflow.into(),
+        input: Some(aiki_proto::json_to_value(&input)),
+        ..Default::default()
+    }
+}
+
+/// A binary of this workspace (built by `cargo test --workspace`), e.g. "aiki".
+pub fn bin(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        // target/debug/deps/test-xxxx → target/debug
+        exe.parent()
+            .and_then(|p| p.parent())
+            .expect("target dir")
+            .to_path_buf()
+    });
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` (or `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// Waits until `check` is true, polling every 20 ms, up to `timeout`; panics with `what`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A shared counter map, for side effects: how many times each key ran.
+pub type Counts = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;

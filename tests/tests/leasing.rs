@@ -1,0 +1,144 @@
+//! Leasing under contention: no run is handed to two workers, every run completes once.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use aiki_proto::v1::StartRunsRequest;
+use aiki_tests::{Counts, RawWorker, TestDb, TestServer, eventually, start_req};
+use aiki_worker::WorkerBuilder;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_workers_complete_two_thousand_runs_exactly_once() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    for chunk in 0..4 {
+        let runs = (0..500)
+            .map(|i| start_req("count", json!({"n": chunk * 500 + i})))
+            .collect();
+        wf.start_runs(StartRunsRequest { runs }).await.unwrap();
+    }
+
+    let executions: Counts = Arc::default();
+    let shutdown = CancellationToken::new();
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let executions = executions.clone();
+        let worker = WorkerBuilder::new(server.url())
+            .identity(format!("w{w}"))
+            .slots(16)
+            .register(
+                "count",
+                move |ctx: aiki::Context, input: serde_json::Value| {
+                    let executions = executions.clone();
+                    async move {
+                        *executions
+                            .lock()
+                            .unwrap()
+                            .entry(ctx.run_id().to_owned())
+                            .or_default() += 1;
+                        Ok(input)
+                    }
+                },
+            )
+            .build()
+            .await
+            .unwrap();
+        workers.push(tokio::spawn(worker.run(shutdown.clone())));
+    }
+
+    let pg = db.connect().await;
+    eventually(
+        Duration::from_secs(120),
+        "all 2000 runs completed",
+        || async {
+            let n: i64 = pg
+                .query_one("SELECT count(*) FROM runs WHERE status = 'completed'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n == 2000
+        },
+    )
+    .await;
+    shutdown.cancel();
+    for w in workers {
+        w.await.unwrap().unwrap();
+    }
+
+    let executions = executions.lock().unwrap();
+    assert_eq!(executions.len(), 2000, "every run executed");
+    assert!(
+        executions.values().all(|n| *n == 1),
+        "no run executed twice"
+    );
+
+    // History: each run was leased once and completed once, by the worker that leased it.
+    let rows = pg
+        .query(
+            "SELECT run_id, array_agg(type ORDER BY seq), array_agg(worker_id ORDER BY seq) \
+             FROM run_events WHERE type IN ('run_leased', 'run_completed') GROUP BY run_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2000);
+    let mut per_worker: HashMap<uuid::Uuid, usize> = HashMap::new();
+    for r in rows {
+        let types: Vec<String> = r.get(1);
+        let workers: Vec<Option<uuid::Uuid>> = r.get(2);
+        assert_eq!(
+            types,
+            ["run_leased", "run_completed"],
+            "run {:?}",
+            r.get::<_, uuid::Uuid>(0)
+        );
+        assert_eq!(
+            workers[0], workers[1],
+            "completed by the worker holding the lease"
+        );
+        *per_worker.entry(workers[0].unwrap()).or_default() += 1;
+    }
+    assert!(per_worker.len() >= 2, "the work was shared: {per_worker:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_pollers_never_lease_a_run_twice() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    let runs = (0..1000)
+        .map(|i| start_req("race", json!({"i": i})))
+        .collect();
+    wf.start_runs(StartRunsRequest { runs }).await.unwrap();
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let w = RawWorker::register(&server, &["default"]).await;
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let mut got = Vec::new();
+            loop {
+                let runs = w.poll(37, Duration::ZERO).await;
+                if runs.is_empty() {
+                    return got;
+                }
+                got.extend(runs.into_iter().map(|r| r.run_id));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    let mut pollers_with_work = 0;
+    for t in tasks {
+        let got = t.await.unwrap();
+        pollers_with_work += usize::from(!got.is_empty());
+        all.extend(got);
+    }
+    let unique: std::collections::HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 1000, "every run leased");
+    assert_eq!(unique.len(), 1000, "no run leased twice");
+    assert!(pollers_with_work >= 2, "the pollers really raced");
+}
