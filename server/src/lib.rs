@@ -30,6 +30,9 @@ pub use config::Config;
 use service::{Shared, admin::AdminSvc, worker::WorkerSvc, workflow::WorkflowSvc};
 use store::Store;
 
+/// Largest gRPC message the server decodes (unless `max_payload_bytes` asks for more).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Parses a database URL into a connection config, naming the server in errors.
 pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
     let mut pg = tokio_postgres::Config::from_str(url).context("invalid database_url")?;
@@ -128,7 +131,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(
             WorkflowServiceServer::new(WorkflowSvc(shared.clone()))
-                .max_decoding_message_size(max_message.saturating_mul(16)),
+                .max_decoding_message_size(max_message),
         )
         .add_service(
             WorkerServiceServer::new(WorkerSvc(shared.clone()))

@@ -1,0 +1,416 @@
+//! Bad input gets the right status code, changes nothing, and the server keeps serving.
+
+use std::time::Duration;
+
+use aiki_proto::v1::{
+    CancelRunRequest, CompleteRunRequest, FailRunRequest, GetRunHistoryRequest, GetRunRequest,
+    GetRunResultRequest, HeartbeatRequest, Lease, ListRunsRequest, PollTasksRequest,
+    RecordTaskRequest, RegisterWorkerRequest, RetryPolicy, StartRunRequest, StartRunsRequest,
+    TaskResult, WatchRunRequest, get_run_request, task_result,
+};
+use aiki_tests::{RawWorker, TestDb, TestServer, start_req};
+use prost_types::{Value, value::Kind};
+use serde_json::json;
+use tonic::Code;
+
+fn check<T: std::fmt::Debug>(what: &str, r: Result<tonic::Response<T>, tonic::Status>, code: Code) {
+    match r {
+        Ok(v) => panic!("{what}: expected {code:?}, got {v:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{what}: {}", s.message());
+            assert!(
+                !s.message().is_empty(),
+                "{what}: the error says what is wrong"
+            );
+        }
+    }
+}
+
+fn d(ms: u64) -> Option<prost_types::Duration> {
+    Some(aiki_proto::duration_to_proto(Duration::from_millis(ms)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    let w = RawWorker::register(&server, &["default"]).await;
+    let mut wk = w.client.clone();
+    let unknown = uuid::Uuid::now_v7().to_string();
+
+    // Starting runs.
+    check(
+        "empty workflow",
+        wf.start_run(start_req("", json!({}))).await,
+        Code::InvalidArgument,
+    );
+    check(
+        "overlong workflow",
+        wf.start_run(start_req(&"w".repeat(129), json!({}))).await,
+        Code::InvalidArgument,
+    );
+    check(
+        "control characters",
+        wf.start_run(start_req("a\nb", json!({}))).await,
+        Code::InvalidArgument,
+    );
+    let mut nan = start_req("w", json!({}));
+    nan.input = Some(Value {
+        kind: Some(Kind::NumberValue(f64::NAN)),
+    });
+    check(
+        "NaN is not JSON",
+        wf.start_run(nan).await,
+        Code::InvalidArgument,
+    );
+    let big = start_req("w", json!({"blob": "x".repeat(3 * 1024 * 1024)}));
+    check(
+        "oversized input",
+        wf.start_run(big).await,
+        Code::ResourceExhausted,
+    );
+    let mut r = start_req("w", json!({}));
+    r.priority = 5000;
+    check(
+        "priority out of range",
+        wf.start_run(r).await,
+        Code::InvalidArgument,
+    );
+    let mut r = start_req("w", json!({}));
+    r.conflict_policy = 9;
+    check(
+        "unknown conflict policy",
+        wf.start_run(r).await,
+        Code::InvalidArgument,
+    );
+    let mut r = start_req("w", json!({}));
+    r.delay = Some(prost_types::Duration {
+        seconds: -5,
+        nanos: 0,
+    });
+    check(
+        "negative delay",
+        wf.start_run(r).await,
+        Code::InvalidArgument,
+    );
+    for (what, policy) in [
+        (
+            "coefficient below 1",
+            RetryPolicy {
+                backoff_coefficient: 0.5,
+                ..Default::default()
+            },
+        ),
+        (
+            "too many attempts",
+            RetryPolicy {
+                max_attempts: 5000,
+                ..Default::default()
+            },
+        ),
+        (
+            "max below initial",
+            RetryPolicy {
+                initial_interval: d(5000),
+                max_interval: d(1000),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let mut r = start_req("w", json!({}));
+        r.retry_policy = Some(policy);
+        check(what, wf.start_run(r).await, Code::InvalidArgument);
+    }
+    check(
+        "empty batch",
+        wf.start_runs(StartRunsRequest { runs: vec![] }).await,
+        Code::InvalidArgument,
+    );
+    let runs: Vec<StartRunRequest> = (0..1001).map(|i| start_req("w", json!(i))).collect();
+    check(
+        "batch too large",
+        wf.start_runs(StartRunsRequest { runs }).await,
+        Code::InvalidArgument,
+    );
+    let runs = vec![start_req("w", json!(1)), start_req("", json!(2))];
+    check(
+        "one bad entry",
+        wf.start_runs(StartRunsRequest { runs }).await,
+        Code::InvalidArgument,
+    );
+
+    // Reading runs.
+    let get = |r| GetRunRequest {
+        namespace: String::new(),
+        r#ref: r,
+    };
+    check(
+        "unknown run",
+        wf.get_run(get(Some(get_run_request::Ref::RunId(unknown.clone()))))
+            .await,
+        Code::NotFound,
+    );
+    check(
+        "not a uuid",
+        wf.get_run(get(Some(get_run_request::Ref::RunId("42".into()))))
+            .await,
+        Code::InvalidArgument,
+    );
+    check(
+        "unknown key",
+        wf.get_run(get(Some(get_run_request::Ref::IdempotencyKey(
+            "nope".into(),
+        ))))
+        .await,
+        Code::NotFound,
+    );
+    check(
+        "no reference",
+        wf.get_run(get(None)).await,
+        Code::InvalidArgument,
+    );
+    let res = GetRunResultRequest {
+        namespace: String::new(),
+        run_id: unknown.clone(),
+        timeout: d(3_600_000),
+    };
+    check(
+        "wait too long",
+        wf.get_run_result(res).await,
+        Code::InvalidArgument,
+    );
+    let res = GetRunResultRequest {
+        namespace: String::new(),
+        run_id: unknown.clone(),
+        timeout: None,
+    };
+    check(
+        "result of unknown run",
+        wf.get_run_result(res).await,
+        Code::NotFound,
+    );
+    let list = ListRunsRequest {
+        page_size: 5000,
+        ..Default::default()
+    };
+    check(
+        "page too large",
+        wf.list_runs(list).await,
+        Code::InvalidArgument,
+    );
+    let list = ListRunsRequest {
+        page_token: "garbage".into(),
+        ..Default::default()
+    };
+    check(
+        "bad page token",
+        wf.list_runs(list).await,
+        Code::InvalidArgument,
+    );
+    let list = ListRunsRequest {
+        statuses: vec![99],
+        ..Default::default()
+    };
+    check(
+        "unknown status",
+        wf.list_runs(list).await,
+        Code::InvalidArgument,
+    );
+    let cancel = CancelRunRequest {
+        namespace: String::new(),
+        run_id: unknown.clone(),
+        reason: String::new(),
+    };
+    check(
+        "cancel unknown run",
+        wf.cancel_run(cancel).await,
+        Code::NotFound,
+    );
+    let hist = GetRunHistoryRequest {
+        namespace: String::new(),
+        run_id: unknown.clone(),
+        after_seq: 0,
+    };
+    check(
+        "history of unknown run",
+        wf.get_run_history(hist).await,
+        Code::NotFound,
+    );
+    let watch = WatchRunRequest {
+        namespace: String::new(),
+        run_id: unknown.clone(),
+        after_seq: 0,
+    };
+    check(
+        "watch unknown run",
+        wf.watch_run(watch).await.map(|_| tonic::Response::new(())),
+        Code::NotFound,
+    );
+
+    // The worker protocol.
+    let reg = RegisterWorkerRequest {
+        queues: vec![],
+        slots: 1,
+        ..Default::default()
+    };
+    check(
+        "no queues",
+        wk.register_worker(reg).await,
+        Code::InvalidArgument,
+    );
+    let reg = RegisterWorkerRequest {
+        queues: vec!["q".into()],
+        slots: 0,
+        ..Default::default()
+    };
+    check(
+        "no slots",
+        wk.register_worker(reg).await,
+        Code::InvalidArgument,
+    );
+    let poll = |worker: &str, max| PollTasksRequest {
+        namespace: String::new(),
+        worker_id: worker.into(),
+        queues: vec![],
+        max_runs: max,
+        wait: None,
+    };
+    check(
+        "unknown worker",
+        wk.poll_tasks(poll(&unknown, 1)).await,
+        Code::NotFound,
+    );
+    check(
+        "max_runs 0",
+        wk.poll_tasks(poll(&w.id, 0)).await,
+        Code::InvalidArgument,
+    );
+    let hb = HeartbeatRequest {
+        namespace: String::new(),
+        worker_id: w.id.clone(),
+        leases: vec![Lease {
+            run_id: unknown.clone(),
+            lease_token: "not-a-token".into(),
+        }],
+    };
+    check(
+        "malformed lease token",
+        wk.heartbeat(hb).await,
+        Code::InvalidArgument,
+    );
+
+    // Reports under a wrong lease.
+    let id = wf
+        .start_run(start_req("w", json!({"ok": true})))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+        .id;
+    let lease = w.poll(1, Duration::ZERO).await.pop().unwrap();
+    let wrong = uuid::Uuid::new_v4().to_string();
+    let task = TaskResult {
+        key: "k".into(),
+        name: "t".into(),
+        seq: 0,
+        result: Some(task_result::Result::Output(aiki_proto::json_to_value(
+            &json!(1),
+        ))),
+    };
+    let record = |token: &str, task: Option<TaskResult>| RecordTaskRequest {
+        namespace: String::new(),
+        run_id: id.clone(),
+        lease_token: token.into(),
+        task,
+    };
+    check(
+        "record under a wrong token",
+        wk.record_task(record(&wrong, Some(task.clone()))).await,
+        Code::FailedPrecondition,
+    );
+    check(
+        "record without a task",
+        wk.record_task(record(&lease.lease_token, None)).await,
+        Code::InvalidArgument,
+    );
+    let mut no_result = task.clone();
+    no_result.result = None;
+    check(
+        "record without a result",
+        wk.record_task(record(&lease.lease_token, Some(no_result)))
+            .await,
+        Code::InvalidArgument,
+    );
+    let complete = |run: &str, token: &str, output| CompleteRunRequest {
+        namespace: String::new(),
+        run_id: run.into(),
+        lease_token: token.into(),
+        output,
+    };
+    check(
+        "complete under a wrong token",
+        wk.complete_run(complete(&id, &wrong, None)).await,
+        Code::FailedPrecondition,
+    );
+    check(
+        "complete an unknown run",
+        wk.complete_run(complete(&unknown, &wrong, None)).await,
+        Code::NotFound,
+    );
+    let huge = Some(aiki_proto::json_to_value(&json!(
+        "y".repeat(3 * 1024 * 1024)
+    )));
+    check(
+        "oversized output",
+        wk.complete_run(complete(&id, &lease.lease_token, huge))
+            .await,
+        Code::ResourceExhausted,
+    );
+    let fail = FailRunRequest {
+        run_id: id.clone(),
+        lease_token: lease.lease_token.clone(),
+        ..Default::default()
+    };
+    check(
+        "fail without an error",
+        wk.fail_run(fail).await,
+        Code::InvalidArgument,
+    );
+
+    // Nothing changed, and the server still serves.
+    let pg = db.connect().await;
+    let n: i64 = pg
+        .query_one("SELECT count(*) FROM runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "no bad start created a run");
+    let tasks: i64 = pg
+        .query_one("SELECT count(*) FROM run_tasks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tasks, 0, "no refused report recorded a task");
+    let status: String = pg
+        .query_one("SELECT status FROM runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "running", "the run is untouched by refused reports");
+    wk.complete_run(complete(
+        &id,
+        &lease.lease_token,
+        Some(aiki_proto::json_to_value(&json!("done"))),
+    ))
+    .await
+    .expect("the real lease holder still completes");
+    assert!(
+        wf.start_run(start_req("w", json!({})))
+            .await
+            .unwrap()
+            .into_inner()
+            .created
+    );
+}

@@ -1,0 +1,88 @@
+//! Waiting polls are woken by new work (in-process and through LISTEN/NOTIFY across replicas)
+//! and by timers for delayed runs, not by polling the database.
+
+use std::time::{Duration, Instant};
+
+use aiki_tests::{RawWorker, TestDb, TestServer, start_req};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_poll_returns_promptly_after_a_start() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let w = RawWorker::register(&server, &["default"]).await;
+    let poll = tokio::spawn(async move {
+        let started = Instant::now();
+        let runs = w.poll(1, Duration::from_secs(30)).await;
+        (runs, started.elapsed())
+    });
+    // Give the poll time to find the queue empty and park (the assertion below checks it did).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    server
+        .workflows()
+        .await
+        .start_run(start_req("wake", json!({})))
+        .await
+        .unwrap();
+    let (runs, waited) = poll.await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert!(
+        waited >= Duration::from_millis(300),
+        "the poll really waited ({waited:?})"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "woken {:?} after the start",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_one_replica_wakes_a_poll_on_another() {
+    let db = TestDb::new().await;
+    let a = TestServer::start(&db).await;
+    let b = TestServer::start(&db).await;
+    let w = RawWorker::register(&a, &["default"]).await;
+    let poll = tokio::spawn(async move { w.poll(1, Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    b.workflows()
+        .await
+        .start_run(start_req("wake", json!({})))
+        .await
+        .unwrap();
+    let runs = poll.await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "woken through NOTIFY in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_run_wakes_its_poller_when_due() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let w = RawWorker::register(&server, &["default"]).await;
+    let mut req = start_req("later", json!({}));
+    req.delay = Some(aiki_proto::duration_to_proto(Duration::from_secs(1)));
+    let started = Instant::now();
+    server.workflows().await.start_run(req).await.unwrap();
+    assert!(
+        w.poll(1, Duration::ZERO).await.is_empty(),
+        "not visible before its delay"
+    );
+    let runs = w.poll(1, Duration::from_secs(10)).await;
+    assert_eq!(runs.len(), 1);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1),
+        "leased after {waited:?}, before its delay"
+    );
+    assert!(
+        waited < Duration::from_millis(1300),
+        "woken by a timer, {waited:?} after the start"
+    );
+}
