@@ -85,13 +85,8 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
             println!("worker config: {}", config.display());
 
             let input = serde_json::json!({"name": "Ada"});
-            let run = client
-                .start_run("hello", &input, StartOptions::default())
-                .await?;
-            println!(
-                "started run {} of workflow hello with input {input}",
-                run.id
-            );
+            let run = client.start_run("hello", &input, StartOptions::default()).await?;
+            println!("started run {} of workflow hello with input {input}", run.id);
             let out: serde_json::Value = run.result(Duration::from_secs(60)).await?;
             println!("run {} completed with output {out}", run.id);
         }
@@ -101,9 +96,7 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
             aiki_server::redact(&args.database_url)
         );
         println!("Try, in another terminal:");
-        println!(
-            "  aiki run start hello --input '{{\"name\":\"Grace\"}}' --key hello-grace --wait"
-        );
+        println!("  aiki run start hello --input '{{\"name\":\"Grace\"}}' --key hello-grace --wait");
         println!("  aiki run list");
         println!("  aiki workers");
         println!("Press Ctrl-C to stop.");
@@ -140,15 +133,7 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
 }
 
 /// The dev worker's workflows: `hello` greets whoever its input names.
-const WORKER_TOML: &str = r#"# Written by `aiki dev`: one workflow, run as a command (input JSON on stdin, output on stdout).
-queues = ["default"]
-slots = 4
-shutdown_grace = "5s"
-
-[workflows.hello]
-command = ["sh", "-c", "printf '{\"greeting\":\"hello\",\"input\":'; cat; printf '}'"]
-timeout = "10s"
-"#;
+const WORKER_TOML: &str = include_str!("../../worker/examples/hello.toml");
 
 /// Stops children in reverse order of start: SIGTERM, then kill after 10 s.
 async fn stop(children: Vec<(&str, Child)>) {
@@ -159,10 +144,7 @@ async fn stop(children: Vec<(&str, Child)>) {
                 .arg(pid.to_string())
                 .status();
         }
-        if tokio::time::timeout(Duration::from_secs(10), c.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
             tracing::warn!(name, "did not stop within 10s; killing");
             let _ = c.kill().await;
         }
@@ -175,12 +157,11 @@ async fn wait_for_server(server: &str, child: &mut Child) -> anyhow::Result<Clie
         if let Some(status) = child.try_wait()? {
             bail!("aiki-server exited during start ({status}); see its log above");
         }
-        if let Ok(Ok(client)) =
-            tokio::time::timeout(Duration::from_secs(2), Client::connect(server.to_owned())).await
+        let connect = tokio::time::timeout(Duration::from_secs(2), Client::connect(server.to_owned()));
+        if let Ok(Ok(client)) = connect.await
+            && client.queues().await.is_ok()
         {
-            if client.queues().await.is_ok() {
-                return Ok(client);
-            }
+            return Ok(client);
         }
         if tokio::time::Instant::now() > deadline {
             bail!("aiki-server did not answer at {server} within 60s");
@@ -210,9 +191,7 @@ fn is_local(pg: &tokio_postgres::Config) -> bool {
     })
 }
 
-async fn try_connect(
-    pg: &tokio_postgres::Config,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+async fn try_connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     Ok(client)
@@ -226,16 +205,11 @@ pub async fn ensure_postgres(url: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_local(&pg) {
-        bail!(
-            "cannot connect to {}; is that PostgreSQL up?",
-            aiki_server::redact(url)
-        );
+        bail!("cannot connect to {}; is that PostgreSQL up?", aiki_server::redact(url));
     }
     let user = pg.get_user().unwrap_or("postgres").to_owned();
     let dbname = pg.get_dbname().unwrap_or(&user).to_owned();
-    let password = pg
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let password = pg.get_password().map(|p| String::from_utf8_lossy(p).into_owned());
     let mut admin = pg.clone();
     admin.dbname("postgres");
 
@@ -270,10 +244,7 @@ pub async fn ensure_postgres(url: &str) -> anyhow::Result<()> {
         .is_some();
     if !exists {
         client
-            .batch_execute(&format!(
-                "CREATE DATABASE \"{}\"",
-                dbname.replace('"', "\"\"")
-            ))
+            .batch_execute(&format!("CREATE DATABASE \"{}\"", dbname.replace('"', "\"\"")))
             .await
             .with_context(|| format!("cannot create database {dbname}"))?;
         eprintln!("created database {dbname}");
@@ -298,10 +269,7 @@ async fn start_postgres() -> anyhow::Result<()> {
     for v in &versions {
         eprintln!("starting PostgreSQL {v}…");
         // "already running" is fine; the connection check below is what counts.
-        let _ = sh(&format!(
-            "pg_ctlcluster --skip-systemctl-redirect {v} main start"
-        ))
-        .await;
+        let _ = sh(&format!("pg_ctlcluster --skip-systemctl-redirect {v} main start")).await;
     }
     for _ in 0..60 {
         if Command::new("pg_isready")
@@ -324,10 +292,7 @@ async fn psql_as_postgres(sql: &str) -> anyhow::Result<()> {
         "sudo -n -u postgres"
     };
     let quoted = sql.replace('\'', "'\\''");
-    sh(&format!(
-        "cd / && {runner} psql -v ON_ERROR_STOP=1 -q -c '{quoted}'"
-    ))
-    .await
+    sh(&format!("cd / && {runner} psql -v ON_ERROR_STOP=1 -q -c '{quoted}'")).await
 }
 
 async fn sh(script: &str) -> anyhow::Result<()> {

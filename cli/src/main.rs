@@ -22,21 +22,10 @@ use output::Output;
 )]
 struct Cli {
     /// Server address.
-    #[arg(
-        long,
-        global = true,
-        env = "AIKI_SERVER",
-        default_value = "http://127.0.0.1:7070"
-    )]
+    #[arg(long, global = true, env = "AIKI_SERVER", default_value = "http://127.0.0.1:7070")]
     server: String,
     /// Namespace.
-    #[arg(
-        long,
-        short = 'n',
-        global = true,
-        env = "AIKI_NAMESPACE",
-        default_value = "default"
-    )]
+    #[arg(long, short = 'n', global = true, env = "AIKI_NAMESPACE", default_value = "default")]
     namespace: String,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
@@ -189,10 +178,7 @@ impl<E: Into<anyhow::Error>> From<E> for Exit {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(
-        cli.command,
-        Command::Run(_) | Command::Workers | Command::Queues
-    );
+    let quiet = matches!(cli.command, Command::Run(_) | Command::Workers | Command::Queues);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AIKI_LOG")
@@ -219,8 +205,9 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
 fn read_input(arg: &str) -> anyhow::Result<serde_json::Value> {
     let text = match arg.strip_prefix('@') {
         Some("-") => std::io::read_to_string(std::io::stdin())?,
-        Some(path) => std::fs::read_to_string(PathBuf::from(path))
-            .map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))?,
+        Some(path) => {
+            std::fs::read_to_string(PathBuf::from(path)).map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))?
+        }
         None => arg.to_owned(),
     };
     serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--input is not valid JSON: {e}"))
@@ -228,9 +215,7 @@ fn read_input(arg: &str) -> anyhow::Result<serde_json::Value> {
 
 fn parse_status(s: &str) -> anyhow::Result<RunStatus> {
     RunStatus::parse(&s.to_ascii_lowercase()).ok_or_else(|| {
-        anyhow::anyhow!(
-            "unknown status {s:?}; use queued, running, suspended, completed, failed or cancelled"
-        )
+        anyhow::anyhow!("unknown status {s:?}; use queued, running, suspended, completed, failed or cancelled")
     })
 }
 
@@ -282,11 +267,7 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
                     if !out.json {
                         eprintln!(
                             "{} run {}; waiting…",
-                            if handle.created {
-                                "started"
-                            } else {
-                                "found existing"
-                            },
+                            if handle.created { "started" } else { "found existing" },
                             handle.id
                         );
                     }
@@ -302,9 +283,7 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
             out.run(&run);
             Ok(())
         }
-        RunCmd::Result { run, wait } => {
-            wait_and_print(&client, &run.id(&client).await?, *wait, out).await
-        }
+        RunCmd::Result { run, wait } => wait_and_print(&client, &run.id(&client).await?, *wait, out).await,
         RunCmd::List(a) => {
             let filter = ListFilter {
                 workflow: a.workflow.clone(),

@@ -102,10 +102,7 @@ impl Output {
             v["created"] = json!(h.created);
             print_json(&v);
         } else if h.created {
-            println!(
-                "started run {} ({}, queue {})",
-                h.id, h.run.workflow, h.run.queue
-            );
+            println!("started run {} ({}, queue {})", h.id, h.run.workflow, h.run.queue);
         } else {
             println!(
                 "run {} already exists for this key ({}, {})",
@@ -142,11 +139,7 @@ impl Output {
                 },
         );
         row("key", r.idempotency_key.clone().unwrap_or_default());
-        let max = raw
-            .retry_policy
-            .as_ref()
-            .map(|p| p.max_attempts)
-            .unwrap_or(0);
+        let max = raw.retry_policy.as_ref().map(|p| p.max_attempts).unwrap_or(0);
         row("attempt", format!("{} of {max}", r.attempt));
         row("priority", raw.priority.to_string());
         row("worker", raw.worker_id.clone());
@@ -157,17 +150,8 @@ impl Output {
         row("started", ts(&raw.started_at));
         row("finished", ts(&raw.finished_at));
         row("input", compact(&r.input, 200));
-        row(
-            "output",
-            r.output
-                .as_ref()
-                .map(|o| compact(o, 200))
-                .unwrap_or_default(),
-        );
-        row(
-            "error",
-            r.error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
-        );
+        row("output", r.output.as_ref().map(|o| compact(o, 200)).unwrap_or_default());
+        row("error", r.error.as_ref().map(|e| e.to_string()).unwrap_or_default());
         println!("{t}");
     }
 
@@ -181,8 +165,7 @@ impl Output {
             RunStatus::Completed => {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(r.output.as_ref().unwrap_or(&Value::Null))
-                        .unwrap_or_default()
+                    serde_json::to_string_pretty(r.output.as_ref().unwrap_or(&Value::Null)).unwrap_or_default()
                 )
             }
             s if s.is_terminal() => {
@@ -200,9 +183,7 @@ impl Output {
                 "next_page_token": page.next_page_token,
             }));
         }
-        let mut t = table(&[
-            "ID", "WORKFLOW", "QUEUE", "STATUS", "ATTEMPT", "CREATED", "KEY",
-        ]);
+        let mut t = table(&["ID", "WORKFLOW", "QUEUE", "STATUS", "ATTEMPT", "CREATED", "KEY"]);
         for r in &page.runs {
             t.add_row(vec![
                 r.id.clone(),
@@ -327,12 +308,7 @@ impl Output {
             q.oldest_ready_age
                 .as_ref()
                 .and_then(aiki_proto::duration_from_proto)
-                .map(|d| {
-                    humantime::format_duration(std::time::Duration::from_millis(
-                        d.as_millis() as u64
-                    ))
-                    .to_string()
-                })
+                .map(|d| humantime::format_duration(std::time::Duration::from_millis(d.as_millis() as u64)).to_string())
         };
         if self.json {
             return print_json(&Value::Array(

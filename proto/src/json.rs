@@ -33,12 +33,9 @@ pub fn value_to_json(value: &Value) -> Result<serde_json::Value, JsonError> {
                     .ok_or_else(|| JsonError(format!("{n} is not a JSON number")))?
             }
         }
-        Some(Kind::ListValue(list)) => serde_json::Value::Array(
-            list.values
-                .iter()
-                .map(value_to_json)
-                .collect::<Result<_, _>>()?,
-        ),
+        Some(Kind::ListValue(list)) => {
+            serde_json::Value::Array(list.values.iter().map(value_to_json).collect::<Result<_, _>>()?)
+        }
         Some(Kind::StructValue(s)) => serde_json::Value::Object(
             s.fields
                 .iter()
@@ -60,10 +57,7 @@ pub fn json_to_value(json: &serde_json::Value) -> Value {
             values: a.iter().map(json_to_value).collect(),
         }),
         serde_json::Value::Object(o) => Kind::StructValue(Struct {
-            fields: o
-                .iter()
-                .map(|(k, v)| (k.clone(), json_to_value(v)))
-                .collect(),
+            fields: o.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
         }),
     };
     Value { kind: Some(kind) }

@@ -2,11 +2,7 @@
 //! `aiki/v1/aiki.proto`, and the conversions between `google.protobuf.Value` and
 //! `serde_json::Value` that every other crate uses for payloads.
 
-#![allow(
-    missing_docs,
-    clippy::large_enum_variant,
-    clippy::doc_lazy_continuation
-)]
+#![allow(missing_docs, clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
 /// Generated code of package `aiki.v1`.
 pub mod v1 {
@@ -19,8 +15,7 @@ pub use json::{JsonError, json_to_value, value_to_json};
 pub use prost_types;
 
 /// The encoded `FileDescriptorSet` of `aiki.v1` and its imports, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/aiki_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/aiki_descriptor.bin"));
 
 /// Converts a `std::time::Duration` to its protobuf form (saturating).
 pub fn duration_to_proto(d: std::time::Duration) -> prost_types::Duration {

@@ -3,9 +3,8 @@
 use std::time::Duration;
 
 use aiki_proto::v1::{
-    self, CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunRequest,
-    GetRunResultRequest, ListRunsRequest, StartRunRequest, StartRunsRequest, WatchRunRequest,
-    admin_service_client::AdminServiceClient, get_run_request,
+    self, CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunRequest, GetRunResultRequest, ListRunsRequest,
+    StartRunRequest, StartRunsRequest, WatchRunRequest, admin_service_client::AdminServiceClient, get_run_request,
     workflow_service_client::WorkflowServiceClient,
 };
 use backon::{ExponentialBuilder, Retryable};
@@ -92,9 +91,7 @@ pub struct Run {
 
 impl From<v1::Run> for Run {
     fn from(r: v1::Run) -> Self {
-        let json = |v: &Option<prost_types::Value>| {
-            v.as_ref().and_then(|v| aiki_proto::value_to_json(v).ok())
-        };
+        let json = |v: &Option<prost_types::Value>| v.as_ref().and_then(|v| aiki_proto::value_to_json(v).ok());
         Self {
             id: r.id.clone(),
             workflow: r.workflow.clone(),
@@ -196,8 +193,7 @@ impl Client {
     /// A client over an existing channel.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            workflows: WorkflowServiceClient::new(channel.clone())
-                .max_decoding_message_size(64 * 1024 * 1024),
+            workflows: WorkflowServiceClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024),
             admin: AdminServiceClient::new(channel),
             namespace: "default".to_owned(),
         }
@@ -209,12 +205,7 @@ impl Client {
         self
     }
 
-    fn start_request<I: Serialize>(
-        &self,
-        workflow: &str,
-        input: &I,
-        opts: &StartOptions,
-    ) -> Result<StartRunRequest> {
+    fn start_request<I: Serialize>(&self, workflow: &str, input: &I, opts: &StartOptions) -> Result<StartRunRequest> {
         let input = serde_json::to_value(input)?;
         Ok(StartRunRequest {
             namespace: self.namespace.clone(),
@@ -238,12 +229,7 @@ impl Client {
 
     /// Starts a run of `workflow` with `input`. With an idempotency key, a second start with
     /// the same key and input returns the first run (`created == false`).
-    pub async fn start_run<I: Serialize>(
-        &self,
-        workflow: &str,
-        input: &I,
-        opts: StartOptions,
-    ) -> Result<RunHandle> {
+    pub async fn start_run<I: Serialize>(&self, workflow: &str, input: &I, opts: StartOptions) -> Result<RunHandle> {
         let req = self.start_request(workflow, input, &opts)?;
         let resp = (|| async {
             let mut c = self.workflows.clone();
@@ -265,10 +251,7 @@ impl Client {
     }
 
     /// Starts many runs in one round trip and one transaction (all or none).
-    pub async fn start_runs<I: Serialize>(
-        &self,
-        runs: &[(&str, I, StartOptions)],
-    ) -> Result<Vec<RunHandle>> {
+    pub async fn start_runs<I: Serialize>(&self, runs: &[(&str, I, StartOptions)]) -> Result<Vec<RunHandle>> {
         let req = StartRunsRequest {
             runs: runs
                 .iter()
@@ -305,29 +288,21 @@ impl Client {
             namespace: self.namespace.clone(),
             r#ref: Some(r),
         };
-        let run = (|| async {
-            self.workflows
-                .clone()
-                .get_run(req.clone())
-                .await
-                .map_err(Error::from)
-        })
-        .retry(backoff())
-        .when(retryable)
-        .await?;
+        let run = (|| async { self.workflows.clone().get_run(req.clone()).await.map_err(Error::from) })
+            .retry(backoff())
+            .when(retryable)
+            .await?;
         Ok(run.into_inner().into())
     }
 
     /// A run by id.
     pub async fn get(&self, run_id: &str) -> Result<Run> {
-        self.get_by(get_run_request::Ref::RunId(run_id.to_owned()))
-            .await
+        self.get_by(get_run_request::Ref::RunId(run_id.to_owned())).await
     }
 
     /// A run by idempotency key.
     pub async fn get_by_key(&self, key: &str) -> Result<Run> {
-        self.get_by(get_run_request::Ref::IdempotencyKey(key.to_owned()))
-            .await
+        self.get_by(get_run_request::Ref::IdempotencyKey(key.to_owned())).await
     }
 
     /// Waits up to `timeout` for the run to end; `Ok(run)` in any terminal state, or
@@ -339,9 +314,7 @@ impl Client {
             let req = GetRunResultRequest {
                 namespace: self.namespace.clone(),
                 run_id: run_id.to_owned(),
-                timeout: Some(aiki_proto::duration_to_proto(
-                    left.min(Duration::from_secs(60)),
-                )),
+                timeout: Some(aiki_proto::duration_to_proto(left.min(Duration::from_secs(60)))),
             };
             let resp = (|| async {
                 self.workflows
@@ -369,9 +342,7 @@ impl Client {
     pub async fn result<T: DeserializeOwned>(&self, run_id: &str, timeout: Duration) -> Result<T> {
         let run = self.wait(run_id, timeout).await?;
         match run.status {
-            RunStatus::Completed => Ok(serde_json::from_value(
-                run.output.unwrap_or(serde_json::Value::Null),
-            )?),
+            RunStatus::Completed => Ok(serde_json::from_value(run.output.unwrap_or(serde_json::Value::Null))?),
             RunStatus::Cancelled => Err(Error::RunCancelled { run_id: run.id }),
             _ => Err(Error::RunFailed {
                 run_id: run.id,
@@ -396,17 +367,11 @@ impl Client {
             page_size: f.page_size,
             page_token: f.page_token.clone().unwrap_or_default(),
         };
-        let resp = (|| async {
-            self.workflows
-                .clone()
-                .list_runs(req.clone())
-                .await
-                .map_err(Error::from)
-        })
-        .retry(backoff())
-        .when(retryable)
-        .await?
-        .into_inner();
+        let resp = (|| async { self.workflows.clone().list_runs(req.clone()).await.map_err(Error::from) })
+            .retry(backoff())
+            .when(retryable)
+            .await?
+            .into_inner();
         Ok(RunPage {
             runs: resp.runs.into_iter().map(Into::into).collect(),
             next_page_token: (!resp.next_page_token.is_empty()).then_some(resp.next_page_token),
@@ -454,10 +419,7 @@ impl Client {
     }
 
     /// A live stream of a run's history events, ending when the run ends.
-    pub async fn watch(
-        &self,
-        run_id: &str,
-    ) -> Result<impl Stream<Item = Result<HistoryEvent>> + use<>> {
+    pub async fn watch(&self, run_id: &str) -> Result<impl Stream<Item = Result<HistoryEvent>> + use<>> {
         let req = WatchRunRequest {
             namespace: self.namespace.clone(),
             run_id: run_id.to_owned(),
@@ -472,13 +434,7 @@ impl Client {
         let req = v1::ListWorkersRequest {
             namespace: self.namespace.clone(),
         };
-        Ok(self
-            .admin
-            .clone()
-            .list_workers(req)
-            .await?
-            .into_inner()
-            .workers)
+        Ok(self.admin.clone().list_workers(req).await?.into_inner().workers)
     }
 
     /// Queue depths in this namespace.
@@ -486,13 +442,7 @@ impl Client {
         let req = v1::ListQueuesRequest {
             namespace: self.namespace.clone(),
         };
-        Ok(self
-            .admin
-            .clone()
-            .list_queues(req)
-            .await?
-            .into_inner()
-            .queues)
+        Ok(self.admin.clone().list_queues(req).await?.into_inner().queues)
     }
 }
 

@@ -28,10 +28,7 @@ impl From<&aiki_proto::v1::RunError> for RunError {
         Self {
             kind: e.r#type.clone(),
             message: e.message.clone(),
-            details: e
-                .details
-                .as_ref()
-                .and_then(|d| aiki_proto::value_to_json(d).ok()),
+            details: e.details.as_ref().and_then(|d| aiki_proto::value_to_json(d).ok()),
         }
     }
 }

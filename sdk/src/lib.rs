@@ -24,8 +24,8 @@ pub mod workflow;
 
 pub use aiki_proto::v1::RunStatus;
 pub use client::{
-    Client, HistoryEvent, ListFilter, Queue, RetryPolicy, Run, RunHandle, RunPage, StartOptions,
-    Worker, connect_channel,
+    Client, HistoryEvent, ListFilter, Queue, RetryPolicy, Run, RunHandle, RunPage, StartOptions, Worker,
+    connect_channel,
 };
 pub use error::{Error, Result, RunError};
 pub use workflow::{Context, WorkflowError};

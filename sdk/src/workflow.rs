@@ -14,9 +14,7 @@ use std::{
     time::Duration,
 };
 
-use aiki_proto::v1::{
-    RecordTaskRequest, TaskResult, task_result, worker_service_client::WorkerServiceClient,
-};
+use aiki_proto::v1::{RecordTaskRequest, TaskResult, task_result, worker_service_client::WorkerServiceClient};
 use backon::{ExponentialBuilder, Retryable};
 use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
@@ -131,11 +129,7 @@ pub struct Context {
 
 impl Context {
     /// A context for one execution of a leased run, with the task results recorded so far.
-    pub fn new(
-        lease: Lease,
-        client: WorkerServiceClient<Channel>,
-        recorded: Vec<TaskResult>,
-    ) -> Self {
+    pub fn new(lease: Lease, client: WorkerServiceClient<Channel>, recorded: Vec<TaskResult>) -> Self {
         let recorded = recorded.into_iter().map(|t| (t.key.clone(), t)).collect();
         Self {
             lease: Arc::new(lease),
@@ -166,12 +160,7 @@ impl Context {
     /// returns its recorded output without calling `f`; otherwise calls `f` and checkpoints its
     /// output on the server before returning it. A failing `f` is not recorded: the error goes
     /// back to the workflow (and, with `?`, fails the attempt, to be retried by policy).
-    pub async fn task<I, O, E, F, Fut>(
-        &self,
-        name: &str,
-        input: I,
-        f: F,
-    ) -> Result<O, WorkflowError>
+    pub async fn task<I, O, E, F, Fut>(&self, name: &str, input: I, f: F) -> Result<O, WorkflowError>
     where
         I: Serialize,
         O: Serialize + DeserializeOwned,
@@ -179,9 +168,8 @@ impl Context {
         F: FnOnce(I) -> Fut,
         Fut: Future<Output = Result<O, E>>,
     {
-        let input_json = serde_json::to_vec(&input).map_err(|e| {
-            WorkflowError::new("Serialization", format!("task {name:?} input: {e}")).non_retryable()
-        })?;
+        let input_json = serde_json::to_vec(&input)
+            .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?} input: {e}")).non_retryable())?;
         let hash = hex8(&Sha256::digest(&input_json));
         let (key, seq, recorded) = {
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -208,17 +196,13 @@ impl Context {
             return decode(name, t);
         }
         let output = f(input).await.map_err(Into::into)?;
-        let value = serde_json::to_value(&output).map_err(|e| {
-            WorkflowError::new("Serialization", format!("task {name:?} output: {e}"))
-                .non_retryable()
-        })?;
+        let value = serde_json::to_value(&output)
+            .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?} output: {e}")).non_retryable())?;
         let task = TaskResult {
             key: key.clone(),
             name: name.to_owned(),
             seq,
-            result: Some(task_result::Result::Output(aiki_proto::json_to_value(
-                &value,
-            ))),
+            result: Some(task_result::Result::Output(aiki_proto::json_to_value(&value))),
         };
         let recorded = self.record(task).await?;
         self.progress
@@ -243,12 +227,7 @@ impl Context {
             .with_jitter();
         let resp = (|| async { self.client.clone().record_task(req.clone()).await })
             .retry(policy)
-            .when(|s| {
-                matches!(
-                    s.code(),
-                    Code::Unavailable | Code::Unknown | Code::Cancelled
-                )
-            })
+            .when(|s| matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled))
             .await;
         match resp {
             Ok(r) => Ok(r.into_inner().task.unwrap_or(task)),
@@ -277,10 +256,7 @@ fn decode<O: DeserializeOwned>(name: &str, t: TaskResult) -> Result<O, WorkflowE
             })
         }
         Some(task_result::Result::Error(e)) => Err(WorkflowError {
-            details: e
-                .details
-                .as_ref()
-                .and_then(|d| aiki_proto::value_to_json(d).ok()),
+            details: e.details.as_ref().and_then(|d| aiki_proto::value_to_json(d).ok()),
             ..WorkflowError::new(e.r#type, e.message)
         }),
         None => Err(WorkflowError::new(

@@ -113,10 +113,7 @@ impl Config {
             self.heartbeat_interval,
             self.lease_ttl
         );
-        anyhow::ensure!(
-            !self.reaper_interval.is_zero(),
-            "reaper_interval must be positive"
-        );
+        anyhow::ensure!(!self.reaper_interval.is_zero(), "reaper_interval must be positive");
         anyhow::ensure!(
             self.max_payload_bytes >= 1024,
             "max_payload_bytes must be at least 1024"
@@ -180,11 +177,9 @@ impl Args {
     pub fn into_config(self) -> anyhow::Result<Config> {
         let mut c = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    anyhow::anyhow!("cannot read config file {}: {e}", path.display())
-                })?;
-                toml::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?
             }
             None => Config::default(),
         };
@@ -228,13 +223,7 @@ mod tests {
             "lease_ttl = \"45s\"\npool_size = 4\n[default_retry]\nmax_attempts = 7\n",
         )
         .unwrap();
-        let args = Args::parse_from([
-            "aiki-server",
-            "--config",
-            file.to_str().unwrap(),
-            "--pool-size",
-            "9",
-        ]);
+        let args = Args::parse_from(["aiki-server", "--config", file.to_str().unwrap(), "--pool-size", "9"]);
         let c = args.into_config().unwrap();
         assert_eq!(c.lease_ttl, Duration::from_secs(45));
         assert_eq!(c.pool_size, 9);

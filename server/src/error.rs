@@ -32,10 +32,7 @@ impl From<tokio_postgres::Error> for Error {
             Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
                 Error::AlreadyExists(format!("already exists: {}", db_message(&e)))
             }
-            Some(c)
-                if *c == SqlState::INVALID_TEXT_REPRESENTATION
-                    || *c == SqlState::CHECK_VIOLATION =>
-            {
+            Some(c) if *c == SqlState::INVALID_TEXT_REPRESENTATION || *c == SqlState::CHECK_VIOLATION => {
                 Error::InvalidArgument(db_message(&e))
             }
             Some(c)

@@ -48,20 +48,14 @@ pub async fn migrate(url: &str) -> anyhow::Result<Vec<&'static str>> {
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then stops taking work, lets
 /// in-flight calls finish (up to `shutdown_grace`) and returns.
-pub async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn serve(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
     let pg = pg_config(&config.database_url)?;
     let store = Store::new(pg.clone(), config.pool_size)?;
-    store.ping().await.with_context(|| {
-        format!(
-            "cannot reach PostgreSQL at {}",
-            redact(&config.database_url)
-        )
-    })?;
+    store
+        .ping()
+        .await
+        .with_context(|| format!("cannot reach PostgreSQL at {}", redact(&config.database_url)))?;
     if config.migrate {
         store.migrate().await.context("migrations failed")?;
     }
@@ -84,12 +78,8 @@ pub async fn serve(
     health_reporter
         .set_serving::<WorkflowServiceServer<WorkflowSvc>>()
         .await;
-    health_reporter
-        .set_serving::<WorkerServiceServer<WorkerSvc>>()
-        .await;
-    health_reporter
-        .set_serving::<AdminServiceServer<AdminSvc>>()
-        .await;
+    health_reporter.set_serving::<WorkerServiceServer<WorkerSvc>>().await;
+    health_reporter.set_serving::<AdminServiceServer<AdminSvc>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(aiki_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -101,10 +91,7 @@ pub async fn serve(
 
     // Messages may carry a payload of the limit plus envelope; anything larger is refused by
     // the transport before it is decoded.
-    let max_message = config
-        .max_payload_bytes
-        .saturating_mul(2)
-        .saturating_add(64 * 1024);
+    let max_message = config.max_payload_bytes.saturating_mul(2).saturating_add(64 * 1024);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "aiki-server listening");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -113,15 +100,9 @@ pub async fn serve(
         let reporter = health_reporter.clone();
         async move {
             shutdown.cancelled().await;
-            reporter
-                .set_not_serving::<WorkflowServiceServer<WorkflowSvc>>()
-                .await;
-            reporter
-                .set_not_serving::<WorkerServiceServer<WorkerSvc>>()
-                .await;
-            reporter
-                .set_not_serving::<AdminServiceServer<AdminSvc>>()
-                .await;
+            reporter.set_not_serving::<WorkflowServiceServer<WorkflowSvc>>().await;
+            reporter.set_not_serving::<WorkerServiceServer<WorkerSvc>>().await;
+            reporter.set_not_serving::<AdminServiceServer<AdminSvc>>().await;
             tracing::info!("shutting down: no new calls; finishing in-flight ones");
         }
     };
@@ -129,14 +110,8 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            WorkflowServiceServer::new(WorkflowSvc(shared.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            WorkerServiceServer::new(WorkerSvc(shared.clone()))
-                .max_decoding_message_size(max_message),
-        )
+        .add_service(WorkflowServiceServer::new(WorkflowSvc(shared.clone())).max_decoding_message_size(max_message))
+        .add_service(WorkerServiceServer::new(WorkerSvc(shared.clone())).max_decoding_message_size(max_message))
         .add_service(AdminServiceServer::new(AdminSvc(shared.clone())))
         .serve_with_incoming_shutdown(incoming, signal);
     let grace = config.shutdown_grace;

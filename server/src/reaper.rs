@@ -29,15 +29,8 @@ pub async fn run(shared: Arc<Shared>, pg: tokio_postgres::Config, shutdown: Canc
 
 /// Holds the lock and reaps until the connection fails or the server stops. Returns `Ok` when
 /// the lock is held by another server.
-async fn lead(
-    shared: &Shared,
-    pg: &tokio_postgres::Config,
-    shutdown: &CancellationToken,
-) -> Result<(), String> {
-    let (client, conn) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn lead(shared: &Shared, pg: &tokio_postgres::Config, shutdown: &CancellationToken) -> Result<(), String> {
+    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
     let conn = tokio::spawn(conn);
     let got: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&REAPER_LOCK])
@@ -70,9 +63,7 @@ async fn lead(
                         tracing::warn!(run_id = %e.id, status = %e.status, "lease expired");
                         shared.wakers.runs.wake(&e.id);
                         if e.status == "queued" {
-                            shared
-                                .wakers
-                                .queue_ready((e.namespace.clone(), e.queue.clone()), None);
+                            shared.wakers.queue_ready((e.namespace.clone(), e.queue.clone()), None);
                         }
                     }
                     if (expired.len() as i64) < BATCH {

@@ -46,20 +46,16 @@ pub fn uuid(what: &str, s: &str) -> Result<Uuid> {
     if s.is_empty() {
         return Err(Error::InvalidArgument(format!("{what} is required")));
     }
-    Uuid::parse_str(s)
-        .map_err(|_| Error::InvalidArgument(format!("{what} {s:?} is not a valid UUID")))
+    Uuid::parse_str(s).map_err(|_| Error::InvalidArgument(format!("{what} {s:?} is not a valid UUID")))
 }
 
 /// A payload converted to JSON and checked against the size limit.
 pub fn payload(what: &str, v: Option<&prost_types::Value>, max_bytes: usize) -> Result<Json> {
     let json = match v {
         None => Json::Null,
-        Some(v) => aiki_proto::value_to_json(v)
-            .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?,
+        Some(v) => aiki_proto::value_to_json(v).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?,
     };
-    let size = serde_json::to_vec(&json)
-        .map(|b| b.len())
-        .unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(&json).map(|b| b.len()).unwrap_or(usize::MAX);
     if size > max_bytes {
         return Err(Error::ResourceExhausted(format!(
             "{what} is {size} bytes of JSON; the limit is {max_bytes} bytes (store large data elsewhere and pass a reference)"

@@ -215,15 +215,8 @@ pub async fn listen(pg: tokio_postgres::Config, wakers: Arc<Wakers>, shutdown: C
     }
 }
 
-async fn listen_once(
-    pg: &tokio_postgres::Config,
-    wakers: &Wakers,
-    shutdown: &CancellationToken,
-) -> Result<(), String> {
-    let (client, mut conn) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn listen_once(pg: &tokio_postgres::Config, wakers: &Wakers, shutdown: &CancellationToken) -> Result<(), String> {
+    let (client, mut conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));

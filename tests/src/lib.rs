@@ -24,13 +24,11 @@ pub use aiki_server::Config;
 
 /// The admin connection string.
 pub fn admin_url() -> String {
-    std::env::var("AIKI_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://aiki:aiki@127.0.0.1:5432/postgres".into())
+    std::env::var("AIKI_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://aiki:aiki@127.0.0.1:5432/postgres".into())
 }
 
 fn url_for(db: &str) -> String {
-    let mut pg =
-        tokio_postgres::Config::from_str(&admin_url()).expect("valid AIKI_TEST_DATABASE_URL");
+    let mut pg = tokio_postgres::Config::from_str(&admin_url()).expect("valid AIKI_TEST_DATABASE_URL");
     pg.dbname(db);
     // Rebuild as key=value: works for any URL form.
     let mut parts = vec![format!("dbname={db}")];
@@ -296,10 +294,7 @@ pub fn bin(name: &str) -> PathBuf {
     let dir = DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("current exe");
         // target/debug/deps/test-xxxx → target/debug
-        exe.parent()
-            .and_then(|p| p.parent())
-            .expect("target dir")
-            .to_path_buf()
+        exe.parent().and_then(|p| p.parent()).expect("target dir").to_path_buf()
     });
     let path = dir.join(name);
     assert!(
@@ -321,10 +316,7 @@ where
         if check().await {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -3,10 +3,9 @@
 use std::time::Duration;
 
 use aiki_proto::v1::{
-    CancelRunRequest, CompleteRunRequest, FailRunRequest, GetRunHistoryRequest, GetRunRequest,
-    GetRunResultRequest, HeartbeatRequest, Lease, ListRunsRequest, PollTasksRequest,
-    RecordTaskRequest, RegisterWorkerRequest, RetryPolicy, StartRunRequest, StartRunsRequest,
-    TaskResult, WatchRunRequest, get_run_request, task_result,
+    CancelRunRequest, CompleteRunRequest, FailRunRequest, GetRunHistoryRequest, GetRunRequest, GetRunResultRequest,
+    HeartbeatRequest, Lease, ListRunsRequest, PollTasksRequest, RecordTaskRequest, RegisterWorkerRequest, RetryPolicy,
+    StartRunRequest, StartRunsRequest, TaskResult, WatchRunRequest, get_run_request, task_result,
 };
 use aiki_tests::{RawWorker, TestDb, TestServer, start_req};
 use prost_types::{Value, value::Kind};
@@ -18,10 +17,7 @@ fn check<T: std::fmt::Debug>(what: &str, r: Result<tonic::Response<T>, tonic::St
         Ok(v) => panic!("{what}: expected {code:?}, got {v:?}"),
         Err(s) => {
             assert_eq!(s.code(), code, "{what}: {}", s.message());
-            assert!(
-                !s.message().is_empty(),
-                "{what}: the error says what is wrong"
-            );
+            assert!(!s.message().is_empty(), "{what}: the error says what is wrong");
         }
     }
 }
@@ -59,41 +55,18 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     nan.input = Some(Value {
         kind: Some(Kind::NumberValue(f64::NAN)),
     });
-    check(
-        "NaN is not JSON",
-        wf.start_run(nan).await,
-        Code::InvalidArgument,
-    );
+    check("NaN is not JSON", wf.start_run(nan).await, Code::InvalidArgument);
     let big = start_req("w", json!({"blob": "x".repeat(3 * 1024 * 1024)}));
-    check(
-        "oversized input",
-        wf.start_run(big).await,
-        Code::ResourceExhausted,
-    );
+    check("oversized input", wf.start_run(big).await, Code::ResourceExhausted);
     let mut r = start_req("w", json!({}));
     r.priority = 5000;
-    check(
-        "priority out of range",
-        wf.start_run(r).await,
-        Code::InvalidArgument,
-    );
+    check("priority out of range", wf.start_run(r).await, Code::InvalidArgument);
     let mut r = start_req("w", json!({}));
     r.conflict_policy = 9;
-    check(
-        "unknown conflict policy",
-        wf.start_run(r).await,
-        Code::InvalidArgument,
-    );
+    check("unknown conflict policy", wf.start_run(r).await, Code::InvalidArgument);
     let mut r = start_req("w", json!({}));
-    r.delay = Some(prost_types::Duration {
-        seconds: -5,
-        nanos: 0,
-    });
-    check(
-        "negative delay",
-        wf.start_run(r).await,
-        Code::InvalidArgument,
-    );
+    r.delay = Some(prost_types::Duration { seconds: -5, nanos: 0 });
+    check("negative delay", wf.start_run(r).await, Code::InvalidArgument);
     for (what, policy) in [
         (
             "coefficient below 1",
@@ -153,90 +126,55 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     );
     check(
         "not a uuid",
-        wf.get_run(get(Some(get_run_request::Ref::RunId("42".into()))))
-            .await,
+        wf.get_run(get(Some(get_run_request::Ref::RunId("42".into())))).await,
         Code::InvalidArgument,
     );
     check(
         "unknown key",
-        wf.get_run(get(Some(get_run_request::Ref::IdempotencyKey(
-            "nope".into(),
-        ))))
-        .await,
+        wf.get_run(get(Some(get_run_request::Ref::IdempotencyKey("nope".into()))))
+            .await,
         Code::NotFound,
     );
-    check(
-        "no reference",
-        wf.get_run(get(None)).await,
-        Code::InvalidArgument,
-    );
+    check("no reference", wf.get_run(get(None)).await, Code::InvalidArgument);
     let res = GetRunResultRequest {
         namespace: String::new(),
         run_id: unknown.clone(),
         timeout: d(3_600_000),
     };
-    check(
-        "wait too long",
-        wf.get_run_result(res).await,
-        Code::InvalidArgument,
-    );
+    check("wait too long", wf.get_run_result(res).await, Code::InvalidArgument);
     let res = GetRunResultRequest {
         namespace: String::new(),
         run_id: unknown.clone(),
         timeout: None,
     };
-    check(
-        "result of unknown run",
-        wf.get_run_result(res).await,
-        Code::NotFound,
-    );
+    check("result of unknown run", wf.get_run_result(res).await, Code::NotFound);
     let list = ListRunsRequest {
         page_size: 5000,
         ..Default::default()
     };
-    check(
-        "page too large",
-        wf.list_runs(list).await,
-        Code::InvalidArgument,
-    );
+    check("page too large", wf.list_runs(list).await, Code::InvalidArgument);
     let list = ListRunsRequest {
         page_token: "garbage".into(),
         ..Default::default()
     };
-    check(
-        "bad page token",
-        wf.list_runs(list).await,
-        Code::InvalidArgument,
-    );
+    check("bad page token", wf.list_runs(list).await, Code::InvalidArgument);
     let list = ListRunsRequest {
         statuses: vec![99],
         ..Default::default()
     };
-    check(
-        "unknown status",
-        wf.list_runs(list).await,
-        Code::InvalidArgument,
-    );
+    check("unknown status", wf.list_runs(list).await, Code::InvalidArgument);
     let cancel = CancelRunRequest {
         namespace: String::new(),
         run_id: unknown.clone(),
         reason: String::new(),
     };
-    check(
-        "cancel unknown run",
-        wf.cancel_run(cancel).await,
-        Code::NotFound,
-    );
+    check("cancel unknown run", wf.cancel_run(cancel).await, Code::NotFound);
     let hist = GetRunHistoryRequest {
         namespace: String::new(),
         run_id: unknown.clone(),
         after_seq: 0,
     };
-    check(
-        "history of unknown run",
-        wf.get_run_history(hist).await,
-        Code::NotFound,
-    );
+    check("history of unknown run", wf.get_run_history(hist).await, Code::NotFound);
     let watch = WatchRunRequest {
         namespace: String::new(),
         run_id: unknown.clone(),
@@ -254,21 +192,13 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         slots: 1,
         ..Default::default()
     };
-    check(
-        "no queues",
-        wk.register_worker(reg).await,
-        Code::InvalidArgument,
-    );
+    check("no queues", wk.register_worker(reg).await, Code::InvalidArgument);
     let reg = RegisterWorkerRequest {
         queues: vec!["q".into()],
         slots: 0,
         ..Default::default()
     };
-    check(
-        "no slots",
-        wk.register_worker(reg).await,
-        Code::InvalidArgument,
-    );
+    check("no slots", wk.register_worker(reg).await, Code::InvalidArgument);
     let poll = |worker: &str, max| PollTasksRequest {
         namespace: String::new(),
         worker_id: worker.into(),
@@ -276,16 +206,8 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         max_runs: max,
         wait: None,
     };
-    check(
-        "unknown worker",
-        wk.poll_tasks(poll(&unknown, 1)).await,
-        Code::NotFound,
-    );
-    check(
-        "max_runs 0",
-        wk.poll_tasks(poll(&w.id, 0)).await,
-        Code::InvalidArgument,
-    );
+    check("unknown worker", wk.poll_tasks(poll(&unknown, 1)).await, Code::NotFound);
+    check("max_runs 0", wk.poll_tasks(poll(&w.id, 0)).await, Code::InvalidArgument);
     let hb = HeartbeatRequest {
         namespace: String::new(),
         worker_id: w.id.clone(),
@@ -294,11 +216,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             lease_token: "not-a-token".into(),
         }],
     };
-    check(
-        "malformed lease token",
-        wk.heartbeat(hb).await,
-        Code::InvalidArgument,
-    );
+    check("malformed lease token", wk.heartbeat(hb).await, Code::InvalidArgument);
 
     // Reports under a wrong lease.
     let id = wf
@@ -315,9 +233,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         key: "k".into(),
         name: "t".into(),
         seq: 0,
-        result: Some(task_result::Result::Output(aiki_proto::json_to_value(
-            &json!(1),
-        ))),
+        result: Some(task_result::Result::Output(aiki_proto::json_to_value(&json!(1)))),
     };
     let record = |token: &str, task: Option<TaskResult>| RecordTaskRequest {
         namespace: String::new(),
@@ -339,8 +255,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     no_result.result = None;
     check(
         "record without a result",
-        wk.record_task(record(&lease.lease_token, Some(no_result)))
-            .await,
+        wk.record_task(record(&lease.lease_token, Some(no_result))).await,
         Code::InvalidArgument,
     );
     let complete = |run: &str, token: &str, output| CompleteRunRequest {
@@ -359,13 +274,10 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         wk.complete_run(complete(&unknown, &wrong, None)).await,
         Code::NotFound,
     );
-    let huge = Some(aiki_proto::json_to_value(&json!(
-        "y".repeat(3 * 1024 * 1024)
-    )));
+    let huge = Some(aiki_proto::json_to_value(&json!("y".repeat(3 * 1024 * 1024))));
     check(
         "oversized output",
-        wk.complete_run(complete(&id, &lease.lease_token, huge))
-            .await,
+        wk.complete_run(complete(&id, &lease.lease_token, huge)).await,
         Code::ResourceExhausted,
     );
     let fail = FailRunRequest {
@@ -373,19 +285,11 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         lease_token: lease.lease_token.clone(),
         ..Default::default()
     };
-    check(
-        "fail without an error",
-        wk.fail_run(fail).await,
-        Code::InvalidArgument,
-    );
+    check("fail without an error", wk.fail_run(fail).await, Code::InvalidArgument);
 
     // Nothing changed, and the server still serves.
     let pg = db.connect().await;
-    let n: i64 = pg
-        .query_one("SELECT count(*) FROM runs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = pg.query_one("SELECT count(*) FROM runs", &[]).await.unwrap().get(0);
     assert_eq!(n, 1, "no bad start created a run");
     let tasks: i64 = pg
         .query_one("SELECT count(*) FROM run_tasks", &[])
@@ -393,11 +297,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         .unwrap()
         .get(0);
     assert_eq!(tasks, 0, "no refused report recorded a task");
-    let status: String = pg
-        .query_one("SELECT status FROM runs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let status: String = pg.query_one("SELECT status FROM runs", &[]).await.unwrap().get(0);
     assert_eq!(status, "running", "the run is untouched by refused reports");
     wk.complete_run(complete(
         &id,

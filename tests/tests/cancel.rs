@@ -51,23 +51,19 @@ async fn cancelling_a_running_run_stops_it_on_its_worker() {
     }
     let shutdown = CancellationToken::new();
     let worker = aiki_worker::WorkerBuilder::new(server.url())
-        .register(
-            "forever",
-            move |_ctx: aiki::Context, _: serde_json::Value| {
-                let started_tx = started_tx.clone();
-                let guard = OnDrop(dropped_tx.clone());
-                async move {
-                    let _guard = guard;
-                    let _ = started_tx.send(());
-                    std::future::pending::<()>().await;
-                    Ok(())
-                }
-            },
-        )
-        .register(
-            "quick",
-            |_ctx: aiki::Context, input: serde_json::Value| async move { Ok(input) },
-        )
+        .register("forever", move |_ctx: aiki::Context, _: serde_json::Value| {
+            let started_tx = started_tx.clone();
+            let guard = OnDrop(dropped_tx.clone());
+            async move {
+                let _guard = guard;
+                let _ = started_tx.send(());
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        })
+        .register("quick", |_ctx: aiki::Context, input: serde_json::Value| async move {
+            Ok(input)
+        })
         .build()
         .await
         .unwrap();
@@ -88,10 +84,7 @@ async fn cancelling_a_running_run_stops_it_on_its_worker() {
         .start_run("quick", &json!(7), aiki::StartOptions::default())
         .await
         .unwrap();
-    assert_eq!(
-        done.result::<i32>(Duration::from_secs(10)).await.unwrap(),
-        7
-    );
+    assert_eq!(done.result::<i32>(Duration::from_secs(10)).await.unwrap(), 7);
     let err = client.cancel(&done.id, "").await.unwrap_err();
     assert!(
         matches!(&err, aiki::Error::FailedPrecondition(m) if m.contains("already completed")),

@@ -38,17 +38,10 @@ async fn two_hundred_concurrent_starts_with_one_key_make_one_run() {
     assert_eq!(ids.len(), 1, "every caller gets the same run id");
     assert_eq!(created, 1, "exactly one caller created it");
     let pg = db.connect().await;
-    let n: i64 = pg
-        .query_one("SELECT count(*) FROM runs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = pg.query_one("SELECT count(*) FROM runs", &[]).await.unwrap().get(0);
     assert_eq!(n, 1);
     let events: i64 = pg
-        .query_one(
-            "SELECT count(*) FROM run_events WHERE type = 'run_created'",
-            &[],
-        )
+        .query_one("SELECT count(*) FROM run_events WHERE type = 'run_created'", &[])
         .await
         .unwrap()
         .get(0);
@@ -62,13 +55,7 @@ async fn same_key_other_input_is_already_exists_unless_return_existing() {
     let mut c = server.workflows().await;
     let mut first = start_req("order", json!({"order": 1}));
     first.idempotency_key = "k".into();
-    let run = c
-        .start_run(first.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .run
-        .unwrap();
+    let run = c.start_run(first.clone()).await.unwrap().into_inner().run.unwrap();
 
     let mut other = start_req("order", json!({"order": 2}));
     other.idempotency_key = "k".into();
@@ -122,14 +109,8 @@ async fn start_runs_is_one_transaction() {
     let db = TestDb::new().await;
     let server = TestServer::start(&db).await;
     let mut c = server.workflows().await;
-    let runs: Vec<_> = (0..100)
-        .map(|i| start_req("batch", json!({"i": i})))
-        .collect();
-    let resp = c
-        .start_runs(StartRunsRequest { runs })
-        .await
-        .unwrap()
-        .into_inner();
+    let runs: Vec<_> = (0..100).map(|i| start_req("batch", json!({"i": i}))).collect();
+    let resp = c.start_runs(StartRunsRequest { runs }).await.unwrap().into_inner();
     assert_eq!(resp.results.len(), 100);
     assert!(resp.results.iter().all(|r| r.created));
     assert_eq!(
@@ -151,11 +132,7 @@ async fn start_runs_is_one_transaction() {
     let err = c.start_runs(StartRunsRequest { runs }).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
     let pg = db.connect().await;
-    let n: i64 = pg
-        .query_one("SELECT count(*) FROM runs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = pg.query_one("SELECT count(*) FROM runs", &[]).await.unwrap().get(0);
     assert_eq!(n, 101, "the failed batch left nothing behind");
 }
 
@@ -165,29 +142,17 @@ async fn sdk_start_run_reports_created_and_finds_by_key() {
     let server = TestServer::start(&db).await;
     let client = server.client().await;
     let a = client
-        .start_run(
-            "greet",
-            &json!({"n": 1}),
-            aiki::StartOptions::key("greet-1"),
-        )
+        .start_run("greet", &json!({"n": 1}), aiki::StartOptions::key("greet-1"))
         .await
         .unwrap();
     let b = client
-        .start_run(
-            "greet",
-            &json!({"n": 1}),
-            aiki::StartOptions::key("greet-1"),
-        )
+        .start_run("greet", &json!({"n": 1}), aiki::StartOptions::key("greet-1"))
         .await
         .unwrap();
     assert!(a.created && !b.created);
     assert_eq!(a.id, b.id);
     let err = client
-        .start_run(
-            "greet",
-            &json!({"n": 2}),
-            aiki::StartOptions::key("greet-1"),
-        )
+        .start_run("greet", &json!({"n": 2}), aiki::StartOptions::key("greet-1"))
         .await
         .unwrap_err();
     assert!(matches!(err, aiki::Error::AlreadyExists(_)), "{err:?}");

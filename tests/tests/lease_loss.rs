@@ -4,8 +4,8 @@
 use std::{sync::Arc, time::Duration};
 
 use aiki_proto::v1::{
-    CompleteRunRequest, GetRunResultRequest, HeartbeatRequest, Lease, RecordTaskRequest, RunStatus,
-    TaskResult, task_result,
+    CompleteRunRequest, GetRunResultRequest, HeartbeatRequest, Lease, RecordTaskRequest, RunStatus, TaskResult,
+    task_result,
 };
 use aiki_tests::{Counts, RawWorker, TestDb, TestServer, start_req};
 use aiki_worker::WorkerBuilder;
@@ -32,11 +32,7 @@ async fn a_silent_worker_loses_its_lease_and_its_reports_are_refused() {
         .id;
 
     let a = RawWorker::register(&server, &["default"]).await;
-    let leased_a = a
-        .poll(1, Duration::ZERO)
-        .await
-        .pop()
-        .expect("A gets the run");
+    let leased_a = a.poll(1, Duration::ZERO).await.pop().expect("A gets the run");
     // A goes silent. B waits; the lease expires (2 s in tests), the reaper re-queues the run
     // and wakes B's poll.
     let b = RawWorker::register(&server, &["default"]).await;
@@ -53,9 +49,7 @@ async fn a_silent_worker_loses_its_lease_and_its_reports_are_refused() {
         key: "charge#0#0".into(),
         name: "charge".into(),
         seq: 0,
-        result: Some(task_result::Result::Output(aiki_proto::json_to_value(
-            &json!("from A"),
-        ))),
+        result: Some(task_result::Result::Output(aiki_proto::json_to_value(&json!("from A")))),
     };
     let err = a
         .client
@@ -108,11 +102,7 @@ async fn a_silent_worker_loses_its_lease_and_its_reports_are_refused() {
         lease_token: leased_b.lease_token.clone(),
         output: value(json!("from B")),
     };
-    b.client
-        .clone()
-        .complete_run(complete.clone())
-        .await
-        .unwrap();
+    b.client.clone().complete_run(complete.clone()).await.unwrap();
     b.client
         .clone()
         .complete_run(complete)
@@ -137,10 +127,7 @@ async fn a_silent_worker_loses_its_lease_and_its_reports_are_refused() {
     assert_eq!(run.lease_expirations, 1);
     let pg = db.connect().await;
     let completed: i64 = pg
-        .query_one(
-            "SELECT count(*) FROM run_events WHERE type = 'run_completed'",
-            &[],
-        )
+        .query_one("SELECT count(*) FROM run_events WHERE type = 'run_completed'", &[])
         .await
         .unwrap()
         .get(0);
@@ -205,32 +192,29 @@ async fn a_re_executed_run_skips_recorded_tasks() {
     let make_worker = |die_after_two: bool| {
         let effects = effects.clone();
         let after_two_tx = after_two_tx.clone();
-        WorkerBuilder::new(server.url()).register(
-            "three",
-            move |ctx: aiki::Context, input: serde_json::Value| {
-                let effects = effects.clone();
-                let after_two_tx = after_two_tx.clone();
-                async move {
-                    let mut acc = Vec::new();
-                    for step in ["one", "two", "three"] {
-                        let e = effects.clone();
-                        let out: String = ctx
-                            .task(step, &input, |_| async move {
-                                *e.lock().unwrap().entry(step.to_owned()).or_default() += 1;
-                                Ok::<_, aiki::WorkflowError>(format!("{step} done"))
-                            })
-                            .await?;
-                        acc.push(out);
-                        if step == "two" && die_after_two {
-                            let _ = after_two_tx.send(());
-                            // The worker dies here: it never gets further.
-                            std::future::pending::<()>().await;
-                        }
+        WorkerBuilder::new(server.url()).register("three", move |ctx: aiki::Context, input: serde_json::Value| {
+            let effects = effects.clone();
+            let after_two_tx = after_two_tx.clone();
+            async move {
+                let mut acc = Vec::new();
+                for step in ["one", "two", "three"] {
+                    let e = effects.clone();
+                    let out: String = ctx
+                        .task(step, &input, |_| async move {
+                            *e.lock().unwrap().entry(step.to_owned()).or_default() += 1;
+                            Ok::<_, aiki::WorkflowError>(format!("{step} done"))
+                        })
+                        .await?;
+                    acc.push(out);
+                    if step == "two" && die_after_two {
+                        let _ = after_two_tx.send(());
+                        // The worker dies here: it never gets further.
+                        std::future::pending::<()>().await;
                     }
-                    Ok(acc)
                 }
-            },
-        )
+                Ok(acc)
+            }
+        })
     };
 
     let first = make_worker(true).build().await.unwrap();
@@ -240,13 +224,7 @@ async fn a_re_executed_run_skips_recorded_tasks() {
     let _ = first.await;
 
     let shutdown = CancellationToken::new();
-    let second = tokio::spawn(
-        make_worker(false)
-            .build()
-            .await
-            .unwrap()
-            .run(shutdown.clone()),
-    );
+    let second = tokio::spawn(make_worker(false).build().await.unwrap().run(shutdown.clone()));
     let out: Vec<String> = run.result(Duration::from_secs(30)).await.unwrap();
     assert_eq!(out, ["one done", "two done", "three done"]);
     shutdown.cancel();

@@ -28,20 +28,13 @@ async fn four_workers_complete_two_thousand_runs_exactly_once() {
         let worker = WorkerBuilder::new(server.url())
             .identity(format!("w{w}"))
             .slots(16)
-            .register(
-                "count",
-                move |ctx: aiki::Context, input: serde_json::Value| {
-                    let executions = executions.clone();
-                    async move {
-                        *executions
-                            .lock()
-                            .unwrap()
-                            .entry(ctx.run_id().to_owned())
-                            .or_default() += 1;
-                        Ok(input)
-                    }
-                },
-            )
+            .register("count", move |ctx: aiki::Context, input: serde_json::Value| {
+                let executions = executions.clone();
+                async move {
+                    *executions.lock().unwrap().entry(ctx.run_id().to_owned()).or_default() += 1;
+                    Ok(input)
+                }
+            })
             .build()
             .await
             .unwrap();
@@ -49,30 +42,25 @@ async fn four_workers_complete_two_thousand_runs_exactly_once() {
     }
 
     let pg = db.connect().await;
-    eventually(
-        Duration::from_secs(120),
-        "all 2000 runs completed",
-        || async {
-            let n: i64 = pg
-                .query_one("SELECT count(*) FROM runs WHERE status = 'completed'", &[])
-                .await
-                .unwrap()
-                .get(0);
-            n == 2000
-        },
-    )
+    eventually(Duration::from_secs(120), "all 2000 runs completed", || async {
+        let n: i64 = pg
+            .query_one("SELECT count(*) FROM runs WHERE status = 'completed'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n == 2000
+    })
     .await;
     shutdown.cancel();
     for w in workers {
         w.await.unwrap().unwrap();
     }
 
-    let executions = executions.lock().unwrap();
-    assert_eq!(executions.len(), 2000, "every run executed");
-    assert!(
-        executions.values().all(|n| *n == 1),
-        "no run executed twice"
-    );
+    {
+        let executions = executions.lock().unwrap();
+        assert_eq!(executions.len(), 2000, "every run executed");
+        assert!(executions.values().all(|n| *n == 1), "no run executed twice");
+    }
 
     // History: each run was leased once and completed once, by the worker that leased it.
     let rows = pg
@@ -94,10 +82,7 @@ async fn four_workers_complete_two_thousand_runs_exactly_once() {
             "run {:?}",
             r.get::<_, uuid::Uuid>(0)
         );
-        assert_eq!(
-            workers[0], workers[1],
-            "completed by the worker holding the lease"
-        );
+        assert_eq!(workers[0], workers[1], "completed by the worker holding the lease");
         *per_worker.entry(workers[0].unwrap()).or_default() += 1;
     }
     assert!(per_worker.len() >= 2, "the work was shared: {per_worker:?}");
@@ -108,9 +93,7 @@ async fn racing_pollers_never_lease_a_run_twice() {
     let db = TestDb::new().await;
     let server = TestServer::start(&db).await;
     let mut wf = server.workflows().await;
-    let runs = (0..1000)
-        .map(|i| start_req("race", json!({"i": i})))
-        .collect();
+    let runs = (0..1000).map(|i| start_req("race", json!({"i": i}))).collect();
     wf.start_runs(StartRunsRequest { runs }).await.unwrap();
 
     let barrier = Arc::new(tokio::sync::Barrier::new(8));

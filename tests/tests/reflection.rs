@@ -2,9 +2,7 @@
 
 use aiki_tests::{TestDb, TestServer};
 use futures::StreamExt;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use tonic_reflection::pb::{v1, v1alpha};
 
 const SERVICES: [&str; 5] = [
@@ -34,8 +32,7 @@ async fn reflection_lists_every_service() {
         .unwrap()
         .into_inner();
     let resp = stream.next().await.unwrap().unwrap();
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        resp.message_response
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = resp.message_response
     else {
         panic!("unexpected reflection answer {resp:?}");
     };
@@ -47,11 +44,9 @@ async fn reflection_lists_every_service() {
     // The descriptor of a message, as `grpcurl describe` asks for it.
     let req = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(
-            v1::server_reflection_request::MessageRequest::FileContainingSymbol(
-                "aiki.v1.StartRunRequest".into(),
-            ),
-        ),
+        message_request: Some(v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "aiki.v1.StartRunRequest".into(),
+        )),
     };
     let mut stream = client
         .server_reflection_info(tokio_stream::once(req))
@@ -67,9 +62,9 @@ async fn reflection_lists_every_service() {
     let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
     let req = v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(
-            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
-        ),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
     let mut stream = alpha
         .server_reflection_info(tokio_stream::once(req))
@@ -77,16 +72,11 @@ async fn reflection_lists_every_service() {
         .unwrap()
         .into_inner();
     let resp = stream.next().await.unwrap().unwrap();
-    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        resp.message_response
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) = resp.message_response
     else {
         panic!("unexpected v1alpha answer");
     };
-    assert!(
-        list.service
-            .iter()
-            .any(|s| s.name == "aiki.v1.WorkflowService")
-    );
+    assert!(list.service.iter().any(|s| s.name == "aiki.v1.WorkflowService"));
 
     let mut health = HealthClient::new(channel);
     let status = health

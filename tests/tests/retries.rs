@@ -3,9 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use aiki_proto::v1::{
-    FailRunRequest, GetRunRequest, RetryPolicy, RunError, RunStatus, get_run_request,
-};
+use aiki_proto::v1::{FailRunRequest, GetRunRequest, RetryPolicy, RunError, RunStatus, get_run_request};
 use aiki_tests::{RawWorker, TestDb, TestServer, start_req};
 use serde_json::json;
 
@@ -37,21 +35,11 @@ async fn retries_wait_for_their_backoff_then_fail_with_the_last_error() {
         backoff_coefficient: 2.0,
         non_retryable_error_types: vec![],
     });
-    let id = wf
-        .start_run(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .run
-        .unwrap()
-        .id;
+    let id = wf.start_run(req).await.unwrap().into_inner().run.unwrap().id;
     let w = RawWorker::register(&server, &["default"]).await;
 
     let mut lease = w.poll(1, Duration::ZERO).await.pop().unwrap();
-    for (attempt, backoff) in [
-        (1u32, Duration::from_millis(400)),
-        (2, Duration::from_millis(800)),
-    ] {
+    for (attempt, backoff) in [(1u32, Duration::from_millis(400)), (2, Duration::from_millis(800))] {
         assert_eq!(lease.attempt, attempt);
         let failed_at = Instant::now();
         let resp = w
@@ -66,15 +54,9 @@ async fn retries_wait_for_their_backoff_then_fail_with_the_last_error() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(
-            resp.status,
-            RunStatus::Queued as i32,
-            "a retry is scheduled"
-        );
+        assert_eq!(resp.status, RunStatus::Queued as i32, "a retry is scheduled");
         let retry_at = SystemTime::try_from(resp.retry_at.unwrap()).unwrap();
-        let wait = retry_at
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
+        let wait = retry_at.duration_since(SystemTime::now()).unwrap_or_default();
         assert!(
             wait <= backoff.mul_f64(1.2),
             "backoff {wait:?} within jitter of {backoff:?}"
@@ -153,14 +135,7 @@ async fn non_retryable_failures_end_the_run_at_once() {
         non_retryable_error_types: vec!["Boom".into()],
         ..Default::default()
     });
-    let id = wf
-        .start_run(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .run
-        .unwrap()
-        .id;
+    let id = wf.start_run(req).await.unwrap().into_inner().run.unwrap().id;
     let lease = w.poll(1, Duration::ZERO).await.pop().unwrap();
     let resp = w
         .client
@@ -169,10 +144,7 @@ async fn non_retryable_failures_end_the_run_at_once() {
         .await
         .unwrap();
     assert_eq!(resp.into_inner().status, RunStatus::Failed as i32);
-    assert!(
-        w.poll(1, Duration::ZERO).await.is_empty(),
-        "nothing is retried"
-    );
+    assert!(w.poll(1, Duration::ZERO).await.is_empty(), "nothing is retried");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,29 +170,20 @@ async fn the_worker_runtime_retries_a_failing_workflow() {
             "third-time-lucky",
             |ctx: aiki::Context, _: serde_json::Value| async move {
                 if ctx.attempt() < 3 {
-                    return Err(aiki::WorkflowError::new(
-                        "Flaky",
-                        format!("attempt {}", ctx.attempt()),
-                    ));
+                    return Err(aiki::WorkflowError::new("Flaky", format!("attempt {}", ctx.attempt())));
                 }
                 Ok(ctx.attempt())
             },
         )
-        .register(
-            "hopeless",
-            |_ctx: aiki::Context, _: serde_json::Value| async move {
-                Err::<(), _>(aiki::WorkflowError::new("Declined", "card declined").non_retryable())
-            },
-        )
+        .register("hopeless", |_ctx: aiki::Context, _: serde_json::Value| async move {
+            Err::<(), _>(aiki::WorkflowError::new("Declined", "card declined").non_retryable())
+        })
         .build()
         .await
         .unwrap();
     let task = tokio::spawn(worker.run(shutdown.clone()));
     assert_eq!(ok.result::<u32>(Duration::from_secs(20)).await.unwrap(), 3);
-    let bad = client
-        .start_run("hopeless", &json!({}), opts)
-        .await
-        .unwrap();
+    let bad = client.start_run("hopeless", &json!({}), opts).await.unwrap();
     match bad.result::<()>(Duration::from_secs(20)).await {
         Err(aiki::Error::RunFailed { error, .. }) => {
             assert_eq!(error.kind, "Declined");

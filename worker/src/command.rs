@@ -80,16 +80,10 @@ impl Config {
     /// Parses and checks a configuration file's text.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let c: Config = toml::from_str(text)?;
-        anyhow::ensure!(
-            !c.workflows.is_empty(),
-            "the config defines no [workflows.NAME] entry"
-        );
+        anyhow::ensure!(!c.workflows.is_empty(), "the config defines no [workflows.NAME] entry");
         for (name, w) in &c.workflows {
             anyhow::ensure!(!w.command.is_empty(), "workflows.{name}.command is empty");
-            anyhow::ensure!(
-                !w.timeout.is_zero(),
-                "workflows.{name}.timeout must be positive"
-            );
+            anyhow::ensure!(!w.timeout.is_zero(), "workflows.{name}.timeout must be positive");
         }
         anyhow::ensure!(c.slots >= 1, "slots must be at least 1");
         Ok(c)
@@ -130,12 +124,10 @@ async fn exec(
     if let Some(dir) = &spec.cwd {
         cmd.current_dir(dir);
     }
-    let mut child = cmd.spawn().map_err(|e| {
-        WorkflowError::new("Spawn", format!("cannot start {:?}: {e}", spec.command[0]))
-            .non_retryable()
-    })?;
-    let stdin_bytes = serde_json::to_vec(&input)
-        .map_err(|e| WorkflowError::new("Serialization", e.to_string()))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| WorkflowError::new("Spawn", format!("cannot start {:?}: {e}", spec.command[0])).non_retryable())?;
+    let stdin_bytes = serde_json::to_vec(&input).map_err(|e| WorkflowError::new("Serialization", e.to_string()))?;
     let mut stdin = child.stdin.take();
     let feed = async move {
         if let Some(stdin) = stdin.as_mut() {
@@ -149,9 +141,7 @@ async fn exec(
         out
     };
     let out = match tokio::time::timeout(spec.timeout, run).await {
-        Ok(out) => {
-            out.map_err(|e| WorkflowError::new("Io", format!("waiting for the command: {e}")))?
-        }
+        Ok(out) => out.map_err(|e| WorkflowError::new("Io", format!("waiting for the command: {e}")))?,
         Err(_) => {
             return Err(WorkflowError::new(
                 "Timeout",
@@ -171,7 +161,7 @@ async fn exec(
                 .find(|i| stderr.is_char_boundary(*i))
                 .unwrap_or(0);
             stderr.truncate(cut);
-            stderr.push_str("…");
+            stderr.push('…');
         }
         let what = match code {
             Some(c) => format!("exit status {c}"),
@@ -238,14 +228,9 @@ mod tests {
         assert_eq!(e.kind, "ExitStatus");
         assert!(e.message.contains("nope"), "{}", e.message);
         assert!(!e.non_retryable);
-        let e = exec(
-            &spec(&["sh", "-c", "exit 3"]),
-            "r".into(),
-            1,
-            serde_json::Value::Null,
-        )
-        .await
-        .unwrap_err();
+        let e = exec(&spec(&["sh", "-c", "exit 3"]), "r".into(), 1, serde_json::Value::Null)
+            .await
+            .unwrap_err();
         assert!(e.non_retryable);
     }
 
@@ -253,9 +238,7 @@ mod tests {
     async fn timeout_kills() {
         let mut s = spec(&["sleep", "10"]);
         s.timeout = Duration::from_millis(100);
-        let e = exec(&s, "r".into(), 1, serde_json::Value::Null)
-            .await
-            .unwrap_err();
+        let e = exec(&s, "r".into(), 1, serde_json::Value::Null).await.unwrap_err();
         assert_eq!(e.kind, "Timeout");
     }
 

@@ -26,9 +26,8 @@ use std::{
 
 use aiki::{Context, WorkflowError, workflow::Lease};
 use aiki_proto::v1::{
-    self, CompleteRunRequest, FailRunRequest, HeartbeatRequest, LeasedRun, PollTasksRequest,
-    RegisterWorkerRequest, ReleaseRunRequest, WorkflowRef,
-    worker_service_client::WorkerServiceClient,
+    self, CompleteRunRequest, FailRunRequest, HeartbeatRequest, LeasedRun, PollTasksRequest, RegisterWorkerRequest,
+    ReleaseRunRequest, WorkflowRef, worker_service_client::WorkerServiceClient,
 };
 use backon::{ExponentialBuilder, Retryable};
 use serde::{Serialize, de::DeserializeOwned};
@@ -37,11 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, transport::Channel};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-type Handler = Arc<
-    dyn Fn(Context, serde_json::Value) -> BoxFuture<Result<serde_json::Value, WorkflowError>>
-        + Send
-        + Sync,
->;
+type Handler =
+    Arc<dyn Fn(Context, serde_json::Value) -> BoxFuture<Result<serde_json::Value, WorkflowError>> + Send + Sync>;
 
 /// Builds a [`Worker`].
 pub struct WorkerBuilder {
@@ -147,10 +143,8 @@ impl WorkerBuilder {
                     .non_retryable()
                 })?;
                 let out = f(ctx, input).await?;
-                serde_json::to_value(out).map_err(|e| {
-                    WorkflowError::new("Serialization", format!("workflow output: {e}"))
-                        .non_retryable()
-                })
+                serde_json::to_value(out)
+                    .map_err(|e| WorkflowError::new("Serialization", format!("workflow output: {e}")).non_retryable())
             })
         });
         self.workflows.insert(name.into(), handler);
@@ -165,8 +159,7 @@ impl WorkerBuilder {
         let channel = aiki::connect_channel(self.server.clone()).await?;
         Ok(Worker {
             inner: Arc::new(Inner {
-                client: WorkerServiceClient::new(channel)
-                    .max_decoding_message_size(256 * 1024 * 1024),
+                client: WorkerServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024),
                 cfg: self,
                 worker_id: Mutex::new(String::new()),
                 leases: Mutex::new(HashMap::new()),
@@ -217,9 +210,7 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker")
-            .field("worker_id", &self.worker_id())
-            .finish()
+        f.debug_struct("Worker").field("worker_id", &self.worker_id()).finish()
     }
 }
 
@@ -234,31 +225,19 @@ fn backoff() -> ExponentialBuilder {
 fn transient(s: &Status) -> bool {
     matches!(
         s.code(),
-        Code::Unavailable
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::DeadlineExceeded
-            | Code::Internal
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal
     )
 }
 
 impl Worker {
     /// The id the server gave this worker (empty before it registered).
     pub fn worker_id(&self) -> String {
-        self.inner
-            .worker_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.worker_id.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// How many runs this worker holds right now.
     pub fn held(&self) -> usize {
-        self.inner
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Runs until `shutdown` is cancelled, then drains (see the crate docs) and returns.
@@ -314,12 +293,7 @@ impl Worker {
                 let Some(permit) = permits.pop() else {
                     // The server never leases more than asked; release anything extra.
                     inner
-                        .release(
-                            &run.run_id,
-                            &run.lease_token,
-                            "worker had no free slot",
-                            Duration::ZERO,
-                        )
+                        .release(&run.run_id, &run.lease_token, "worker had no free slot", Duration::ZERO)
                         .await;
                     continue;
                 };
@@ -341,17 +315,12 @@ impl Worker {
         if drained.is_err() {
             let held: Vec<(String, String)> = {
                 let leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
-                leases
-                    .iter()
-                    .map(|(id, h)| (id.clone(), h.token.clone()))
-                    .collect()
+                leases.iter().map(|(id, h)| (id.clone(), h.token.clone())).collect()
             };
             running.abort_all();
             while running.join_next().await.is_some() {}
             for (id, token) in held {
-                inner
-                    .release(&id, &token, "worker shut down", Duration::ZERO)
-                    .await;
+                inner.release(&id, &token, "worker shut down", Duration::ZERO).await;
             }
         }
         stop_heartbeat.cancel();
@@ -363,10 +332,7 @@ impl Worker {
 
 impl Inner {
     fn worker_id(&self) -> String {
-        self.worker_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.worker_id.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     async fn register(&self) -> Result<(), aiki::Error> {
@@ -394,9 +360,7 @@ impl Inner {
             .map_err(aiki::Error::from)?
             .into_inner();
         let d = |d: Option<aiki_proto::prost_types::Duration>, dflt| {
-            d.as_ref()
-                .and_then(aiki_proto::duration_from_proto)
-                .unwrap_or(dflt)
+            d.as_ref().and_then(aiki_proto::duration_from_proto).unwrap_or(dflt)
         };
         *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = Settings {
             lease_ttl: d(resp.lease_ttl, Duration::from_secs(30)),
@@ -409,10 +373,7 @@ impl Inner {
     }
 
     fn settings(&self) -> Settings {
-        self.settings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.settings.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     async fn poll(&self, max: u32) -> Result<Vec<LeasedRun>, Status> {
@@ -428,9 +389,7 @@ impl Inner {
             Ok(r) => Ok(r.into_inner().runs),
             Err(s) if s.code() == Code::NotFound => {
                 tracing::warn!("the server does not know this worker; registering again");
-                self.register()
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                self.register().await.map_err(|e| Status::unavailable(e.to_string()))?;
                 Ok(Vec::new())
             }
             Err(s) => Err(s),
@@ -440,17 +399,14 @@ impl Inner {
     async fn execute(self: &Arc<Self>, run: LeasedRun) {
         let stop = CancellationToken::new();
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        self.leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                run.run_id.clone(),
-                Held {
-                    token: run.lease_token.clone(),
-                    stop: stop.clone(),
-                    cancel: cancel.clone(),
-                },
-            );
+        self.leases.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            run.run_id.clone(),
+            Held {
+                token: run.lease_token.clone(),
+                stop: stop.clone(),
+                cancel: cancel.clone(),
+            },
+        );
         let Some(handler) = self.cfg.workflows.get(&run.workflow).cloned() else {
             tracing::warn!(run_id = %run.run_id, workflow = %run.workflow, "no handler for this workflow; releasing the run");
             self.release(
@@ -561,9 +517,7 @@ impl Inner {
             reason: reason.to_owned(),
             delay: Some(aiki_proto::duration_to_proto(delay)),
         };
-        let policy = ExponentialBuilder::default()
-            .with_max_times(5)
-            .with_jitter();
+        let policy = ExponentialBuilder::default().with_max_times(5).with_jitter();
         if let Err(s) = (|| async { self.client.clone().release_run(req.clone()).await })
             .retry(policy)
             .when(transient)
@@ -574,10 +528,7 @@ impl Inner {
     }
 
     fn forget(&self, run_id: &str) {
-        self.leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(run_id);
+        self.leases.lock().unwrap_or_else(|e| e.into_inner()).remove(run_id);
     }
 
     /// Stops the executions named, as lost (report nothing) or cancelled (release).
@@ -585,8 +536,7 @@ impl Inner {
         let leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         for id in run_ids {
             if let Some(h) = leases.get(id) {
-                h.cancel
-                    .store(cancelled, std::sync::atomic::Ordering::SeqCst);
+                h.cancel.store(cancelled, std::sync::atomic::Ordering::SeqCst);
                 h.stop.cancel();
             }
         }
@@ -649,10 +599,7 @@ impl Inner {
                     .cloned()
                     .collect();
                 if !all.is_empty() {
-                    tracing::warn!(
-                        runs = all.len(),
-                        "no heartbeat for a whole lease; stopping every run"
-                    );
+                    tracing::warn!(runs = all.len(), "no heartbeat for a whole lease; stopping every run");
                     self.stop(&all, false);
                 }
             }

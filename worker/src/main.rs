@@ -21,9 +21,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -40,8 +38,7 @@ async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.config)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.config.display()))?;
-    let mut config = command::Config::parse(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    let mut config = command::Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     if let Some(server) = args.server {
         config.server = server;
     }
@@ -66,9 +63,7 @@ async fn run() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
             return;
         };
         tokio::select! {

@@ -3,8 +3,7 @@
 use std::sync::Arc;
 
 use aiki_proto::v1::{
-    ListQueuesRequest, ListQueuesResponse, ListWorkersRequest, ListWorkersResponse,
-    admin_service_server::AdminService,
+    ListQueuesRequest, ListQueuesResponse, ListWorkersRequest, ListWorkersResponse, admin_service_server::AdminService,
 };
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -18,10 +17,7 @@ pub struct AdminSvc(pub Arc<Shared>);
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
     #[instrument(name = "rpc.ListWorkers", skip_all)]
-    async fn list_workers(
-        &self,
-        req: Request<ListWorkersRequest>,
-    ) -> Result<Response<ListWorkersResponse>, Status> {
+    async fn list_workers(&self, req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
         let ns = validate::namespace(&req.get_ref().namespace)?;
         Ok(Response::new(ListWorkersResponse {
             workers: self.0.store.list_workers(&ns).await?,
@@ -29,10 +25,7 @@ impl AdminService for AdminSvc {
     }
 
     #[instrument(name = "rpc.ListQueues", skip_all)]
-    async fn list_queues(
-        &self,
-        req: Request<ListQueuesRequest>,
-    ) -> Result<Response<ListQueuesResponse>, Status> {
+    async fn list_queues(&self, req: Request<ListQueuesRequest>) -> Result<Response<ListQueuesResponse>, Status> {
         let ns = validate::namespace(&req.get_ref().namespace)?;
         Ok(Response::new(ListQueuesResponse {
             queues: self.0.store.list_queues(&ns).await?,

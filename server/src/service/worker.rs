@@ -3,10 +3,10 @@
 use std::{sync::Arc, time::Duration};
 
 use aiki_proto::v1::{
-    CompleteRunRequest, CompleteRunResponse, FailRunRequest, FailRunResponse, HeartbeatRequest,
-    HeartbeatResponse, LeasedRun, PollTasksRequest, PollTasksResponse, RecordTaskRequest,
-    RecordTaskResponse, RegisterWorkerRequest, RegisterWorkerResponse, ReleaseRunRequest,
-    ReleaseRunResponse, RunStatus, task_result, worker_service_server::WorkerService,
+    CompleteRunRequest, CompleteRunResponse, FailRunRequest, FailRunResponse, HeartbeatRequest, HeartbeatResponse,
+    LeasedRun, PollTasksRequest, PollTasksResponse, RecordTaskRequest, RecordTaskResponse, RegisterWorkerRequest,
+    RegisterWorkerResponse, ReleaseRunRequest, ReleaseRunResponse, RunStatus, task_result,
+    worker_service_server::WorkerService,
 };
 use futures::future::select_all;
 use serde_json::json;
@@ -32,9 +32,7 @@ pub struct WorkerSvc(pub Arc<Shared>);
 fn error_json(e: Option<&aiki_proto::v1::RunError>, max: usize) -> Result<serde_json::Value> {
     let e = e.ok_or_else(|| Error::InvalidArgument("error is required".into()))?;
     if e.r#type.len() > 128 {
-        return Err(Error::InvalidArgument(
-            "error.type must be at most 128 bytes".into(),
-        ));
+        return Err(Error::InvalidArgument("error.type must be at most 128 bytes".into()));
     }
     let details = validate::payload("error.details", e.details.as_ref(), max)?;
     let message: String = e.message.chars().take(16 * 1024).collect();
@@ -42,13 +40,7 @@ fn error_json(e: Option<&aiki_proto::v1::RunError>, max: usize) -> Result<serde_
 }
 
 impl WorkerSvc {
-    async fn claim_any(
-        &self,
-        ns: &str,
-        queues: &[String],
-        max: u32,
-        worker: Uuid,
-    ) -> Result<Vec<LeasedRun>> {
+    async fn claim_any(&self, ns: &str, queues: &[String], max: u32, worker: Uuid) -> Result<Vec<LeasedRun>> {
         let mut out = Vec::new();
         // Start at a different queue each time so that one busy queue does not starve the rest.
         let start = if queues.len() > 1 {
@@ -62,12 +54,7 @@ impl WorkerSvc {
                 break;
             }
             let q = &queues[(start + i) % queues.len()];
-            out.extend(
-                self.0
-                    .store
-                    .claim(ns, q, want, worker, self.0.config.lease_ttl)
-                    .await?,
-            );
+            out.extend(self.0.store.claim(ns, q, want, worker, self.0.config.lease_ttl).await?);
         }
         for r in &out {
             if let Ok(id) = Uuid::parse_str(&r.run_id) {
@@ -87,15 +74,12 @@ impl WorkerService for WorkerSvc {
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
-        let identity =
-            validate::opt_name("identity", &req.identity, 255)?.unwrap_or_else(|| "worker".into());
+        let identity = validate::opt_name("identity", &req.identity, 255)?.unwrap_or_else(|| "worker".into());
         let host = validate::opt_name("host", &req.host, 255)?.unwrap_or_default();
         if req.queues.is_empty() || req.queues.len() > 100 {
-            return Err(Error::InvalidArgument(format!(
-                "a worker serves 1 to 100 queues, got {}",
-                req.queues.len()
-            ))
-            .into());
+            return Err(
+                Error::InvalidArgument(format!("a worker serves 1 to 100 queues, got {}", req.queues.len())).into(),
+            );
         }
         let queues = req
             .queues
@@ -103,9 +87,7 @@ impl WorkerService for WorkerSvc {
             .map(|q| validate::name("queue", q, 128))
             .collect::<Result<Vec<_>>>()?;
         if req.workflows.len() > 1000 {
-            return Err(
-                Error::InvalidArgument("a worker serves at most 1000 workflows".into()).into(),
-            );
+            return Err(Error::InvalidArgument("a worker serves at most 1000 workflows".into()).into());
         }
         let mut workflows = Vec::new();
         for w in &req.workflows {
@@ -114,11 +96,7 @@ impl WorkerService for WorkerSvc {
             workflows.push(json!({"name": name, "version": version}));
         }
         if req.slots == 0 || req.slots > 100_000 {
-            return Err(Error::InvalidArgument(format!(
-                "slots must be 1 to 100000, got {}",
-                req.slots
-            ))
-            .into());
+            return Err(Error::InvalidArgument(format!("slots must be 1 to 100000, got {}", req.slots)).into());
         }
         let id = self
             .0
@@ -143,10 +121,7 @@ impl WorkerService for WorkerSvc {
     }
 
     #[instrument(name = "rpc.PollTasks", skip_all, fields(max = req.get_ref().max_runs))]
-    async fn poll_tasks(
-        &self,
-        req: Request<PollTasksRequest>,
-    ) -> Result<Response<PollTasksResponse>, Status> {
+    async fn poll_tasks(&self, req: Request<PollTasksRequest>) -> Result<Response<PollTasksResponse>, Status> {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let worker = validate::uuid("worker_id", &req.worker_id)?;
@@ -157,17 +132,11 @@ impl WorkerService for WorkerSvc {
             ))
             .into());
         }
-        let wait = validate::duration("wait", req.wait.as_ref(), Duration::from_secs(3600))?
-            .min(self.0.config.max_poll_wait);
-        let registered = self
-            .0
-            .store
-            .touch_worker(&ns, worker)
-            .await?
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "worker {worker} is not registered; call RegisterWorker first"
-                ))
+        let wait =
+            validate::duration("wait", req.wait.as_ref(), Duration::from_secs(3600))?.min(self.0.config.max_poll_wait);
+        let registered =
+            self.0.store.touch_worker(&ns, worker).await?.ok_or_else(|| {
+                Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"))
             })?;
         let queues = if req.queues.is_empty() {
             registered
@@ -189,10 +158,7 @@ impl WorkerService for WorkerSvc {
                 w.as_mut().enable();
             }
             let runs = self.claim_any(&ns, &queues, req.max_runs, worker).await?;
-            if !runs.is_empty()
-                || tokio::time::Instant::now() >= deadline
-                || self.0.shutdown.is_cancelled()
-            {
+            if !runs.is_empty() || tokio::time::Instant::now() >= deadline || self.0.shutdown.is_cancelled() {
                 return Ok(Response::new(PollTasksResponse { runs }));
             }
             tokio::select! {
@@ -204,18 +170,14 @@ impl WorkerService for WorkerSvc {
     }
 
     #[instrument(name = "rpc.Heartbeat", skip_all, fields(leases = req.get_ref().leases.len()))]
-    async fn heartbeat(
-        &self,
-        req: Request<HeartbeatRequest>,
-    ) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let worker = validate::uuid("worker_id", &req.worker_id)?;
         if req.leases.len() > MAX_HEARTBEAT_LEASES {
-            return Err(Error::InvalidArgument(format!(
-                "a heartbeat names at most {MAX_HEARTBEAT_LEASES} leases"
-            ))
-            .into());
+            return Err(
+                Error::InvalidArgument(format!("a heartbeat names at most {MAX_HEARTBEAT_LEASES} leases")).into(),
+            );
         }
         let mut ids = Vec::with_capacity(req.leases.len());
         let mut tokens = Vec::with_capacity(req.leases.len());
@@ -229,10 +191,9 @@ impl WorkerService for WorkerSvc {
             .heartbeat(&ns, worker, &ids, &tokens, self.0.config.lease_ttl)
             .await?;
         if !out.worker_known {
-            return Err(Error::NotFound(format!(
-                "worker {worker} is not registered; call RegisterWorker first"
-            ))
-            .into());
+            return Err(
+                Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first")).into(),
+            );
         }
         let lost_run_ids = ids
             .iter()
@@ -247,10 +208,7 @@ impl WorkerService for WorkerSvc {
     }
 
     #[instrument(name = "rpc.RecordTask", skip_all)]
-    async fn record_task(
-        &self,
-        req: Request<RecordTaskRequest>,
-    ) -> Result<Response<RecordTaskResponse>, Status> {
+    async fn record_task(&self, req: Request<RecordTaskRequest>) -> Result<Response<RecordTaskResponse>, Status> {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let id = validate::uuid("run_id", &req.run_id)?;
@@ -260,14 +218,10 @@ impl WorkerService for WorkerSvc {
             .ok_or_else(|| Error::InvalidArgument("task is required".into()))?;
         let max = self.0.config.max_payload_bytes;
         let (output, error) = match &task.result {
-            Some(task_result::Result::Output(v)) => {
-                (Some(validate::payload("task.output", Some(v), max)?), None)
-            }
+            Some(task_result::Result::Output(v)) => (Some(validate::payload("task.output", Some(v), max)?), None),
             Some(task_result::Result::Error(e)) => (None, Some(error_json(Some(e), max)?)),
             None => {
-                return Err(
-                    Error::InvalidArgument("task.output or task.error is required".into()).into(),
-                );
+                return Err(Error::InvalidArgument("task.output or task.error is required".into()).into());
             }
         };
         let new = NewTask {
@@ -288,36 +242,20 @@ impl WorkerService for WorkerSvc {
     }
 
     #[instrument(name = "rpc.CompleteRun", skip_all)]
-    async fn complete_run(
-        &self,
-        req: Request<CompleteRunRequest>,
-    ) -> Result<Response<CompleteRunResponse>, Status> {
+    async fn complete_run(&self, req: Request<CompleteRunRequest>) -> Result<Response<CompleteRunResponse>, Status> {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let id = validate::uuid("run_id", &req.run_id)?;
         let token = validate::uuid("lease_token", &req.lease_token)?;
-        let output = validate::payload(
-            "output",
-            req.output.as_ref(),
-            self.0.config.max_payload_bytes,
-        )?;
-        if self
-            .0
-            .store
-            .complete_run(&ns, id, token, &output)
-            .await?
-            .is_some()
-        {
+        let output = validate::payload("output", req.output.as_ref(), self.0.config.max_payload_bytes)?;
+        if self.0.store.complete_run(&ns, id, token, &output).await?.is_some() {
             run_changed(&self.0, id);
         }
         Ok(Response::new(CompleteRunResponse {}))
     }
 
     #[instrument(name = "rpc.FailRun", skip_all)]
-    async fn fail_run(
-        &self,
-        req: Request<FailRunRequest>,
-    ) -> Result<Response<FailRunResponse>, Status> {
+    async fn fail_run(&self, req: Request<FailRunRequest>) -> Result<Response<FailRunResponse>, Status> {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let id = validate::uuid("run_id", &req.run_id)?;
@@ -325,11 +263,7 @@ impl WorkerService for WorkerSvc {
         let error = error_json(req.error.as_ref(), self.0.config.max_payload_bytes)?;
         let retry_after = match &req.retry_after {
             None => None,
-            Some(d) => Some(validate::duration(
-                "retry_after",
-                Some(d),
-                Duration::from_secs(86_400),
-            )?),
+            Some(d) => Some(validate::duration("retry_after", Some(d), Duration::from_secs(86_400))?),
         };
         let end = LeaseEnd::Fail {
             error,
@@ -361,10 +295,7 @@ impl WorkerService for WorkerSvc {
     }
 
     #[instrument(name = "rpc.ReleaseRun", skip_all)]
-    async fn release_run(
-        &self,
-        req: Request<ReleaseRunRequest>,
-    ) -> Result<Response<ReleaseRunResponse>, Status> {
+    async fn release_run(&self, req: Request<ReleaseRunRequest>) -> Result<Response<ReleaseRunResponse>, Status> {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let id = validate::uuid("run_id", &req.run_id)?;
@@ -396,9 +327,7 @@ impl WorkerSvc {
     fn after_lease_end(&self, run: &aiki_proto::v1::Run, id: Uuid) {
         run_changed(&self.0, id);
         if RunStatus::try_from(run.status) == Ok(RunStatus::Queued) {
-            let due = run
-                .visible_at
-                .and_then(|t| std::time::SystemTime::try_from(t).ok());
+            let due = run.visible_at.and_then(|t| std::time::SystemTime::try_from(t).ok());
             self.0
                 .wakers
                 .queue_ready((run.namespace.clone(), run.queue.clone()), due);

@@ -3,10 +3,10 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use aiki_proto::v1::{
-    CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunHistoryResponse, GetRunRequest,
-    GetRunResultRequest, GetRunResultResponse, HistoryEvent, ListRunsRequest, ListRunsResponse,
-    Run, RunStatus, StartRunRequest, StartRunResponse, StartRunsRequest, StartRunsResponse,
-    WatchRunRequest, get_run_request, workflow_service_server::WorkflowService,
+    CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunHistoryResponse, GetRunRequest, GetRunResultRequest,
+    GetRunResultResponse, HistoryEvent, ListRunsRequest, ListRunsResponse, Run, RunStatus, StartRunRequest,
+    StartRunResponse, StartRunsRequest, StartRunsResponse, WatchRunRequest, get_run_request,
+    workflow_service_server::WorkflowService,
 };
 use futures::Stream;
 use tonic::{Request, Response, Status};
@@ -36,16 +36,14 @@ impl WorkflowSvc {
         let namespace = validate::namespace(&r.namespace)?;
         let workflow = validate::name("workflow", &r.workflow, 128)?;
         let version = validate::opt_name("version", &r.version, 64)?.unwrap_or_default();
-        let queue =
-            validate::opt_name("queue", &r.queue, 128)?.unwrap_or_else(|| "default".to_owned());
+        let queue = validate::opt_name("queue", &r.queue, 128)?.unwrap_or_else(|| "default".to_owned());
         let idempotency_key = validate::opt_name("idempotency_key", &r.idempotency_key, 255)?;
         let request_id = match idempotency_key {
             Some(_) => None,
             None => validate::opt_name("request_id", &r.request_id, 255)?,
         };
         let input = validate::payload("input", r.input.as_ref(), c.max_payload_bytes)?;
-        let delay =
-            validate::duration("delay", r.delay.as_ref(), Duration::from_secs(366 * 86_400))?;
+        let delay = validate::duration("delay", r.delay.as_ref(), Duration::from_secs(366 * 86_400))?;
         if !(-1000..=1000).contains(&r.priority) {
             return Err(Error::InvalidArgument(format!(
                 "priority must be between -1000 and 1000, got {}",
@@ -73,13 +71,8 @@ impl WorkflowSvc {
             },
             Some(p) => {
                 let day = Duration::from_secs(86_400);
-                let initial = validate::duration(
-                    "retry_policy.initial_interval",
-                    p.initial_interval.as_ref(),
-                    day,
-                )?;
-                let max =
-                    validate::duration("retry_policy.max_interval", p.max_interval.as_ref(), day)?;
+                let initial = validate::duration("retry_policy.initial_interval", p.initial_interval.as_ref(), day)?;
+                let max = validate::duration("retry_policy.max_interval", p.max_interval.as_ref(), day)?;
                 let coefficient = if p.backoff_coefficient == 0.0 {
                     d.backoff_coefficient
                 } else {
@@ -109,8 +102,7 @@ impl WorkflowSvc {
                 };
                 if max < initial {
                     return Err(Error::InvalidArgument(
-                        "retry_policy.max_interval must not be shorter than initial_interval"
-                            .into(),
+                        "retry_policy.max_interval must not be shorter than initial_interval".into(),
                     ));
                 }
                 for t in &p.non_retryable_error_types {
@@ -190,23 +182,16 @@ async fn wait_change(
 #[tonic::async_trait]
 impl WorkflowService for WorkflowSvc {
     #[instrument(name = "rpc.StartRun", skip_all, fields(workflow = %req.get_ref().workflow))]
-    async fn start_run(
-        &self,
-        req: Request<StartRunRequest>,
-    ) -> Result<Response<StartRunResponse>, Status> {
+    async fn start_run(&self, req: Request<StartRunRequest>) -> Result<Response<StartRunResponse>, Status> {
         let run = self.new_run(req.get_ref())?;
         let mut out = self.start(vec![run]).await?;
         Ok(Response::new(
-            out.pop()
-                .ok_or_else(|| Error::Internal("no result".into()))?,
+            out.pop().ok_or_else(|| Error::Internal("no result".into()))?,
         ))
     }
 
     #[instrument(name = "rpc.StartRuns", skip_all, fields(count = req.get_ref().runs.len()))]
-    async fn start_runs(
-        &self,
-        req: Request<StartRunsRequest>,
-    ) -> Result<Response<StartRunsResponse>, Status> {
+    async fn start_runs(&self, req: Request<StartRunsRequest>) -> Result<Response<StartRunsResponse>, Status> {
         let req = req.into_inner();
         if req.runs.is_empty() || req.runs.len() > MAX_BATCH {
             return Err(Error::InvalidArgument(format!(
@@ -222,9 +207,7 @@ impl WorkflowService for WorkflowSvc {
             .map(|(i, r)| {
                 self.new_run(r).map_err(|e| match e {
                     Error::InvalidArgument(m) => Error::InvalidArgument(format!("runs[{i}]: {m}")),
-                    Error::ResourceExhausted(m) => {
-                        Error::ResourceExhausted(format!("runs[{i}]: {m}"))
-                    }
+                    Error::ResourceExhausted(m) => Error::ResourceExhausted(format!("runs[{i}]: {m}")),
                     e => e,
                 })
             })
@@ -239,9 +222,7 @@ impl WorkflowService for WorkflowSvc {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let run = match req.r#ref {
-            Some(get_run_request::Ref::RunId(id)) => {
-                self.get(&ns, validate::uuid("run_id", &id)?).await?
-            }
+            Some(get_run_request::Ref::RunId(id)) => self.get(&ns, validate::uuid("run_id", &id)?).await?,
             Some(get_run_request::Ref::IdempotencyKey(key)) => {
                 let key = validate::name("idempotency_key", &key, 255)?;
                 self.0
@@ -275,12 +256,8 @@ impl WorkflowService for WorkflowSvc {
                 notified.as_mut().enable();
                 let run = self.get(&ns, id).await?;
                 let done = status_of_run(&run).is_terminal();
-                if done || tokio::time::Instant::now() >= deadline || self.0.shutdown.is_cancelled()
-                {
-                    return Ok(GetRunResultResponse {
-                        run: Some(run),
-                        done,
-                    });
+                if done || tokio::time::Instant::now() >= deadline || self.0.shutdown.is_cancelled() {
+                    return Ok(GetRunResultResponse { run: Some(run), done });
                 }
                 wait_change(&self.0, notified, deadline).await;
             }
@@ -291,43 +268,30 @@ impl WorkflowService for WorkflowSvc {
     }
 
     #[instrument(name = "rpc.ListRuns", skip_all)]
-    async fn list_runs(
-        &self,
-        req: Request<ListRunsRequest>,
-    ) -> Result<Response<ListRunsResponse>, Status> {
+    async fn list_runs(&self, req: Request<ListRunsRequest>) -> Result<Response<ListRunsResponse>, Status> {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let limit = match req.page_size {
             0 => 100,
             n @ 1..=1000 => n,
             n => {
-                return Err(Error::InvalidArgument(format!(
-                    "page_size must be 1 to 1000, got {n}"
-                ))
-                .into());
+                return Err(Error::InvalidArgument(format!("page_size must be 1 to 1000, got {n}")).into());
             }
         };
         let mut statuses = Vec::new();
         for s in &req.statuses {
             match RunStatus::try_from(*s) {
                 Ok(RunStatus::Unspecified) | Err(_) => {
-                    return Err(
-                        Error::InvalidArgument(format!("unknown status {s} in statuses")).into(),
-                    );
+                    return Err(Error::InvalidArgument(format!("unknown status {s} in statuses")).into());
                 }
                 Ok(s) => statuses.push(s.as_str().to_owned()),
             }
         }
         let bound = |t: &Option<prost_types::Timestamp>| -> Result<Option<Uuid>> {
             let Some(t) = t else { return Ok(None) };
-            let secs = u64::try_from(t.seconds).map_err(|_| {
-                Error::InvalidArgument("created_after/created_before must be after 1970".into())
-            })?;
-            let ts = uuid::Timestamp::from_unix(
-                uuid::NoContext,
-                secs,
-                t.nanos.clamp(0, 999_999_999) as u32,
-            );
+            let secs = u64::try_from(t.seconds)
+                .map_err(|_| Error::InvalidArgument("created_after/created_before must be after 1970".into()))?;
+            let ts = uuid::Timestamp::from_unix(uuid::NoContext, secs, t.nanos.clamp(0, 999_999_999) as u32);
             Ok(Some(min_v7(Uuid::new_v7(ts))))
         };
         let filter = RunFilter {
@@ -348,10 +312,7 @@ impl WorkflowService for WorkflowSvc {
         } else {
             String::new()
         };
-        Ok(Response::new(ListRunsResponse {
-            runs,
-            next_page_token,
-        }))
+        Ok(Response::new(ListRunsResponse { runs, next_page_token }))
     }
 
     #[instrument(name = "rpc.CancelRun", skip_all)]
@@ -382,14 +343,10 @@ impl WorkflowService for WorkflowSvc {
         Ok(Response::new(GetRunHistoryResponse { events }))
     }
 
-    type WatchRunStream =
-        Pin<Box<dyn Stream<Item = Result<HistoryEvent, Status>> + Send + 'static>>;
+    type WatchRunStream = Pin<Box<dyn Stream<Item = Result<HistoryEvent, Status>> + Send + 'static>>;
 
     #[instrument(name = "rpc.WatchRun", skip_all)]
-    async fn watch_run(
-        &self,
-        req: Request<WatchRunRequest>,
-    ) -> Result<Response<Self::WatchRunStream>, Status> {
+    async fn watch_run(&self, req: Request<WatchRunRequest>) -> Result<Response<Self::WatchRunStream>, Status> {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let id = validate::uuid("run_id", &req.run_id)?;
@@ -431,9 +388,7 @@ impl WorkflowService for WorkflowSvc {
             }
             shared.wakers.runs.release(&id, notify);
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
 

@@ -128,9 +128,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("pool", &self.pool.status())
-            .finish()
+        f.debug_struct("Store").field("pool", &self.pool.status()).finish()
     }
 }
 
@@ -198,14 +196,7 @@ impl Store {
                 let run = run_from_row(&row)?;
                 tx.execute(
                     &event,
-                    &[
-                        &r.namespace,
-                        &r.id,
-                        &"run_created",
-                        &1i32,
-                        &None::<Uuid>,
-                        &None::<Json>,
-                    ],
+                    &[&r.namespace, &r.id, &"run_created", &1i32, &None::<Uuid>, &None::<Json>],
                 )
                 .await?;
                 let due = (!r.delay.is_zero()).then(|| row.get::<_, SystemTime>("visible_at"));
@@ -221,13 +212,7 @@ impl Store {
             let existing = tx
                 .query_opt(
                     &tx.prepare_cached(sql!("run_by_dedupe")).await?,
-                    &[
-                        &r.namespace,
-                        &r.idempotency_key,
-                        &r.request_id,
-                        &r.workflow,
-                        &r.input,
-                    ],
+                    &[&r.namespace, &r.idempotency_key, &r.request_id, &r.workflow, &r.input],
                 )
                 .await?;
             let Some(existing) = existing else {
@@ -344,11 +329,7 @@ impl Store {
                 &[&namespace, &id, &now, &error],
             )
             .await?;
-        let kind = if now {
-            "run_cancelled"
-        } else {
-            "cancel_requested"
-        };
+        let kind = if now { "run_cancelled" } else { "cancel_requested" };
         let attempt: i32 = row.get("attempt");
         let details = json!({"reason": reason});
         tx.execute(
@@ -362,18 +343,10 @@ impl Store {
 
     /// History events of a run after `after_seq`, oldest first, at most `limit`.
     #[instrument(name = "store.run.history", skip_all)]
-    pub async fn history(
-        &self,
-        namespace: &str,
-        id: Uuid,
-        after_seq: i64,
-        limit: i64,
-    ) -> Result<Vec<HistoryEvent>> {
+    pub async fn history(&self, namespace: &str, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<HistoryEvent>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("events_list")).await?;
-        let rows = client
-            .query(&stmt, &[&namespace, &id, &after_seq, &limit])
-            .await?;
+        let rows = client.query(&stmt, &[&namespace, &id, &after_seq, &limit]).await?;
         rows.iter().map(event_from_row).collect()
     }
 
@@ -394,15 +367,7 @@ impl Store {
         client
             .execute(
                 &stmt,
-                &[
-                    &namespace,
-                    &id,
-                    &identity,
-                    &host,
-                    workflows,
-                    &queues,
-                    &(slots as i32),
-                ],
+                &[&namespace, &id, &identity, &host, workflows, &queues, &(slots as i32)],
             )
             .await?;
         Ok(id)
@@ -413,10 +378,7 @@ impl Store {
     pub async fn touch_worker(&self, namespace: &str, id: Uuid) -> Result<Option<Vec<String>>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("worker_touch")).await?;
-        Ok(client
-            .query_opt(&stmt, &[&namespace, &id])
-            .await?
-            .map(|r| r.get(0)))
+        Ok(client.query_opt(&stmt, &[&namespace, &id]).await?.map(|r| r.get(0)))
     }
 
     /// Leases up to `max` ready runs of one queue to `worker` for `ttl`, with the task results
@@ -433,10 +395,7 @@ impl Store {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("claim")).await?;
         let rows = client
-            .query(
-                &stmt,
-                &[&namespace, &queue, &(max as i64), &worker, &ms(ttl)],
-            )
+            .query(&stmt, &[&namespace, &queue, &(max as i64), &worker, &ms(ttl)])
             .await?;
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -520,19 +479,10 @@ impl Store {
     /// Completes a run under the lease `token`. A duplicate of the report that completed it
     /// succeeds again without changing anything.
     #[instrument(name = "store.run.complete", skip_all)]
-    pub async fn complete_run(
-        &self,
-        namespace: &str,
-        id: Uuid,
-        token: Uuid,
-        output: &Json,
-    ) -> Result<Option<Run>> {
+    pub async fn complete_run(&self, namespace: &str, id: Uuid, token: Uuid, output: &Json) -> Result<Option<Run>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("run_complete")).await?;
-        match client
-            .query_opt(&stmt, &[&namespace, &id, &token, output])
-            .await?
-        {
+        match client.query_opt(&stmt, &[&namespace, &id, &token, output]).await? {
             Some(row) => Ok(Some(run_from_row(&row)?)),
             None => self
                 .refusal(&client, namespace, id, token, Some("complete"))
@@ -544,13 +494,7 @@ impl Store {
     /// Ends the lease `token` of a running run by failure or release, deciding retry, failure
     /// or cancellation. Returns the updated run, or `None` for a duplicate report.
     #[instrument(name = "store.run.end_lease", skip_all)]
-    pub async fn end_lease(
-        &self,
-        namespace: &str,
-        id: Uuid,
-        token: Uuid,
-        end: LeaseEnd,
-    ) -> Result<Option<Run>> {
+    pub async fn end_lease(&self, namespace: &str, id: Uuid, token: Uuid, end: LeaseEnd) -> Result<Option<Run>> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = tx
@@ -579,8 +523,7 @@ impl Store {
         let policy = retry_from_row(&row);
         let (next, error, next_attempt, delay, event, details) = match end {
             _ if cancel_requested => {
-                let error =
-                    json!({"type": "Cancelled", "message": "cancelled at the request of a client"});
+                let error = json!({"type": "Cancelled", "message": "cancelled at the request of a client"});
                 (
                     "cancelled",
                     Some(error.clone()),
@@ -609,8 +552,7 @@ impl Store {
                         error,
                     )
                 } else {
-                    let delay = retry_after
-                        .unwrap_or_else(|| policy.backoff(attempt as u32, rand::random()));
+                    let delay = retry_after.unwrap_or_else(|| policy.backoff(attempt as u32, rand::random()));
                     let details = json!({"error": error, "retry_in_ms": ms(delay)});
                     (
                         "queued",
@@ -637,15 +579,7 @@ impl Store {
         let updated = tx
             .query_one(
                 &tx.prepare_cached(sql!("run_end_lease")).await?,
-                &[
-                    &namespace,
-                    &id,
-                    &next,
-                    &error,
-                    &kind,
-                    &next_attempt,
-                    &ms(delay),
-                ],
+                &[&namespace, &id, &next, &error, &kind, &next_attempt, &ms(delay)],
             )
             .await?;
         tx.execute(
@@ -709,9 +643,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let stmt = tx.prepare_cached(sql!("leases_expire")).await?;
-        let rows = tx
-            .query(&stmt, &[&limit, &(max_expirations as i32)])
-            .await?;
+        let rows = tx.query(&stmt, &[&limit, &(max_expirations as i32)]).await?;
         let expired: Vec<Expired> = rows
             .iter()
             .map(|r| Expired {

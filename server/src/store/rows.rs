@@ -4,10 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use aiki_proto::{
     json_to_value,
-    v1::{
-        self, HistoryEvent, LeasedRun, Queue, Run, RunError, TaskResult, Worker, WorkflowRef,
-        task_result,
-    },
+    v1::{self, HistoryEvent, LeasedRun, Queue, Run, RunError, TaskResult, Worker, WorkflowRef, task_result},
 };
 use prost_types::Timestamp;
 use serde_json::Value as Json;
@@ -28,16 +25,8 @@ fn opt_ts(row: &Row, col: &str) -> Option<Timestamp> {
 /// A stored error (`{type, message, details}`) as the protocol's `RunError`.
 pub fn error_from_json(j: &Json) -> RunError {
     RunError {
-        r#type: j
-            .get("type")
-            .and_then(Json::as_str)
-            .unwrap_or("")
-            .to_owned(),
-        message: j
-            .get("message")
-            .and_then(Json::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        r#type: j.get("type").and_then(Json::as_str).unwrap_or("").to_owned(),
+        message: j.get("message").and_then(Json::as_str).unwrap_or("").to_owned(),
         details: j.get("details").filter(|d| !d.is_null()).map(json_to_value),
     }
 }
@@ -45,9 +34,7 @@ pub fn error_from_json(j: &Json) -> RunError {
 pub fn retry_from_row(row: &Row) -> RetryPolicy {
     RetryPolicy {
         max_attempts: row.get::<_, i32>("max_attempts").max(1) as u32,
-        initial_interval: Duration::from_millis(
-            row.get::<_, i64>("initial_interval_ms").max(0) as u64
-        ),
+        initial_interval: Duration::from_millis(row.get::<_, i64>("initial_interval_ms").max(0) as u64),
         max_interval: Duration::from_millis(row.get::<_, i64>("max_interval_ms").max(0) as u64),
         backoff_coefficient: row.get("backoff_coefficient"),
         non_retryable_error_types: row.get("non_retryable_error_types"),
@@ -67,17 +54,9 @@ pub fn run_from_row(row: &Row) -> Result<Run> {
         queue: row.get("queue"),
         status: status as i32,
         input: Some(json_to_value(&row.get::<_, Json>("input"))),
-        output: row
-            .get::<_, Option<Json>>("output")
-            .as_ref()
-            .map(json_to_value),
-        error: row
-            .get::<_, Option<Json>>("error")
-            .as_ref()
-            .map(error_from_json),
-        idempotency_key: row
-            .get::<_, Option<String>>("idempotency_key")
-            .unwrap_or_default(),
+        output: row.get::<_, Option<Json>>("output").as_ref().map(json_to_value),
+        error: row.get::<_, Option<Json>>("error").as_ref().map(error_from_json),
+        idempotency_key: row.get::<_, Option<String>>("idempotency_key").unwrap_or_default(),
         priority: row.get("priority"),
         attempt: row.get::<_, i32>("attempt").max(0) as u32,
         retry_policy: Some(v1::RetryPolicy {
@@ -146,10 +125,7 @@ pub fn event_from_row(row: &Row) -> Result<HistoryEvent> {
             .get::<_, Option<Uuid>>("worker_id")
             .map(|w| w.to_string())
             .unwrap_or_default(),
-        details: row
-            .get::<_, Option<Json>>("details")
-            .as_ref()
-            .map(json_to_value),
+        details: row.get::<_, Option<Json>>("details").as_ref().map(json_to_value),
     })
 }
 
@@ -160,16 +136,8 @@ pub fn worker_from_row(row: &Row) -> Result<Worker> {
         .map(|a| {
             a.iter()
                 .map(|w| WorkflowRef {
-                    name: w
-                        .get("name")
-                        .and_then(Json::as_str)
-                        .unwrap_or("")
-                        .to_owned(),
-                    version: w
-                        .get("version")
-                        .and_then(Json::as_str)
-                        .unwrap_or("")
-                        .to_owned(),
+                    name: w.get("name").and_then(Json::as_str).unwrap_or("").to_owned(),
+                    version: w.get("version").and_then(Json::as_str).unwrap_or("").to_owned(),
                 })
                 .collect()
         })

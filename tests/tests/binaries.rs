@@ -1,0 +1,382 @@
+//! End to end with the real binaries as processes: `aiki-server`, `aiki-worker` and `aiki`
+//! talking gRPC over loopback to each other and to a real PostgreSQL. Also runs every command
+//! of the README's quickstart, and the SDK example, against them.
+
+use std::{path::Path, process::Stdio, sync::Arc, time::Duration};
+
+use aiki_tests::{TestDb, bin};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::Mutex,
+};
+
+/// A child process whose output lines are collected as they come.
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    new_line: Arc<tokio::sync::Notify>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let new_line = Arc::new(tokio::sync::Notify::new());
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for reader in [
+            Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(stderr),
+        ] {
+            let lines = lines.clone();
+            let new_line = new_line.clone();
+            tokio::spawn(async move {
+                let mut r = BufReader::new(reader).lines();
+                while let Ok(Some(line)) = r.next_line().await {
+                    lines.lock().await.push(line);
+                    new_line.notify_waiters();
+                }
+            });
+        }
+        Self { child, lines, new_line }
+    }
+
+    /// Waits for a line containing `needle` and returns it.
+    async fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.new_line.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(l) = self.lines.lock().await.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!(
+                    "no line with {needle:?} within {timeout:?}; output:\n{}",
+                    self.lines.lock().await.join("\n")
+                );
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    async fn terminate(mut self) {
+        let pid = self.child.id().expect("running");
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exits")
+            .unwrap();
+        assert!(
+            status.success(),
+            "clean exit after SIGTERM, got {status}; output:\n{}",
+            self.lines.lock().await.join("\n")
+        );
+    }
+}
+
+/// Starts `aiki-server` on a free loopback port; returns it and its address.
+async fn server(db: &TestDb) -> (Proc, String) {
+    let p = Proc::spawn(
+        Command::new(bin("aiki-server"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--lease-ttl",
+                "5s",
+                "--heartbeat-interval",
+                "1s",
+            ])
+            .env("AIKI_DATABASE_URL", &db.url),
+    );
+    let line = p.wait_for("aiki-server listening", Duration::from_secs(30)).await;
+    let addr = line
+        .split("addr=")
+        .nth(1)
+        .expect("addr in the log line")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    (p, addr)
+}
+
+fn worker(config: &Path, addr: &str) -> Proc {
+    Proc::spawn(
+        Command::new(bin("aiki-worker"))
+            .arg("--config")
+            .arg(config)
+            .args(["--server", &format!("http://{addr}")]),
+    )
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn aiki(addr: &str, args: &[&str]) -> Out {
+    let out = Command::new(bin("aiki"))
+        .args(args)
+        .env("AIKI_SERVER", format!("http://{addr}"))
+        .output()
+        .await
+        .expect("run aiki");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("aiki-test-{name}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_worker_and_cli_processes_run_a_workflow() {
+    let db = TestDb::new().await;
+    let (server, addr) = server(&db).await;
+
+    // Two starts with one key: one run.
+    let start = [
+        "run",
+        "start",
+        "echo",
+        "--input",
+        r#"{"x":1}"#,
+        "--key",
+        "k1",
+        "--output",
+        "json",
+    ];
+    let a = aiki(&addr, &start).await;
+    assert_eq!(a.code, 0, "{}", a.stderr);
+    let b = aiki(&addr, &start).await;
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let a: serde_json::Value = serde_json::from_str(&a.stdout).unwrap();
+    let b: serde_json::Value = serde_json::from_str(&b.stdout).unwrap();
+    assert_eq!(a["id"], b["id"]);
+    assert_eq!(
+        (a["created"].as_bool(), b["created"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let id = a["id"].as_str().unwrap().to_owned();
+    let pg = db.connect().await;
+    let n: i64 = pg.query_one("SELECT count(*) FROM runs", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+
+    // A worker process runs it with a command.
+    let dir = temp_dir("e2e");
+    let config = dir.join("worker.toml");
+    std::fs::write(
+        &config,
+        r#"
+slots = 2
+shutdown_grace = "5s"
+[workflows.echo]
+command = ["cat"]
+timeout = "10s"
+[workflows.broken]
+command = ["sh", "-c", "echo the disk is full >&2; exit 3"]
+non_retryable_exit_codes = [3]
+"#,
+    )
+    .unwrap();
+    let worker = worker(&config, &addr);
+
+    let result = aiki(&addr, &["run", "result", &id, "--wait", "30"]).await;
+    assert_eq!(result.code, 0, "{}", result.stderr);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&result.stdout).unwrap(),
+        serde_json::json!({"x": 1})
+    );
+    let history = aiki(&addr, &["run", "history", &id]).await;
+    assert_eq!(history.code, 0);
+    for event in ["run_created", "run_leased", "task_recorded", "run_completed"] {
+        assert!(
+            history.stdout.contains(event),
+            "{event} missing from:\n{}",
+            history.stdout
+        );
+    }
+
+    // A failing command: its stderr is the run's error, and the CLI says so with exit code 3.
+    let failed = aiki(&addr, &["run", "start", "broken", "--wait", "30"]).await;
+    assert_eq!(failed.code, 3, "stdout: {} stderr: {}", failed.stdout, failed.stderr);
+    assert!(failed.stdout.contains("the disk is full"), "{}", failed.stdout);
+
+    // Clear errors for mistakes.
+    let missing = aiki(&addr, &["run", "get", &uuid::Uuid::now_v7().to_string()]).await;
+    assert_eq!(missing.code, 1);
+    assert!(missing.stderr.contains("not found"), "{}", missing.stderr);
+    let bad = aiki(&addr, &["run", "start", "echo", "--input", "{oops"]).await;
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("not valid JSON"), "{}", bad.stderr);
+
+    let workers = aiki(&addr, &["workers", "--output", "json"]).await;
+    let workers: serde_json::Value = serde_json::from_str(&workers.stdout).unwrap();
+    assert_eq!(workers.as_array().unwrap().len(), 1);
+
+    worker.terminate().await;
+    server.terminate().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn quickstart_commands(readme: &str) -> Vec<String> {
+    let start = readme.find("## Quickstart").expect("a Quickstart section");
+    let end = readme[start..]
+        .find("### The Rust SDK")
+        .map(|e| start + e)
+        .unwrap_or(readme.len());
+    let mut commands = Vec::new();
+    let mut in_sh = false;
+    for line in readme[start..end].lines() {
+        match line.trim() {
+            "```sh" => in_sh = true,
+            "```" => in_sh = false,
+            l if in_sh && !l.is_empty() => commands.push(l.to_owned()),
+            _ => {}
+        }
+    }
+    commands
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_readme_quickstart_command_works() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = std::fs::read_to_string(root.join("sdk/examples/quickstart.rs")).unwrap();
+    let hello = std::fs::read_to_string(root.join("worker/examples/hello.toml")).unwrap();
+    assert!(
+        readme.contains(&example),
+        "README shows sdk/examples/quickstart.rs as it is"
+    );
+    assert!(
+        readme.contains(&hello),
+        "README shows worker/examples/hello.toml as it is"
+    );
+
+    let db = TestDb::new().await;
+    let (server, addr) = server(&db).await;
+    let worker = worker(&root.join("worker/examples/hello.toml"), &addr);
+
+    let bin_dir = bin("aiki").parent().unwrap().to_path_buf();
+    let home_bin = std::env::var("HOME")
+        .map(|h| format!("{h}/.cargo/bin"))
+        .unwrap_or_default();
+    let path = format!(
+        "{}:{home_bin}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let commands = quickstart_commands(&readme);
+    assert!(commands.len() >= 20, "found the quickstart's commands: {commands:?}");
+    for command in commands {
+        assert!(
+            command.starts_with("aiki ") || command.starts_with("grpcurl "),
+            "quickstart commands are aiki or grpcurl commands: {command}"
+        );
+        let command = command.replace("localhost:7070", &addr);
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .env("PATH", &path)
+            .env("AIKI_SERVER", format!("http://{addr}"))
+            .env("AIKI_DATABASE_URL", &db.url)
+            .output()
+            .await
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "`{command}` failed ({}):\n{}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            if command.starts_with("grpcurl") {
+                "\n(grpcurl: `cargo install --locked grpcurl-rs`)"
+            } else {
+                ""
+            }
+        );
+    }
+    let pg = db.connect().await;
+    let statuses: Vec<(String, String)> = pg
+        .query(
+            "SELECT idempotency_key, status FROM runs WHERE idempotency_key IS NOT NULL ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("hello-grace".to_owned(), "completed".to_owned()),
+            ("hello-later".to_owned(), "cancelled".to_owned()),
+            ("hello-linus".to_owned(), "completed".to_owned()),
+        ]
+    );
+
+    // The SDK example, as built by `cargo test` (examples are built with the tests).
+    let example = bin_dir.join("examples").join("quickstart");
+    assert!(example.exists(), "{} not built", example.display());
+    let out = Command::new(example)
+        .env("AIKI_SERVER", format!("http://{addr}"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "example failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(r#"charge: "ch_4200""#), "{stdout}");
+
+    worker.terminate().await;
+    server.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiki_dev_starts_the_whole_stack() {
+    let db = TestDb::new().await;
+    // `aiki dev` takes a fixed address; find a free port for it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = format!("http://127.0.0.1:{port}");
+    let dev = Proc::spawn(Command::new(bin("aiki")).args(["dev", "--server", &server, "--database-url", &db.url]));
+    dev.wait_for("Press Ctrl-C", Duration::from_secs(90)).await;
+    let line = dev.wait_for("completed with output", Duration::from_secs(1)).await;
+    assert!(line.contains(r#""greeting":"hello""#), "{line}");
+    let workers = aiki(&format!("127.0.0.1:{port}"), &["workers", "--output", "json"]).await;
+    let workers: serde_json::Value = serde_json::from_str(&workers.stdout).unwrap();
+    assert_eq!(
+        workers.as_array().map(Vec::len),
+        Some(1),
+        "the dev worker is registered"
+    );
+    dev.terminate().await;
+}
