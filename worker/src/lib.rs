@@ -416,7 +416,7 @@ impl Inner {
                 Duration::from_secs(5),
             )
             .await;
-            self.forget(&run.run_id);
+            self.forget(&run.run_id, &run.lease_token);
             return;
         };
         let input = run
@@ -487,7 +487,7 @@ impl Inner {
                 .await;
             }
         }
-        self.forget(&run.run_id);
+        self.forget(&run.run_id, &run.lease_token);
     }
 
     /// Sends a final report, retrying transient failures until the lease is lost.
@@ -527,8 +527,12 @@ impl Inner {
         }
     }
 
-    fn forget(&self, run_id: &str) {
-        self.leases.lock().unwrap_or_else(|e| e.into_inner()).remove(run_id);
+    /// Drops the record of a lease, unless the run has been leased to this worker again since.
+    fn forget(&self, run_id: &str, token: &str) {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if leases.get(run_id).is_some_and(|h| h.token == token) {
+            leases.remove(run_id);
+        }
     }
 
     /// Stops the executions named, as lost (report nothing) or cancelled (release).

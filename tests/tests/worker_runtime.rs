@@ -1,0 +1,257 @@
+//! The worker runtime: draining on shutdown, reconnecting to a restarted server, stopping a run
+//! whose lease is lost without reporting it, and the replay rules of `ctx.task`.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use aiki::{Context, WorkflowError};
+use aiki_tests::{Counts, TestDb, TestServer, eventually};
+use aiki_worker::WorkerBuilder;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_short_runs_and_releases_long_ones() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.client().await;
+    let quick = client
+        .start_run("slow", &json!(200), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    let long = client
+        .start_run("slow", &json!(60_000), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    let running = Arc::new(AtomicUsize::new(0));
+    let r = running.clone();
+    let shutdown = CancellationToken::new();
+    let worker = WorkerBuilder::new(server.url())
+        .slots(2)
+        .shutdown_grace(Duration::from_secs(2))
+        .register("slow", move |_ctx: Context, ms: u64| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(ms)
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    eventually(Duration::from_secs(10), "both runs started", || async {
+        running.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    assert_eq!(
+        quick.get().await.unwrap().status,
+        aiki::RunStatus::Completed,
+        "finished within the grace period"
+    );
+    let long = long.get().await.unwrap();
+    assert_eq!(long.status, aiki::RunStatus::Queued, "released for another worker");
+    let history = client.history(&long.id).await.unwrap();
+    assert_eq!(
+        history.last().unwrap().r#type,
+        aiki_proto::v1::EventType::LeaseReleased as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reconnects_when_the_server_comes_back() {
+    let db = TestDb::new().await;
+    let first = TestServer::start(&db).await;
+    let addr = first.addr;
+    let shutdown = CancellationToken::new();
+    let worker = WorkerBuilder::new(first.url())
+        .poll_wait(Duration::from_secs(1))
+        .register("echo", |_ctx: Context, v: serde_json::Value| async move { Ok(v) })
+        .build()
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    let client = first.client().await;
+    let run = client
+        .start_run("echo", &json!("before"), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(run.result::<String>(Duration::from_secs(10)).await.unwrap(), "before");
+
+    first.stop().await;
+    // The server is away for a while; then one comes back on the same address.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("rebind the same address");
+    let config = aiki_tests::Config::for_test(&db.url);
+    let stop_second = CancellationToken::new();
+    let second = tokio::spawn(aiki_server::serve(config, listener, stop_second.clone()));
+    let client = aiki::Client::connect(format!("http://{addr}")).await.unwrap();
+    let run = client
+        .start_run("echo", &json!("after"), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(run.result::<String>(Duration::from_secs(20)).await.unwrap(), "after");
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    stop_second.cancel();
+    second.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
+    let db = TestDb::new().await;
+    // A lost lease ends the run, so that no worker leases it again during the test.
+    let mut config = aiki_tests::Config::for_test(&db.url);
+    config.max_lease_expirations = 0;
+    let server = TestServer::start_with(config).await;
+    let client = server.client().await;
+    let run = client
+        .start_run("stuck", &json!({}), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let (stopped_tx, mut stopped) = tokio::sync::mpsc::unbounded_channel::<()>();
+    struct OnDrop(tokio::sync::mpsc::UnboundedSender<()>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let shutdown = CancellationToken::new();
+    let worker = WorkerBuilder::new(server.url())
+        .register("stuck", move |_ctx: Context, _: serde_json::Value| {
+            let started_tx = started_tx.clone();
+            let guard = OnDrop(stopped_tx.clone());
+            async move {
+                let _guard = guard;
+                let _ = started_tx.send(());
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    started.recv().await.unwrap();
+    // The lease runs out, as when heartbeats are delayed past the expiry: the next heartbeat
+    // tells the worker, which stops the run.
+    let pg = db.connect().await;
+    let id = uuid::Uuid::parse_str(&run.id).unwrap();
+    pg.execute(
+        "UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stopped.recv())
+        .await
+        .expect("the run was stopped");
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let run = client.wait(&run.id, Duration::from_secs(5)).await.unwrap();
+    let events: Vec<String> = pg
+        .query("SELECT type FROM run_events WHERE run_id = $1 ORDER BY seq", &[&id])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        events,
+        ["run_created", "run_leased", "lease_expired", "run_failed"],
+        "the worker reported nothing about a run it lost; the reaper ended it"
+    );
+    assert_eq!(run.status, aiki::RunStatus::Failed);
+    assert_eq!(run.error.unwrap().kind, "LeaseExpired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_tasks_in_a_loop_replay_and_reordered_tasks_are_detected() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.client().await;
+    let effects: Counts = Arc::default();
+    let crash_once = Arc::new(AtomicUsize::new(0));
+    let reorder = Arc::new(AtomicUsize::new(0));
+    let (e, c, r) = (effects.clone(), crash_once.clone(), reorder.clone());
+    let shutdown = CancellationToken::new();
+    let worker = WorkerBuilder::new(server.url())
+        .register("loop", move |ctx: Context, _: serde_json::Value| {
+            let (e, c) = (e.clone(), c.clone());
+            async move {
+                let mut total = 0;
+                for _ in 0..3 {
+                    let e = e.clone();
+                    // The same task with the same input, three times: three distinct tasks.
+                    total += ctx
+                        .task("add", 1, |n: i32| async move {
+                            *e.lock().unwrap().entry("add".into()).or_default() += 1;
+                            Ok::<_, WorkflowError>(n)
+                        })
+                        .await?;
+                }
+                if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(WorkflowError::new("Crash", "fail after the loop once"));
+                }
+                Ok(total)
+            }
+        })
+        .register("reordered", move |ctx: Context, _: serde_json::Value| {
+            let r = r.clone();
+            async move {
+                let first_time = r.fetch_add(1, Ordering::SeqCst) == 0;
+                let order = if first_time { ["a", "b"] } else { ["b", "a"] };
+                for name in order {
+                    ctx.task(name, (), |_| async { Ok::<_, WorkflowError>(()) }).await?;
+                }
+                if first_time {
+                    return Err(WorkflowError::new("Crash", "fail once"));
+                }
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    let retry = aiki::StartOptions {
+        retry: Some(aiki::RetryPolicy {
+            initial_interval: Some(Duration::from_millis(10)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    let run = client.start_run("loop", &json!({}), retry.clone()).await.unwrap();
+    assert_eq!(run.result::<i32>(Duration::from_secs(10)).await.unwrap(), 3);
+    assert_eq!(
+        effects.lock().unwrap().get("add"),
+        Some(&3),
+        "three tasks, each run once across two attempts"
+    );
+    assert_eq!(run.get().await.unwrap().attempt, 2);
+
+    let run = client.start_run("reordered", &json!({}), retry).await.unwrap();
+    match run.result::<()>(Duration::from_secs(10)).await {
+        Err(aiki::Error::RunFailed { error, .. }) => {
+            assert_eq!(error.kind, "NonDeterminism");
+            assert!(error.message.contains("order of its tasks"), "{}", error.message);
+        }
+        other => panic!("expected a non-determinism failure, got {other:?}"),
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
