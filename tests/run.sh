@@ -4,6 +4,7 @@
 # (the README's grpcurl examples are tested), then runs every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin:$PATH"
 
 cargo build --workspace --all-targets
 target/debug/aiki dev postgres >/dev/null
@@ -11,7 +12,6 @@ target/debug/aiki dev postgres >/dev/null
 if ! command -v grpcurl >/dev/null 2>&1; then
     echo "installing grpcurl (cargo install --locked grpcurl-rs)…" >&2
     cargo install --locked grpcurl-rs
-    export PATH="$HOME/.cargo/bin:$PATH"
 fi
 
 log=$(mktemp)
