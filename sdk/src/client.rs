@@ -1,6 +1,6 @@
 //! The client: start runs, read them, wait for their results.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use aiki_proto::v1::{
     self, CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunRequest, GetRunResultRequest, ListRunsRequest,
@@ -227,60 +227,56 @@ impl Client {
         })
     }
 
+    /// Calls the workflow service, retrying with backoff while the server is unavailable
+    /// (every call here is safe to repeat: starts carry a request id).
+    async fn call<Req, Resp, F, Fut>(&self, req: Req, f: F) -> Result<Resp>
+    where
+        Req: Clone,
+        F: Fn(WorkflowServiceClient<Channel>, Req) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        (|| async {
+            f(self.workflows.clone(), req.clone())
+                .await
+                .map(|r| r.into_inner())
+                .map_err(Error::from)
+        })
+        .retry(backoff())
+        .when(retryable)
+        .await
+    }
+
+    fn handle(&self, r: v1::StartRunResponse) -> RunHandle {
+        let run: Run = r.run.unwrap_or_default().into();
+        RunHandle {
+            client: self.clone(),
+            id: run.id.clone(),
+            created: r.created,
+            run,
+        }
+    }
+
     /// Starts a run of `workflow` with `input`. With an idempotency key, a second start with
     /// the same key and input returns the first run (`created == false`).
     pub async fn start_run<I: Serialize>(&self, workflow: &str, input: &I, opts: StartOptions) -> Result<RunHandle> {
         let req = self.start_request(workflow, input, &opts)?;
-        let resp = (|| async {
-            let mut c = self.workflows.clone();
-            c.start_run(req.clone())
-                .await
-                .map(|r| r.into_inner())
-                .map_err(Error::from)
-        })
-        .retry(backoff())
-        .when(retryable)
-        .await?;
-        let run: Run = resp.run.unwrap_or_default().into();
-        Ok(RunHandle {
-            client: self.clone(),
-            id: run.id.clone(),
-            created: resp.created,
-            run,
-        })
+        let resp = self.call(req, |mut c, r| async move { c.start_run(r).await }).await?;
+        Ok(self.handle(resp))
     }
 
     /// Starts many runs in one round trip and one transaction (all or none).
     pub async fn start_runs<I: Serialize>(&self, runs: &[(&str, I, StartOptions)]) -> Result<Vec<RunHandle>> {
-        let req = StartRunsRequest {
-            runs: runs
-                .iter()
-                .map(|(w, i, o)| self.start_request(w, i, o))
-                .collect::<Result<_>>()?,
-        };
-        let resp = (|| async {
-            let mut c = self.workflows.clone();
-            c.start_runs(req.clone())
-                .await
-                .map(|r| r.into_inner())
-                .map_err(Error::from)
-        })
-        .retry(backoff())
-        .when(retryable)
-        .await?;
-        Ok(resp
-            .results
-            .into_iter()
-            .map(|r| {
-                let run: Run = r.run.unwrap_or_default().into();
-                RunHandle {
-                    client: self.clone(),
-                    id: run.id.clone(),
-                    created: r.created,
-                    run,
-                }
-            })
-            .collect())
+        let runs = runs
+            .iter()
+            .map(|(w, i, o)| self.start_request(w, i, o))
+            .collect::<Result<_>>()?;
+        let resp = self
+            .call(
+                StartRunsRequest { runs },
+                |mut c, r| async move { c.start_runs(r).await },
+            )
+            .await?;
+        Ok(resp.results.into_iter().map(|r| self.handle(r)).collect())
     }
 
     async fn get_by(&self, r: get_run_request::Ref) -> Result<Run> {
@@ -288,11 +284,10 @@ impl Client {
             namespace: self.namespace.clone(),
             r#ref: Some(r),
         };
-        let run = (|| async { self.workflows.clone().get_run(req.clone()).await.map_err(Error::from) })
-            .retry(backoff())
-            .when(retryable)
-            .await?;
-        Ok(run.into_inner().into())
+        Ok(self
+            .call(req, |mut c, r| async move { c.get_run(r).await })
+            .await?
+            .into())
     }
 
     /// A run by id.
@@ -316,17 +311,9 @@ impl Client {
                 run_id: run_id.to_owned(),
                 timeout: Some(aiki_proto::duration_to_proto(left.min(Duration::from_secs(60)))),
             };
-            let resp = (|| async {
-                self.workflows
-                    .clone()
-                    .get_run_result(req.clone())
-                    .await
-                    .map_err(Error::from)
-            })
-            .retry(backoff())
-            .when(retryable)
-            .await?
-            .into_inner();
+            let resp = self
+                .call(req, |mut c, r| async move { c.get_run_result(r).await })
+                .await?;
             if resp.done {
                 return Ok(resp.run.unwrap_or_default().into());
             }
@@ -367,11 +354,7 @@ impl Client {
             page_size: f.page_size,
             page_token: f.page_token.clone().unwrap_or_default(),
         };
-        let resp = (|| async { self.workflows.clone().list_runs(req.clone()).await.map_err(Error::from) })
-            .retry(backoff())
-            .when(retryable)
-            .await?
-            .into_inner();
+        let resp = self.call(req, |mut c, r| async move { c.list_runs(r).await }).await?;
         Ok(RunPage {
             runs: resp.runs.into_iter().map(Into::into).collect(),
             next_page_token: (!resp.next_page_token.is_empty()).then_some(resp.next_page_token),
@@ -385,17 +368,10 @@ impl Client {
             run_id: run_id.to_owned(),
             reason: reason.to_owned(),
         };
-        let run = (|| async {
-            self.workflows
-                .clone()
-                .cancel_run(req.clone())
-                .await
-                .map_err(Error::from)
-        })
-        .retry(backoff())
-        .when(retryable)
-        .await?;
-        Ok(run.into_inner().into())
+        Ok(self
+            .call(req, |mut c, r| async move { c.cancel_run(r).await })
+            .await?
+            .into())
     }
 
     /// A run's history, oldest first.
@@ -405,17 +381,10 @@ impl Client {
             run_id: run_id.to_owned(),
             after_seq: 0,
         };
-        let resp = (|| async {
-            self.workflows
-                .clone()
-                .get_run_history(req.clone())
-                .await
-                .map_err(Error::from)
-        })
-        .retry(backoff())
-        .when(retryable)
-        .await?;
-        Ok(resp.into_inner().events)
+        Ok(self
+            .call(req, |mut c, r| async move { c.get_run_history(r).await })
+            .await?
+            .events)
     }
 
     /// A live stream of a run's history events, ending when the run ends.

@@ -270,19 +270,7 @@ impl WorkerService for WorkerSvc {
             non_retryable: req.non_retryable,
             retry_after,
         };
-        let run = self.0.store.end_lease(&ns, id, token, end).await?;
-        let run = match run {
-            Some(run) => {
-                self.after_lease_end(&run, id);
-                run
-            }
-            None => self
-                .0
-                .store
-                .get_run(&ns, id)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("run {id} not found")))?,
-        };
+        let run = self.end_lease(&ns, id, token, end).await?;
         let status = RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified);
         Ok(Response::new(FailRunResponse {
             status: run.status,
@@ -302,29 +290,26 @@ impl WorkerService for WorkerSvc {
         let token = validate::uuid("lease_token", &req.lease_token)?;
         let delay = validate::duration("delay", req.delay.as_ref(), Duration::from_secs(86_400))?;
         let reason: String = req.reason.chars().take(1024).collect();
-        let run = match self
-            .0
-            .store
+        let run = self
             .end_lease(&ns, id, token, LeaseEnd::Release { reason, delay })
-            .await?
-        {
-            Some(run) => {
-                self.after_lease_end(&run, id);
-                run
-            }
-            None => self
-                .0
-                .store
-                .get_run(&ns, id)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("run {id} not found")))?,
-        };
+            .await?;
         Ok(Response::new(ReleaseRunResponse { status: run.status }))
     }
 }
 
 impl WorkerSvc {
-    fn after_lease_end(&self, run: &aiki_proto::v1::Run, id: Uuid) {
+    /// Ends a lease by failure or release; wakes the run's waiters and, if it is queued again,
+    /// its queue's pollers (now or when its retry is due). A duplicate report gets the run as
+    /// it is.
+    async fn end_lease(&self, ns: &str, id: Uuid, token: Uuid, end: LeaseEnd) -> Result<aiki_proto::v1::Run> {
+        let Some(run) = self.0.store.end_lease(ns, id, token, end).await? else {
+            return self
+                .0
+                .store
+                .get_run(ns, id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("run {id} not found")));
+        };
         run_changed(&self.0, id);
         if RunStatus::try_from(run.status) == Ok(RunStatus::Queued) {
             let due = run.visible_at.and_then(|t| std::time::SystemTime::try_from(t).ok());
@@ -332,5 +317,6 @@ impl WorkerSvc {
                 .wakers
                 .queue_ready((run.namespace.clone(), run.queue.clone()), due);
         }
+        Ok(run)
     }
 }

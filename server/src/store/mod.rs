@@ -146,14 +146,21 @@ impl Store {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
         );
+        // Bounded waits: with the database away or the pool exhausted, a request fails with
+        // UNAVAILABLE instead of hanging.
         let pool = Pool::builder(mgr)
             .max_size(size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| Error::Internal(format!("cannot build the connection pool: {e}")))?;
         Ok(Self { pool })
     }
 
     /// Applies pending migrations.
+    #[instrument(name = "store.migrate", skip_all)]
     pub async fn migrate(&self) -> Result<Vec<&'static str>> {
         let mut client = self.pool.get().await?;
         migrate(&mut client).await
@@ -706,6 +713,7 @@ impl Store {
     }
 
     /// Runs `SELECT 1`: is the database reachable?
+    #[instrument(name = "store.ping", skip_all)]
     pub async fn ping(&self) -> Result<()> {
         let client = self.pool.get().await?;
         client.simple_query("SELECT 1").await?;
