@@ -199,3 +199,96 @@ async fn the_worker_runtime_retries_a_failing_workflow() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn duplicate_reports_succeed_and_apply_once() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    let id = wf
+        .start_run(start_req("dup", json!({})))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+        .id;
+    let w = RawWorker::register(&server, &["default"]).await;
+    let lease = w.poll(1, Duration::ZERO).await.pop().unwrap();
+
+    // The same task reported twice (a retry after a lost response): the first result stays.
+    let record = |output: serde_json::Value| aiki_proto::v1::RecordTaskRequest {
+        namespace: String::new(),
+        run_id: id.clone(),
+        lease_token: lease.lease_token.clone(),
+        task: Some(aiki_proto::v1::TaskResult {
+            key: "charge#1#0".into(),
+            name: "charge".into(),
+            seq: 0,
+            result: Some(aiki_proto::v1::task_result::Result::Output(aiki_proto::json_to_value(
+                &output,
+            ))),
+        }),
+    };
+    let first = w
+        .client
+        .clone()
+        .record_task(record(json!("ch_1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = w
+        .client
+        .clone()
+        .record_task(record(json!("ch_2")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.recorded && !again.recorded);
+    assert_eq!(
+        again.task, first.task,
+        "the recorded result is returned, not the new one"
+    );
+
+    // The same failure reported twice: one retry scheduled, one attempt consumed.
+    let a = w
+        .client
+        .clone()
+        .fail_run(fail(&id, &lease.lease_token, "boom", false))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = w
+        .client
+        .clone()
+        .fail_run(fail(&id, &lease.lease_token, "boom", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (a.status, b.status),
+        (RunStatus::Queued as i32, RunStatus::Queued as i32)
+    );
+    let pg = db.connect().await;
+    let row = pg
+        .query_one(
+            "SELECT attempt, (SELECT count(*) FROM run_events WHERE type = 'run_retry_scheduled'), \
+             (SELECT count(*) FROM run_tasks) FROM runs",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i32>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)),
+        (2, 1, 1)
+    );
+    // But another report under that ended lease is refused.
+    let complete = aiki_proto::v1::CompleteRunRequest {
+        namespace: String::new(),
+        run_id: id.clone(),
+        lease_token: lease.lease_token.clone(),
+        output: None,
+    };
+    let err = w.client.clone().complete_run(complete).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
