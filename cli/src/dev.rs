@@ -55,13 +55,25 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("aiki-dev-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
 
+    // From here on a signal stops the children in order (they run in process groups of their
+    // own, so Ctrl-C reaches only this process).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let signalled = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    tokio::pin!(signalled);
+
     let mut children: Vec<(&str, Child)> = Vec::new();
-    let result = async {
+    let setup = async {
         let server_bin = sibling("aiki-server")?;
         let child = Command::new(&server_bin)
             .env("AIKI_DATABASE_URL", &args.database_url)
             .env("AIKI_LISTEN", &listen)
             .stdin(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", server_bin.display()))?;
@@ -78,6 +90,7 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
                 .arg("--server")
                 .arg(server)
                 .stdin(Stdio::null())
+                .process_group(0)
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("cannot start {}", worker_bin.display()))?;
@@ -101,13 +114,23 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
         println!("  aiki workers");
         println!("Press Ctrl-C to stop.");
         anyhow::Ok(())
+    };
+    let result = tokio::select! {
+        r = setup => Some(r),
+        _ = &mut signalled => None,
+    };
+    match result {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            stop(children).await;
+            return Err(e);
+        }
+        None => {
+            println!("stopping…");
+            stop(children).await;
+            return Ok(());
+        }
     }
-    .await;
-    if let Err(e) = result {
-        stop(children).await;
-        return Err(e);
-    }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let exited = async {
         loop {
             for (name, c) in children.iter_mut() {
@@ -119,8 +142,7 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = &mut signalled => {}
         (name, status) = exited => {
             stop(children).await;
             bail!("{name} exited unexpectedly ({status})");
@@ -139,10 +161,10 @@ const WORKER_TOML: &str = include_str!("../../worker/examples/hello.toml");
 async fn stop(children: Vec<(&str, Child)>) {
     for (name, mut c) in children.into_iter().rev() {
         if let Some(pid) = c.id() {
-            let _ = std::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status();
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
             tracing::warn!(name, "did not stop within 10s; killing");
@@ -216,7 +238,7 @@ pub async fn ensure_postgres(url: &str) -> anyhow::Result<()> {
     if let Err(e) = try_connect(&admin).await {
         let refused = e.as_db_error().is_none();
         if refused {
-            start_postgres().await?;
+            start_postgres(pg.get_ports().first().copied().unwrap_or(5432)).await?;
         }
         // Reachable now; create the role if the server does not know it.
         if try_connect(&admin).await.is_err() {
@@ -252,10 +274,24 @@ pub async fn ensure_postgres(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_postgres() -> anyhow::Result<()> {
+/// `""` as root, else `sudo -n ` (which must not ask for a password).
+fn as_root() -> &'static str {
+    if nix::unistd::geteuid().is_root() {
+        ""
+    } else {
+        "sudo -n "
+    }
+}
+
+async fn start_postgres(port: u16) -> anyhow::Result<()> {
+    let root = as_root();
     if which("pg_ctlcluster").is_none() {
         eprintln!("PostgreSQL is not installed; installing it with apt-get…");
-        sh("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql").await?;
+        sh(&format!(
+            "{root}apt-get update -qq && DEBIAN_FRONTEND=noninteractive {root}apt-get install -y -qq postgresql"
+        ))
+        .await
+        .context("cannot install PostgreSQL: run as root (or with password-less sudo), or install it yourself")?;
     }
     let versions: Vec<String> = std::fs::read_dir("/etc/postgresql")
         .context("no /etc/postgresql: PostgreSQL does not look installed")?
@@ -266,14 +302,24 @@ async fn start_postgres() -> anyhow::Result<()> {
     if versions.is_empty() {
         bail!("no PostgreSQL cluster found under /etc/postgresql");
     }
+    let mut failures = Vec::new();
     for v in &versions {
         eprintln!("starting PostgreSQL {v}…");
         // "already running" is fine; the connection check below is what counts.
-        let _ = sh(&format!("pg_ctlcluster --skip-systemctl-redirect {v} main start")).await;
+        if let Err(e) = sh(&format!("{root}pg_ctlcluster --skip-systemctl-redirect {v} main start")).await {
+            failures.push(e.to_string());
+        }
     }
+    if failures.len() == versions.len() {
+        bail!(
+            "cannot start PostgreSQL ({}); run as root (or with password-less sudo), or start it yourself",
+            failures.join("; ")
+        );
+    }
+    let port = port.to_string();
     for _ in 0..60 {
         if Command::new("pg_isready")
-            .args(["-q", "-h", "127.0.0.1"])
+            .args(["-q", "-h", "127.0.0.1", "-p", &port])
             .status()
             .await
             .is_ok_and(|s| s.success())
@@ -286,7 +332,7 @@ async fn start_postgres() -> anyhow::Result<()> {
 }
 
 async fn psql_as_postgres(sql: &str) -> anyhow::Result<()> {
-    let runner = if which("runuser").is_some() {
+    let runner = if nix::unistd::geteuid().is_root() && which("runuser").is_some() {
         "runuser -u postgres --"
     } else {
         "sudo -n -u postgres"

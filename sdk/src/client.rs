@@ -301,7 +301,7 @@ impl Client {
     }
 
     /// Waits up to `timeout` for the run to end; `Ok(run)` in any terminal state, or
-    /// [`Error::Timeout`].
+    /// [`Error::Timeout`]. While the server is unreachable it keeps trying until the timeout.
     pub async fn wait(&self, run_id: &str, timeout: Duration) -> Result<Run> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -311,9 +311,18 @@ impl Client {
                 run_id: run_id.to_owned(),
                 timeout: Some(aiki_proto::duration_to_proto(left.min(Duration::from_secs(60)))),
             };
-            let resp = self
-                .call(req, |mut c, r| async move { c.get_run_result(r).await })
-                .await?;
+            let resp = match self.workflows.clone().get_run_result(req).await.map_err(Error::from) {
+                Ok(r) => r.into_inner(),
+                // The server is away: keep trying until the caller's deadline, not longer.
+                Err(Error::Unavailable(m)) => {
+                    if left.is_zero() {
+                        return Err(Error::Unavailable(m));
+                    }
+                    tokio::time::sleep(left.min(Duration::from_millis(500))).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if resp.done {
                 return Ok(resp.run.unwrap_or_default().into());
             }
@@ -374,17 +383,23 @@ impl Client {
             .into())
     }
 
-    /// A run's history, oldest first.
+    /// A run's whole history, oldest first.
     pub async fn history(&self, run_id: &str) -> Result<Vec<HistoryEvent>> {
-        let req = GetRunHistoryRequest {
-            namespace: self.namespace.clone(),
-            run_id: run_id.to_owned(),
-            after_seq: 0,
-        };
-        Ok(self
-            .call(req, |mut c, r| async move { c.get_run_history(r).await })
-            .await?
-            .events)
+        let mut events: Vec<HistoryEvent> = Vec::new();
+        loop {
+            let req = GetRunHistoryRequest {
+                namespace: self.namespace.clone(),
+                run_id: run_id.to_owned(),
+                after_seq: events.last().map_or(0, |e| e.seq),
+            };
+            let page = self
+                .call(req, |mut c, r| async move { c.get_run_history(r).await })
+                .await?;
+            events.extend(page.events);
+            if !page.more {
+                return Ok(events);
+            }
+        }
     }
 
     /// A live stream of a run's history events, ending when the run ends.

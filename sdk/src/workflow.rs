@@ -2,10 +2,10 @@
 //! by checkpointing its result on the server before the workflow goes on.
 //!
 //! A task's key is its name, a hash of its input, and how many times that (name, input) pair
-//! has already occurred in this execution, so loops work. Each recorded task also keeps its
-//! position in the execution; a re-execution that reaches a recorded task at another position
-//! has changed its order of tasks, and fails with a non-determinism error instead of silently
-//! mixing results.
+//! has already occurred in this execution, so loops work (a failed task gives its occurrence
+//! back, so a retry loop in the workflow keeps its keys). Each recorded task also keeps its
+//! position in the execution; a re-execution that replays recorded tasks in another order has
+//! changed its code, and fails with a non-determinism error instead of silently mixing results.
 
 use std::{
     collections::HashMap,
@@ -117,6 +117,8 @@ struct Progress {
     seen: HashMap<(String, String), u32>,
     /// Tasks started so far in this execution.
     next_seq: u32,
+    /// The recorded position of the last task replayed in this execution.
+    last_replayed: Option<u32>,
 }
 
 /// What a workflow function gets: its run's identity and the checkpointed task API.
@@ -168,34 +170,58 @@ impl Context {
         F: FnOnce(I) -> Fut,
         Fut: Future<Output = Result<O, E>>,
     {
-        let input_json = serde_json::to_vec(&input)
+        // Through `Value`, whose maps are sorted: the same input always hashes the same, even
+        // when it holds a `HashMap`.
+        let input_json = serde_json::to_value(&input)
+            .and_then(|v| serde_json::to_vec(&v))
             .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?} input: {e}")).non_retryable())?;
         let hash = hex8(&Sha256::digest(&input_json));
-        let (key, seq, recorded) = {
+        let (key, n, seq, recorded) = {
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-            let n = p.seen.entry((name.to_owned(), hash.clone())).or_insert(0);
+            let count = p.seen.entry((name.to_owned(), hash.clone())).or_insert(0);
+            let n = *count;
+            *count += 1;
             let key = format!("{name}#{hash}#{n}");
-            *n += 1;
             let seq = p.next_seq;
             p.next_seq += 1;
             let recorded = p.recorded.get(&key).cloned();
-            (key, seq, recorded)
+            if let Some(t) = &recorded {
+                // Replayed tasks must come in the order they were recorded in.
+                if p.last_replayed.is_some_and(|last| t.seq <= last) {
+                    return Err(WorkflowError::new(
+                        "NonDeterminism",
+                        format!(
+                            "task {name:?} (key {key}) was recorded as task #{} of this run, before task #{}, \
+                             but now runs after it: the workflow's code changed the order of its tasks",
+                            t.seq,
+                            p.last_replayed.unwrap_or_default()
+                        ),
+                    )
+                    .non_retryable());
+                }
+                p.last_replayed = Some(t.seq);
+            }
+            (key, n, seq, recorded)
         };
         if let Some(t) = recorded {
-            if t.seq != seq {
-                return Err(WorkflowError::new(
-                    "NonDeterminism",
-                    format!(
-                        "task {name:?} (key {key}) was recorded as task #{} of this run but is now task #{seq}: \
-                         the workflow's code changed the order of its tasks",
-                        t.seq
-                    ),
-                )
-                .non_retryable());
-            }
             return decode(name, t);
         }
-        let output = f(input).await.map_err(Into::into)?;
+        let output = match f(input).await {
+            Ok(output) => output,
+            Err(e) => {
+                // A failed task is not recorded: give back its occurrence and position, so
+                // that the same call made again (a retry loop in the workflow) gets the same
+                // key, and later tasks keep their positions.
+                let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(count) = p.seen.get_mut(&(name.to_owned(), hash)).filter(|c| **c == n + 1) {
+                    *count = n;
+                }
+                if p.next_seq == seq + 1 {
+                    p.next_seq = seq;
+                }
+                return Err(e.into());
+            }
+        };
         let value = serde_json::to_value(&output)
             .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?} output: {e}")).non_retryable())?;
         let task = TaskResult {

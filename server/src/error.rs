@@ -32,7 +32,12 @@ impl From<tokio_postgres::Error> for Error {
             Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
                 Error::AlreadyExists(format!("already exists: {}", db_message(&e)))
             }
-            Some(c) if *c == SqlState::INVALID_TEXT_REPRESENTATION || *c == SqlState::CHECK_VIOLATION => {
+            Some(c)
+                if *c == SqlState::INVALID_TEXT_REPRESENTATION
+                    || *c == SqlState::CHECK_VIOLATION
+                    || *c == SqlState::UNTRANSLATABLE_CHARACTER
+                    || *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE =>
+            {
                 Error::InvalidArgument(db_message(&e))
             }
             Some(c)

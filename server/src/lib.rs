@@ -68,10 +68,12 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         wakers: wakers.clone(),
         shutdown: shutdown.clone(),
     });
-    for (ns, queue, due) in shared.store.next_visible().await? {
-        wakers.queue_ready((ns, queue), Some(due));
-    }
-    let listen_task = tokio::spawn(wake::listen(pg.clone(), wakers.clone(), inner.clone()));
+    let listen_task = tokio::spawn(wake::listen(
+        pg.clone(),
+        shared.store.clone(),
+        wakers.clone(),
+        inner.clone(),
+    ));
     let reaper_task = tokio::spawn(reaper::run(shared.clone(), pg, inner.clone()));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();

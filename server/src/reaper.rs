@@ -16,13 +16,17 @@ const BATCH: i64 = 1000;
 /// Runs until `shutdown`: tries to become the reaper, reaps while it is, retries otherwise.
 pub async fn run(shared: Arc<Shared>, pg: tokio_postgres::Config, shutdown: CancellationToken) {
     loop {
-        match lead(&shared, &pg, &shutdown).await {
-            Ok(()) => {}
-            Err(e) => tracing::warn!(error = %e, "reaper connection failed"),
-        }
+        let pause = match lead(&shared, &pg, &shutdown).await {
+            // Another server leads: try again now and then (takeover within this pause).
+            Ok(()) => Duration::from_secs(3),
+            Err(e) => {
+                tracing::warn!(error = %e, "reaper connection failed");
+                Duration::from_secs(1)
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
 }

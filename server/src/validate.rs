@@ -55,6 +55,11 @@ pub fn payload(what: &str, v: Option<&prost_types::Value>, max_bytes: usize) -> 
         None => Json::Null,
         Some(v) => aiki_proto::value_to_json(v).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?,
     };
+    if has_nul(&json) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} contains a NUL character (\\u0000), which cannot be stored; encode binary data, e.g. as base64"
+        )));
+    }
     let size = serde_json::to_vec(&json).map(|b| b.len()).unwrap_or(usize::MAX);
     if size > max_bytes {
         return Err(Error::ResourceExhausted(format!(
@@ -62,6 +67,24 @@ pub fn payload(what: &str, v: Option<&prost_types::Value>, max_bytes: usize) -> 
         )));
     }
     Ok(json)
+}
+
+fn has_nul(j: &Json) -> bool {
+    match j {
+        Json::String(s) => s.contains('\0'),
+        Json::Array(a) => a.iter().any(has_nul),
+        Json::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// Free text (an error message, a reason) made storable: at most `max` characters, NUL
+/// replaced. Never refused, so that a failure can always be reported.
+pub fn text(s: &str, max: usize) -> String {
+    s.chars()
+        .take(max)
+        .map(|c| if c == '\0' { '\u{fffd}' } else { c })
+        .collect()
 }
 
 /// A non-negative duration, at most `max`.
@@ -91,6 +114,16 @@ mod tests {
         assert!(name("workflow", &"x".repeat(129), 128).is_err());
         assert!(name("queue", "a\nb", 128).is_err());
         assert!(name("queue", "billing-eu", 128).is_ok());
+    }
+
+    #[test]
+    fn nul_is_refused_in_payloads_and_replaced_in_text() {
+        let v = aiki_proto::json_to_value(&serde_json::json!({"a": ["x\0y"]}));
+        assert!(matches!(
+            payload("input", Some(&v), 1024),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(text("a\0b", 10), "a\u{fffd}b");
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! - Every transaction that makes runs ready sends one `NOTIFY aiki_ready` (Postgres folds
 //!   identical payloads of one transaction into one); the [`listen`] task of every replica
 //!   turns it into a wake of that queue, so pollers on other replicas wake within milliseconds.
-//! - A run that becomes visible later (delay, retry backoff) carries its due time in the
-//!   payload; the [`Timers`] task wakes the queue's pollers when that time comes.
+//! - A run that becomes visible later (delay, retry backoff) carries its delay in the payload,
+//!   relative to the writing transaction, so clocks of servers and database need not agree; the
+//!   [`Timers`] task wakes the queue's pollers when that time comes (never before: the local
+//!   clock starts after the transaction did).
 //! - Run waiters of other replicas are not notified through Postgres (that would cost one
 //!   NOTIFY per report); they re-check on a slow period instead (see `service::workflow`).
 
@@ -18,7 +20,7 @@ use std::{
     collections::{BinaryHeap, HashMap, HashSet},
     hash::Hash,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -109,38 +111,42 @@ impl Wakers {
         wakers
     }
 
-    /// Wakes the pollers of a queue now, or at `due` if that is in the future.
-    pub fn queue_ready(&self, key: QueueKey, due: Option<SystemTime>) {
-        match due.and_then(|d| d.duration_since(SystemTime::now()).ok()) {
-            Some(wait) if wait > Duration::from_millis(1) => {
-                let _ = self.timers.send((Instant::now() + wait, key));
+    /// Wakes the pollers of a queue now, or after `delay`.
+    pub fn queue_ready(&self, key: QueueKey, delay: Option<Duration>) {
+        match delay.filter(|d| !d.is_zero()) {
+            // A little late rather than early: an early wake finds nothing and is lost.
+            Some(d) => {
+                let _ = self.timers.send((Instant::now() + d + TIMER_SLACK, key));
             }
-            _ => self.queues.wake(&key),
+            None => self.queues.wake(&key),
         }
     }
 
-    /// Handles one `aiki_ready` payload: `namespace \n queue \n due-epoch-ms`.
+    /// Handles one `aiki_ready` payload: `namespace \n queue \n delay-ms`.
     fn on_payload(&self, payload: &str) {
         let mut parts = payload.split('\n');
         let (Some(ns), Some(queue)) = (parts.next(), parts.next()) else {
             tracing::warn!(payload, "malformed ready notification");
             return;
         };
-        let due = parts
+        let delay = parts
             .next()
             .and_then(|ms| ms.parse::<u64>().ok())
-            .filter(|ms| *ms > 0)
-            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
-        self.queue_ready((ns.to_owned(), queue.to_owned()), due);
+            .map(Duration::from_millis);
+        self.queue_ready((ns.to_owned(), queue.to_owned()), delay);
     }
 }
 
-/// The payload of a ready notification for `queue`, due at `due` (or now).
-pub fn ready_payload(namespace: &str, queue: &str, due: Option<SystemTime>) -> String {
-    let ms = due
-        .and_then(|d| d.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
+/// How late timers fire, so that the run is visible when the poller looks.
+const TIMER_SLACK: Duration = Duration::from_millis(2);
+/// Most timers kept; past this the furthest are dropped, and those runs are found by the
+/// next poll that ends its wait (at most one poll wait late).
+const MAX_TIMERS: usize = 100_000;
+
+/// The payload of a ready notification for `queue`: its runs are visible after `delay`.
+pub fn ready_payload(namespace: &str, queue: &str, delay: Duration) -> String {
+    // Rounded up: never early.
+    let ms = delay.as_nanos().div_ceil(1_000_000);
     format!("{namespace}\n{queue}\n{ms}")
 }
 
@@ -153,6 +159,19 @@ struct Timers {
 }
 
 impl Timers {
+    /// Keeps the nearest half of the timers.
+    fn drop_furthest(&mut self) {
+        let mut all = std::mem::take(&mut self.heap).into_sorted_vec();
+        // `Reverse` sorts the furthest first.
+        let keep = all.split_off(all.len() / 2);
+        for Reverse((at, key)) in all {
+            let slot = self.slot(at);
+            self.armed.remove(&(slot, key));
+        }
+        tracing::warn!(kept = keep.len(), "too many wake-up timers; dropped the furthest");
+        self.heap = keep.into_iter().collect();
+    }
+
     fn slot(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.epoch).as_millis() as u64
     }
@@ -177,6 +196,9 @@ impl Timers {
                     Some(entry) => {
                         if self.armed.insert((self.slot(entry.0), entry.1.clone())) {
                             self.heap.push(Reverse(entry));
+                            if self.heap.len() > MAX_TIMERS {
+                                self.drop_furthest();
+                            }
                         }
                     }
                     None => return,
@@ -197,14 +219,26 @@ impl Timers {
     }
 }
 
-/// Listens on [`READY_CHANNEL`] with a dedicated connection and wakes local pollers; reconnects
-/// with backoff when the connection drops, waking everyone since notifications may be lost.
-pub async fn listen(pg: tokio_postgres::Config, wakers: Arc<Wakers>, shutdown: CancellationToken) {
+/// Listens on [`READY_CHANNEL`] with a dedicated connection and wakes local pollers. After
+/// each (re)connection it wakes every poller and re-arms the timers of delayed runs (a
+/// notification may have been missed meanwhile), and it checks the connection every 30 s so a
+/// half-open one is noticed. Reconnects with backoff.
+pub async fn listen(
+    pg: tokio_postgres::Config,
+    store: crate::store::Store,
+    wakers: Arc<Wakers>,
+    shutdown: CancellationToken,
+) {
     let mut delay = Duration::from_millis(100);
     loop {
-        match listen_once(&pg, &wakers, &shutdown).await {
+        match listen_once(&pg, &store, &wakers, &shutdown).await {
             Ok(()) => return,
-            Err(e) => tracing::warn!(error = %e, "notification listener lost its connection"),
+            Err((connected, e)) => {
+                tracing::warn!(error = %e, "notification listener lost its connection");
+                if connected {
+                    delay = Duration::from_millis(100);
+                }
+            }
         }
         wakers.queues.wake_all();
         tokio::select! {
@@ -215,8 +249,17 @@ pub async fn listen(pg: tokio_postgres::Config, wakers: Arc<Wakers>, shutdown: C
     }
 }
 
-async fn listen_once(pg: &tokio_postgres::Config, wakers: &Wakers, shutdown: &CancellationToken) -> Result<(), String> {
-    let (client, mut conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+/// Returns `Ok` at shutdown, else the error and whether it had connected.
+async fn listen_once(
+    pg: &tokio_postgres::Config,
+    store: &crate::store::Store,
+    wakers: &Wakers,
+    shutdown: &CancellationToken,
+) -> Result<(), (bool, String)> {
+    let (client, mut conn) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| (false, e.to_string()))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
@@ -235,27 +278,38 @@ async fn listen_once(pg: &tokio_postgres::Config, wakers: &Wakers, shutdown: &Ca
             }
         }
     });
-    client
-        .batch_execute(&format!("LISTEN {READY_CHANNEL}"))
-        .await
-        .map_err(|e| e.to_string())?;
-    tracing::debug!("listening for ready notifications");
-    // Anything made ready while we were not listening is picked up by this wake.
-    wakers.queues.wake_all();
-    let result = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            msg = rx.recv() => match msg {
-                Some(Ok(payload)) => wakers.on_payload(&payload),
-                Some(Err(e)) => break Err(e.to_string()),
-                None => break Ok(()),
+    let result = async {
+        client
+            .batch_execute(&format!("LISTEN {READY_CHANNEL}"))
+            .await
+            .map_err(|e| (false, e.to_string()))?;
+        tracing::debug!("listening for ready notifications");
+        // Whatever became ready, or was delayed, while we were not listening.
+        wakers.queues.wake_all();
+        for (ns, queue, delay) in store.next_visible().await.map_err(|e| (true, e.to_string()))? {
+            wakers.queue_ready((ns, queue), Some(delay));
+        }
+        let mut check = tokio::time::interval(Duration::from_secs(30));
+        check.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                msg = rx.recv() => match msg {
+                    Some(Ok(payload)) => wakers.on_payload(&payload),
+                    Some(Err(e)) => return Err((true, e.to_string())),
+                    None => return Err((true, "the connection closed".to_owned())),
+                },
+                _ = check.tick() => {
+                    let ping = tokio::time::timeout(Duration::from_secs(10), client.simple_query("SELECT 1")).await;
+                    if !matches!(ping, Ok(Ok(_))) {
+                        return Err((true, "the connection stopped answering".to_owned()));
+                    }
+                }
             }
         }
-    };
-    driver.abort();
-    if result.is_ok() && !shutdown.is_cancelled() {
-        return Err("the connection closed".to_owned());
     }
+    .await;
+    driver.abort();
     result
 }
 
@@ -272,9 +326,8 @@ mod tests {
         let notified = n.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let due = SystemTime::now() + Duration::from_millis(50);
         let started = Instant::now();
-        w.on_payload(&ready_payload("default", "q", Some(due)));
+        w.on_payload(&ready_payload("default", "q", Duration::from_millis(50)));
         notified.await;
         assert!(
             started.elapsed() >= Duration::from_millis(40),

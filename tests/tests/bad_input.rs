@@ -58,6 +58,11 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     check("NaN is not JSON", wf.start_run(nan).await, Code::InvalidArgument);
     let big = start_req("w", json!({"blob": "x".repeat(3 * 1024 * 1024)}));
     check("oversized input", wf.start_run(big).await, Code::ResourceExhausted);
+    check(
+        "NUL in a string",
+        wf.start_run(start_req("w", json!({"s": "a\u{0}b"}))).await,
+        Code::InvalidArgument,
+    );
     let mut r = start_req("w", json!({}));
     r.priority = 5000;
     check("priority out of range", wf.start_run(r).await, Code::InvalidArgument);
@@ -208,6 +213,13 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     };
     check("unknown worker", wk.poll_tasks(poll(&unknown, 1)).await, Code::NotFound);
     check("max_runs 0", wk.poll_tasks(poll(&w.id, 0)).await, Code::InvalidArgument);
+    let mut other_queue = poll(&w.id, 1);
+    other_queue.queues = vec!["not-registered".into()];
+    check(
+        "a queue not registered",
+        wk.poll_tasks(other_queue).await,
+        Code::InvalidArgument,
+    );
     let hb = HeartbeatRequest {
         namespace: String::new(),
         worker_id: w.id.clone(),

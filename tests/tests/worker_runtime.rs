@@ -192,7 +192,26 @@ async fn repeated_tasks_in_a_loop_replay_and_reordered_tasks_are_detected() {
         .register("loop", move |ctx: Context, _: serde_json::Value| {
             let (e, c) = (e.clone(), c.clone());
             async move {
-                let mut total = 0;
+                // A retry loop inside the workflow: the first call fails, the second succeeds.
+                let mut tries = 0;
+                let polled: i32 = loop {
+                    tries += 1;
+                    let e = e.clone();
+                    let r = ctx
+                        .task("poll", 7, |n: i32| async move {
+                            *e.lock().unwrap().entry("poll".into()).or_default() += 1;
+                            if tries == 1 {
+                                Err(WorkflowError::new("NotYet", "not yet"))
+                            } else {
+                                Ok(n)
+                            }
+                        })
+                        .await;
+                    if let Ok(v) = r {
+                        break v;
+                    }
+                };
+                let mut total = polled - 7;
                 for _ in 0..3 {
                     let e = e.clone();
                     // The same task with the same input, three times: three distinct tasks.
@@ -242,6 +261,11 @@ async fn repeated_tasks_in_a_loop_replay_and_reordered_tasks_are_detected() {
         Some(&3),
         "three tasks, each run once across two attempts"
     );
+    assert_eq!(
+        effects.lock().unwrap().get("poll"),
+        Some(&2),
+        "the retried task ran twice in the first attempt and was replayed, not rerun, in the second"
+    );
     assert_eq!(run.get().await.unwrap().attempt, 2);
 
     let run = client.start_run("reordered", &json!({}), retry).await.unwrap();
@@ -252,6 +276,123 @@ async fn repeated_tasks_in_a_loop_replay_and_reordered_tasks_are_detected() {
         }
         other => panic!("expected a non-determinism failure, got {other:?}"),
     }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_leases_a_run_again_stops_its_earlier_execution() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.client().await;
+    let run = client
+        .start_run("stuck", &json!({}), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let live = Arc::new(AtomicUsize::new(0));
+    let most_live = Arc::new(AtomicUsize::new(0));
+    struct Live(Arc<AtomicUsize>);
+    impl Drop for Live {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let (s, l, m) = (started.clone(), live.clone(), most_live.clone());
+    let shutdown = CancellationToken::new();
+    let worker = WorkerBuilder::new(server.url())
+        .shutdown_grace(Duration::from_millis(100))
+        .register("stuck", move |_ctx: Context, _: serde_json::Value| {
+            let (s, l, m) = (s.clone(), l.clone(), m.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                let now = l.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                let _live = Live(l);
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    eventually(Duration::from_secs(5), "the run started", || async {
+        started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The lease runs out; the reaper queues the run again and this same worker leases it again.
+    let pg = db.connect().await;
+    let id = uuid::Uuid::parse_str(&run.id).unwrap();
+    pg.execute(
+        "UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "the run started again", || async {
+        started.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    eventually(Duration::from_secs(5), "one execution left", || async {
+        live.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(
+        most_live.load(Ordering::SeqCst),
+        1,
+        "never two executions of the run at once"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_workflow_fails_its_attempt_and_frees_its_slot() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.client().await;
+    let shutdown = CancellationToken::new();
+    let worker = WorkerBuilder::new(server.url())
+        .slots(1)
+        .register("panics", |_ctx: Context, _: serde_json::Value| async move {
+            if true {
+                panic!("index out of bounds");
+            }
+            Ok(())
+        })
+        .register("fine", |_ctx: Context, v: serde_json::Value| async move { Ok(v) })
+        .build()
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    let opts = aiki::StartOptions {
+        retry: Some(aiki::RetryPolicy {
+            max_attempts: Some(2),
+            initial_interval: Some(Duration::from_millis(10)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let bad = client.start_run("panics", &json!({}), opts).await.unwrap();
+    match bad.result::<()>(Duration::from_secs(10)).await {
+        Err(aiki::Error::RunFailed { error, .. }) => {
+            assert_eq!(error.kind, "Panic");
+            assert!(error.message.contains("index out of bounds"), "{}", error.message);
+        }
+        other => panic!("expected a failed run, got {other:?}"),
+    }
+    assert_eq!(
+        bad.get().await.unwrap().attempt,
+        2,
+        "a panic is retried like any failure"
+    );
+    // The only slot is free again.
+    let good = client
+        .start_run("fine", &json!(5), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(good.result::<i32>(Duration::from_secs(10)).await.unwrap(), 5);
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }

@@ -90,6 +90,16 @@ impl Config {
     }
 }
 
+/// Sends SIGKILL to a process group when dropped.
+struct GroupGuard(nix::unistd::Pid);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        // ESRCH (the group is gone already) is the common case.
+        let _ = nix::sys::signal::killpg(self.0, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// Most bytes of stderr kept in an error.
 const STDERR_LIMIT: usize = 8 * 1024;
 
@@ -120,6 +130,8 @@ async fn exec(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group, so that everything it starts can be stopped with it.
+        .process_group(0)
         .kill_on_drop(true);
     if let Some(dir) = &spec.cwd {
         cmd.current_dir(dir);
@@ -127,6 +139,9 @@ async fn exec(
     let mut child = cmd
         .spawn()
         .map_err(|e| WorkflowError::new("Spawn", format!("cannot start {:?}: {e}", spec.command[0])).non_retryable())?;
+    // Kills the whole group when this attempt ends in any way: done, timed out, or dropped
+    // because the lease was lost or the run cancelled.
+    let _group = child.id().map(|pid| GroupGuard(nix::unistd::Pid::from_raw(pid as i32)));
     let stdin_bytes = serde_json::to_vec(&input).map_err(|e| WorkflowError::new("Serialization", e.to_string()))?;
     let mut stdin = child.stdin.take();
     let feed = async move {
@@ -154,7 +169,8 @@ async fn exec(
     };
     if !out.status.success() {
         let code = out.status.code();
-        let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        // NUL cannot be stored in a JSON text; keep everything else.
+        let mut stderr = String::from_utf8_lossy(&out.stderr).replace('\0', "\u{fffd}");
         if stderr.len() > STDERR_LIMIT {
             let cut = (0..=STDERR_LIMIT)
                 .rev()
@@ -240,6 +256,34 @@ mod tests {
         s.timeout = Duration::from_millis(100);
         let e = exec(&s, "r".into(), 1, serde_json::Value::Null).await.unwrap_err();
         assert_eq!(e.kind, "Timeout");
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_command_takes_what_it_started_with_it() {
+        let dir = std::env::temp_dir().join(format!("aiki-cmd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("grandchild.pid");
+        let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+        let mut s = spec(&["sh", "-c", &script]);
+        s.timeout = Duration::from_millis(300);
+        let e = exec(&s, "r".into(), 1, serde_json::Value::Null).await.unwrap_err();
+        assert_eq!(e.kind, "Timeout");
+        let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+        // Gone, or a zombie waiting for its new parent to reap it: either way not running.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+            let running = state
+                .as_deref()
+                .and_then(|s| s.rsplit(')').next())
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'));
+            if !running {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the grandchild {pid} still runs");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

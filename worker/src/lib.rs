@@ -30,10 +30,14 @@ use aiki_proto::v1::{
     ReleaseRunRequest, WorkflowRef, worker_service_client::WorkerServiceClient,
 };
 use backon::{ExponentialBuilder, Retryable};
+use futures::FutureExt;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, transport::Channel};
+
+/// The most runs the server leases in one poll.
+const MAX_POLL_BATCH: u32 = 1000;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type Handler =
@@ -188,10 +192,14 @@ impl Default for Settings {
 
 struct Held {
     token: String,
+    /// When the poll that leased the run was sent.
+    leased_at: Instant,
     /// Stops the execution: cancelled when the lease is lost or the run is to be cancelled.
     stop: CancellationToken,
     /// Set when the stop is a cancellation (release the run) rather than a loss (report nothing).
     cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled when the execution has ended, whatever way.
+    finished: CancellationToken,
 }
 
 struct Inner {
@@ -262,11 +270,11 @@ impl Worker {
                 p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = shutdown.cancelled() => break,
             };
-            let batch = if inner.cfg.poll_batch == 0 {
-                inner.cfg.slots as u32
-            } else {
-                inner.cfg.poll_batch
-            };
+            let batch = match inner.cfg.poll_batch {
+                0 => inner.cfg.slots as u32,
+                n => n,
+            }
+            .min(MAX_POLL_BATCH);
             let mut permits = vec![first];
             while (permits.len() as u32) < batch {
                 match slots.clone().try_acquire_owned() {
@@ -274,6 +282,7 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            let polled_at = Instant::now();
             let runs = tokio::select! {
                 r = inner.poll(permits.len() as u32) => r,
                 _ = shutdown.cancelled() => break,
@@ -299,7 +308,7 @@ impl Worker {
                 };
                 let inner = inner.clone();
                 running.spawn(async move {
-                    inner.execute(run).await;
+                    inner.execute(run, polled_at).await;
                     drop(permit);
                 });
             }
@@ -319,9 +328,11 @@ impl Worker {
             };
             running.abort_all();
             while running.join_next().await.is_some() {}
-            for (id, token) in held {
-                inner.release(&id, &token, "worker shut down", Duration::ZERO).await;
-            }
+            futures::future::join_all(
+                held.iter()
+                    .map(|(id, token)| inner.release(id, token, "worker shut down", Duration::ZERO)),
+            )
+            .await;
         }
         stop_heartbeat.cancel();
         let _ = heartbeat.await;
@@ -396,17 +407,30 @@ impl Inner {
         }
     }
 
-    async fn execute(self: &Arc<Self>, run: LeasedRun) {
+    async fn execute(self: &Arc<Self>, run: LeasedRun, leased_at: Instant) {
         let stop = CancellationToken::new();
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        self.leases.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            run.run_id.clone(),
-            Held {
-                token: run.lease_token.clone(),
-                stop: stop.clone(),
-                cancel: cancel.clone(),
-            },
-        );
+        let finished = CancellationToken::new();
+        let _finished = finished.clone().drop_guard();
+        let held = Held {
+            token: run.lease_token.clone(),
+            leased_at,
+            stop: stop.clone(),
+            cancel: cancel.clone(),
+            finished,
+        };
+        let previous = self
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(run.run_id.clone(), held);
+        if let Some(previous) = previous {
+            // This worker leased the run again after losing the earlier lease (before its
+            // heartbeat said so): the earlier execution must not go on beside this one.
+            tracing::warn!(run_id = %run.run_id, "run leased again; stopping the earlier execution");
+            previous.stop.cancel();
+            previous.finished.cancelled().await;
+        }
         let Some(handler) = self.cfg.workflows.get(&run.workflow).cloned() else {
             tracing::warn!(run_id = %run.run_id, workflow = %run.workflow, "no handler for this workflow; releasing the run");
             self.release(
@@ -435,8 +459,16 @@ impl Inner {
             self.client.clone(),
             run.tasks.clone(),
         );
+        let execution = std::panic::AssertUnwindSafe(handler(ctx, input)).catch_unwind();
         let outcome = tokio::select! {
-            r = handler(ctx, input) => Some(r),
+            r = execution => Some(r.unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "the workflow panicked".to_owned());
+                Err(WorkflowError::new("Panic", message))
+            })),
             _ = stop.cancelled() => None,
         };
         match outcome {
@@ -458,55 +490,81 @@ impl Inner {
                     lease_token: run.lease_token.clone(),
                     output: Some(aiki_proto::json_to_value(&output)),
                 };
-                self.report(&run.run_id, &stop, || {
-                    let req = req.clone();
-                    let mut c = self.client.clone();
-                    async move { c.complete_run(req).await.map(|_| ()) }
-                })
-                .await;
+                let sent = self
+                    .report(&run.run_id, &stop, || {
+                        let req = req.clone();
+                        let mut c = self.client.clone();
+                        async move { c.complete_run(req).await.map(|_| ()) }
+                    })
+                    .await;
+                if let Err(s) = sent
+                    && matches!(s.code(), Code::InvalidArgument | Code::ResourceExhausted)
+                {
+                    // The output itself was refused (too large, not storable): retrying the
+                    // run would produce it again, so end the run with the reason.
+                    let e = WorkflowError::new(
+                        "OutputRefused",
+                        format!("the server refused the output: {}", s.message()),
+                    )
+                    .non_retryable();
+                    self.fail(&run, &stop, &e).await;
+                }
             }
             Some(Err(e)) => {
                 tracing::info!(run_id = %run.run_id, error = %e, "run attempt failed");
-                let req = FailRunRequest {
-                    namespace: self.cfg.namespace.clone(),
-                    run_id: run.run_id.clone(),
-                    lease_token: run.lease_token.clone(),
-                    error: Some(v1::RunError {
-                        r#type: e.kind.clone(),
-                        message: e.message.clone(),
-                        details: e.details.as_ref().map(aiki_proto::json_to_value),
-                    }),
-                    non_retryable: e.non_retryable,
-                    retry_after: e.retry_after.map(aiki_proto::duration_to_proto),
-                };
-                self.report(&run.run_id, &stop, || {
-                    let req = req.clone();
-                    let mut c = self.client.clone();
-                    async move { c.fail_run(req).await.map(|_| ()) }
-                })
-                .await;
+                self.fail(&run, &stop, &e).await;
             }
         }
         self.forget(&run.run_id, &run.lease_token);
     }
 
-    /// Sends a final report, retrying transient failures until the lease is lost.
-    async fn report<F, Fut>(&self, run_id: &str, stop: &CancellationToken, send: F)
+    async fn fail(&self, run: &LeasedRun, stop: &CancellationToken, e: &WorkflowError) {
+        let req = FailRunRequest {
+            namespace: self.cfg.namespace.clone(),
+            run_id: run.run_id.clone(),
+            lease_token: run.lease_token.clone(),
+            error: Some(v1::RunError {
+                r#type: e.kind.clone(),
+                message: e.message.clone(),
+                details: e.details.as_ref().map(aiki_proto::json_to_value),
+            }),
+            non_retryable: e.non_retryable,
+            retry_after: e.retry_after.map(aiki_proto::duration_to_proto),
+        };
+        let _ = self
+            .report(&run.run_id, stop, || {
+                let req = req.clone();
+                let mut c = self.client.clone();
+                async move { c.fail_run(req).await.map(|_| ()) }
+            })
+            .await;
+    }
+
+    /// Sends a final report, retrying transient failures for about a minute, or until the lease
+    /// is lost. A report that cannot be sent is given up: the lease then expires and the run
+    /// is executed again elsewhere.
+    async fn report<F, Fut>(&self, run_id: &str, stop: &CancellationToken, send: F) -> Result<(), Status>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<(), Status>>,
     {
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(15)
+            .with_jitter();
         let result = tokio::select! {
-            r = send.retry(backoff()).when(transient) => r,
+            r = send.retry(policy).when(transient) => r,
             _ = stop.cancelled() => Err(Status::failed_precondition("lease lost while reporting")),
         };
-        match result {
+        match &result {
             Ok(()) => {}
             Err(s) if s.code() == Code::FailedPrecondition => {
                 tracing::warn!(run_id, reason = s.message(), "report refused: lease lost");
             }
             Err(s) => tracing::error!(run_id, error = %s, "report failed"),
         }
+        result
     }
 
     async fn release(&self, run_id: &str, token: &str, reason: &str, delay: Duration) {
@@ -517,12 +575,13 @@ impl Inner {
             reason: reason.to_owned(),
             delay: Some(aiki_proto::duration_to_proto(delay)),
         };
-        let policy = ExponentialBuilder::default().with_max_times(5).with_jitter();
-        if let Err(s) = (|| async { self.client.clone().release_run(req.clone()).await })
-            .retry(policy)
-            .when(transient)
-            .await
-        {
+        let policy = ExponentialBuilder::default().with_max_times(3).with_jitter();
+        let call = || async {
+            tokio::time::timeout(Duration::from_secs(5), self.client.clone().release_run(req.clone()))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("release timed out")))
+        };
+        if let Err(s) = call.retry(policy).when(transient).await {
             tracing::warn!(run_id, error = %s.message(), "release failed; the lease will expire instead");
         }
     }
@@ -536,10 +595,12 @@ impl Inner {
     }
 
     /// Stops the executions named, as lost (report nothing) or cancelled (release).
-    fn stop(&self, run_ids: &[String], cancelled: bool) {
-        let leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        for id in run_ids {
-            if let Some(h) = leases.get(id) {
+    fn stop(&self, leases: &[(String, String)], cancelled: bool) {
+        let held = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, token) in leases {
+            // Only the execution under the lease named: the run may have been leased to this
+            // worker again since.
+            if let Some(h) = held.get(id).filter(|h| &h.token == token) {
                 h.cancel.store(cancelled, std::sync::atomic::Ordering::SeqCst);
                 h.stop.cancel();
             }
@@ -547,6 +608,8 @@ impl Inner {
     }
 
     async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
+        // When the last heartbeat that succeeded was sent: every lease held then was extended
+        // to at least that moment plus the lease's duration.
         let mut last_ok = Instant::now();
         loop {
             let s = self.settings();
@@ -554,58 +617,68 @@ impl Inner {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(s.heartbeat_interval) => {}
             }
-            let leases: Vec<v1::Lease> = {
+            let sent: Vec<(String, String)> = {
                 let held = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-                held.iter()
-                    .map(|(id, h)| v1::Lease {
-                        run_id: id.clone(),
-                        lease_token: h.token.clone(),
-                    })
-                    .collect()
+                held.iter().map(|(id, h)| (id.clone(), h.token.clone())).collect()
             };
             let req = HeartbeatRequest {
                 namespace: self.cfg.namespace.clone(),
                 worker_id: self.worker_id(),
-                leases,
+                leases: sent
+                    .iter()
+                    .map(|(id, t)| v1::Lease {
+                        run_id: id.clone(),
+                        lease_token: t.clone(),
+                    })
+                    .collect(),
             };
+            let sent_at = Instant::now();
             let resp = tokio::time::timeout(
                 s.heartbeat_interval.max(Duration::from_secs(1)),
                 self.client.clone().heartbeat(req),
             )
             .await;
+            let named = |ids: &[String]| -> Vec<(String, String)> {
+                sent.iter().filter(|(id, _)| ids.contains(id)).cloned().collect()
+            };
             match resp {
                 Ok(Ok(r)) => {
-                    last_ok = Instant::now();
+                    last_ok = sent_at;
                     let r = r.into_inner();
                     if !r.lost_run_ids.is_empty() {
                         tracing::warn!(runs = ?r.lost_run_ids, "leases lost");
-                        self.stop(&r.lost_run_ids, false);
+                        self.stop(&named(&r.lost_run_ids), false);
                     }
                     if !r.cancel_run_ids.is_empty() {
-                        self.stop(&r.cancel_run_ids, true);
+                        self.stop(&named(&r.cancel_run_ids), true);
                     }
                 }
-                Ok(Err(s)) if s.code() == Code::NotFound => {
+                Ok(Err(st)) if st.code() == Code::NotFound => {
                     tracing::warn!("the server does not know this worker; registering again");
-                    let _ = self.register().await;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = self.register() => {}
+                    }
                 }
-                Ok(Err(s)) => tracing::warn!(error = %s.message(), "heartbeat failed"),
+                Ok(Err(st)) => tracing::warn!(error = %st.message(), "heartbeat failed"),
                 Err(_) => tracing::warn!("heartbeat timed out"),
             }
-            // Without a heartbeat for a whole lease, every lease may have gone to another
-            // worker: stop everything rather than risk running a run twice at once.
-            if last_ok.elapsed() >= s.lease_ttl {
-                let all: Vec<String> = self
-                    .leases
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .keys()
-                    .cloned()
-                    .collect();
-                if !all.is_empty() {
-                    tracing::warn!(runs = all.len(), "no heartbeat for a whole lease; stopping every run");
-                    self.stop(&all, false);
-                }
+            // A lease not extended for (nearly) its whole duration may already belong to
+            // another worker: stop the run rather than risk running it twice at once.
+            let margin = s.heartbeat_interval / 2;
+            let expiring: Vec<(String, String)> = {
+                let held = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+                held.iter()
+                    .filter(|(_, h)| h.leased_at.max(last_ok) + s.lease_ttl.saturating_sub(margin) <= Instant::now())
+                    .map(|(id, h)| (id.clone(), h.token.clone()))
+                    .collect()
+            };
+            if !expiring.is_empty() {
+                tracing::warn!(
+                    runs = expiring.len(),
+                    "leases could not be extended in time; stopping those runs"
+                );
+                self.stop(&expiring, false);
             }
         }
     }

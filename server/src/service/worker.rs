@@ -29,14 +29,19 @@ const MAX_HEARTBEAT_LEASES: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct WorkerSvc(pub Arc<Shared>);
 
+/// A reported error made storable. A failure must always be reportable, so what cannot be
+/// stored is trimmed or replaced rather than refused.
 fn error_json(e: Option<&aiki_proto::v1::RunError>, max: usize) -> Result<serde_json::Value> {
     let e = e.ok_or_else(|| Error::InvalidArgument("error is required".into()))?;
-    if e.r#type.len() > 128 {
-        return Err(Error::InvalidArgument("error.type must be at most 128 bytes".into()));
-    }
-    let details = validate::payload("error.details", e.details.as_ref(), max)?;
-    let message: String = e.message.chars().take(16 * 1024).collect();
-    Ok(json!({"type": e.r#type, "message": message, "details": details}))
+    let details = match validate::payload("error.details", e.details.as_ref(), max) {
+        Ok(d) => d,
+        Err(problem) => json!({"dropped": problem.to_string()}),
+    };
+    Ok(json!({
+        "type": validate::text(&e.r#type, 128),
+        "message": validate::text(&e.message, 16 * 1024),
+        "details": details,
+    }))
 }
 
 impl WorkerSvc {
@@ -54,7 +59,15 @@ impl WorkerSvc {
                 break;
             }
             let q = &queues[(start + i) % queues.len()];
-            out.extend(self.0.store.claim(ns, q, want, worker, self.0.config.lease_ttl).await?);
+            match self.0.store.claim(ns, q, want, worker, self.0.config.lease_ttl).await {
+                Ok(runs) => out.extend(runs),
+                // Runs already leased by this poll must reach the worker: answer with them.
+                Err(e) if !out.is_empty() => {
+                    tracing::warn!(error = %e, queue = %q, "claim failed; answering with the runs already leased");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
         }
         for r in &out {
             if let Ok(id) = Uuid::parse_str(&r.run_id) {
@@ -141,10 +154,14 @@ impl WorkerService for WorkerSvc {
         let queues = if req.queues.is_empty() {
             registered
         } else {
-            req.queues
-                .iter()
-                .map(|q| validate::name("queue", q, 128))
-                .collect::<Result<Vec<_>>>()?
+            if let Some(q) = req.queues.iter().find(|q| !registered.contains(q)) {
+                return Err(Error::InvalidArgument(format!(
+                    "queue {q:?} was not given at registration; a worker polls only queues it registered ({})",
+                    registered.join(", ")
+                ))
+                .into());
+            }
+            req.queues.clone()
         };
         let deadline = tokio::time::Instant::now() + wait;
         let notifies: Vec<_> = queues
@@ -224,6 +241,9 @@ impl WorkerService for WorkerSvc {
                 return Err(Error::InvalidArgument("task.output or task.error is required".into()).into());
             }
         };
+        if task.seq > i32::MAX as u32 {
+            return Err(Error::InvalidArgument(format!("task.seq {} is too large", task.seq)).into());
+        }
         let new = NewTask {
             key: validate::name("task.key", &task.key, 512)?,
             name: validate::name("task.name", &task.name, 255)?,
@@ -289,7 +309,7 @@ impl WorkerService for WorkerSvc {
         let id = validate::uuid("run_id", &req.run_id)?;
         let token = validate::uuid("lease_token", &req.lease_token)?;
         let delay = validate::duration("delay", req.delay.as_ref(), Duration::from_secs(86_400))?;
-        let reason: String = req.reason.chars().take(1024).collect();
+        let reason = validate::text(&req.reason, 1024);
         let run = self
             .end_lease(&ns, id, token, LeaseEnd::Release { reason, delay })
             .await?;
@@ -302,7 +322,7 @@ impl WorkerSvc {
     /// its queue's pollers (now or when its retry is due). A duplicate report gets the run as
     /// it is.
     async fn end_lease(&self, ns: &str, id: Uuid, token: Uuid, end: LeaseEnd) -> Result<aiki_proto::v1::Run> {
-        let Some(run) = self.0.store.end_lease(ns, id, token, end).await? else {
+        let Some((run, delay)) = self.0.store.end_lease(ns, id, token, end).await? else {
             return self
                 .0
                 .store
@@ -312,10 +332,9 @@ impl WorkerSvc {
         };
         run_changed(&self.0, id);
         if RunStatus::try_from(run.status) == Ok(RunStatus::Queued) {
-            let due = run.visible_at.and_then(|t| std::time::SystemTime::try_from(t).ok());
             self.0
                 .wakers
-                .queue_ready((run.namespace.clone(), run.queue.clone()), due);
+                .queue_ready((run.namespace.clone(), run.queue.clone()), Some(delay));
         }
         Ok(run)
     }

@@ -24,6 +24,8 @@ use crate::{
 const RECHECK: Duration = Duration::from_millis(500);
 /// Longest `GetRunResult` wait.
 const MAX_RESULT_WAIT: Duration = Duration::from_secs(600);
+/// Most events in one `GetRunHistory` answer or one read of `WatchRun`.
+const HISTORY_PAGE: i64 = 1000;
 /// Most runs in one `StartRuns`.
 const MAX_BATCH: usize = 1000;
 
@@ -141,10 +143,9 @@ impl WorkflowSvc {
         let started = self.0.store.start_runs(&runs).await?;
         for (new, (_, created)) in runs.iter().zip(&started) {
             if *created {
-                let due = (!new.delay.is_zero()).then(|| std::time::SystemTime::now() + new.delay);
                 self.0
                     .wakers
-                    .queue_ready((new.namespace.clone(), new.queue.clone()), due);
+                    .queue_ready((new.namespace.clone(), new.queue.clone()), Some(new.delay));
             }
         }
         Ok(started
@@ -289,8 +290,13 @@ impl WorkflowService for WorkflowSvc {
         }
         let bound = |t: &Option<prost_types::Timestamp>| -> Result<Option<Uuid>> {
             let Some(t) = t else { return Ok(None) };
+            // UUIDv7 holds 48 bits of milliseconds: up to the year 10889.
             let secs = u64::try_from(t.seconds)
-                .map_err(|_| Error::InvalidArgument("created_after/created_before must be after 1970".into()))?;
+                .ok()
+                .filter(|s| *s < (1u64 << 48) / 1000)
+                .ok_or_else(|| {
+                    Error::InvalidArgument("created_after/created_before must be between 1970 and 10000".into())
+                })?;
             let ts = uuid::Timestamp::from_unix(uuid::NoContext, secs, t.nanos.clamp(0, 999_999_999) as u32);
             Ok(Some(min_v7(Uuid::new_v7(ts))))
         };
@@ -320,10 +326,14 @@ impl WorkflowService for WorkflowSvc {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let id = validate::uuid("run_id", &req.run_id)?;
-        if req.reason.len() > 1024 {
-            return Err(Error::InvalidArgument("reason must be at most 1024 bytes".into()).into());
+        if req.reason.chars().count() > 1024 {
+            return Err(Error::InvalidArgument("reason must be at most 1024 characters".into()).into());
         }
-        let run = self.0.store.cancel_run(&ns, id, &req.reason).await?;
+        let run = self
+            .0
+            .store
+            .cancel_run(&ns, id, &validate::text(&req.reason, 1024))
+            .await?;
         run_changed(&self.0, id);
         Ok(Response::new(run))
     }
@@ -336,11 +346,12 @@ impl WorkflowService for WorkflowSvc {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let id = validate::uuid("run_id", &req.run_id)?;
-        let events = self.0.store.history(&ns, id, req.after_seq, 10_000).await?;
+        let events = self.0.store.history(&ns, id, req.after_seq, HISTORY_PAGE).await?;
         if events.is_empty() && req.after_seq <= 0 {
             self.get(&ns, id).await?;
         }
-        Ok(Response::new(GetRunHistoryResponse { events }))
+        let more = events.len() as i64 == HISTORY_PAGE;
+        Ok(Response::new(GetRunHistoryResponse { events, more }))
     }
 
     type WatchRunStream = Pin<Box<dyn Stream<Item = Result<HistoryEvent, Status>> + Send + 'static>>;
@@ -364,8 +375,8 @@ impl WorkflowService for WorkflowSvc {
                     // Read the status first: events written before a terminal status are then
                     // all visible to the history read that follows.
                     let run = shared.store.get_run(&ns, id).await?;
-                    let events = shared.store.history(&ns, id, after, 1000).await?;
-                    let more = events.len() == 1000;
+                    let events = shared.store.history(&ns, id, after, HISTORY_PAGE).await?;
+                    let more = events.len() as i64 == HISTORY_PAGE;
                     for e in events {
                         after = e.seq;
                         if tx.send(Ok(e)).await.is_err() {
@@ -378,7 +389,11 @@ impl WorkflowService for WorkflowSvc {
                     }
                     if !more {
                         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-                        wait_change(&shared, notified, far).await;
+                        tokio::select! {
+                            _ = wait_change(&shared, notified, far) => {}
+                            // The client went away: stop reading for it.
+                            _ = tx.closed() => return Ok(()),
+                        }
                     }
                 }
             }

@@ -174,9 +174,17 @@ impl Store {
         let tx = client.transaction().await?;
         let insert = tx.prepare_cached(sql!("run_insert")).await?;
         let event = tx.prepare_cached(sql!("event_insert")).await?;
-        let mut out = Vec::with_capacity(runs.len());
+        let mut out: Vec<Option<(Run, bool)>> = vec![None; runs.len()];
         let mut notify: Vec<String> = Vec::new();
-        for (i, r) in runs.iter().enumerate() {
+        // Insert in key order, so that two batches sharing keys take their locks in the same
+        // order and cannot deadlock; answer in request order.
+        let mut order: Vec<usize> = (0..runs.len()).collect();
+        order.sort_by(|a, b| {
+            let key = |r: &NewRun| (r.idempotency_key.clone(), r.request_id.clone());
+            key(&runs[*a]).cmp(&key(&runs[*b]))
+        });
+        for i in order {
+            let r = &runs[i];
             let row = tx
                 .query_opt(
                     &insert,
@@ -206,12 +214,11 @@ impl Store {
                     &[&r.namespace, &r.id, &"run_created", &1i32, &None::<Uuid>, &None::<Json>],
                 )
                 .await?;
-                let due = (!r.delay.is_zero()).then(|| row.get::<_, SystemTime>("visible_at"));
-                let payload = crate::wake::ready_payload(&r.namespace, &r.queue, due);
+                let payload = crate::wake::ready_payload(&r.namespace, &r.queue, r.delay);
                 if !notify.contains(&payload) {
                     notify.push(payload);
                 }
-                out.push((run, true));
+                out[i] = Some((run, true));
                 continue;
             }
             // Taken: the conflicting insert has committed (ON CONFLICT waited for it), so this
@@ -244,7 +251,7 @@ impl Store {
                      use another key, or conflict policy RETURN_EXISTING to get that run"
                 )));
             }
-            out.push((run_from_row(&existing)?, false));
+            out[i] = Some((run_from_row(&existing)?, false));
         }
         if !notify.is_empty() {
             let stmt = tx.prepare_cached(sql!("notify_ready")).await?;
@@ -253,7 +260,7 @@ impl Store {
             }
         }
         tx.commit().await?;
-        Ok(out)
+        Ok(out.into_iter().flatten().collect())
     }
 
     /// A run by id.
@@ -499,31 +506,35 @@ impl Store {
     }
 
     /// Ends the lease `token` of a running run by failure or release, deciding retry, failure
-    /// or cancellation. Returns the updated run, or `None` for a duplicate report.
+    /// or cancellation. Returns the updated run and, if it is queued again, how long until it is
+    /// visible; or `None` for a duplicate report.
     #[instrument(name = "store.run.end_lease", skip_all)]
-    pub async fn end_lease(&self, namespace: &str, id: Uuid, token: Uuid, end: LeaseEnd) -> Result<Option<Run>> {
+    pub async fn end_lease(
+        &self,
+        namespace: &str,
+        id: Uuid,
+        token: Uuid,
+        end: LeaseEnd,
+    ) -> Result<Option<(Run, Duration)>> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let row = tx
-            .query_opt(
-                &tx.prepare_cached(sql!("run_get_for_update")).await?,
-                &[&namespace, &id],
-            )
-            .await?
-            .ok_or_else(|| not_found(id))?;
         let kind = match &end {
             LeaseEnd::Fail { .. } => "fail",
             LeaseEnd::Release { .. } => "release",
         };
-        let status: String = row.get("status");
-        let row_token: Option<Uuid> = row.get("lease_token");
-        if status != "running" || row_token != Some(token) {
+        let locked = tx
+            .query_opt(
+                &tx.prepare_cached(sql!("run_lock_lease")).await?,
+                &[&namespace, &id, &token],
+            )
+            .await?;
+        let Some(row) = locked else {
             drop(tx);
             return self
                 .refusal(&client, namespace, id, token, Some(kind))
                 .await
                 .map(|()| None);
-        }
+        };
         let attempt: i32 = row.get("attempt");
         let owner: Option<Uuid> = row.get("lease_owner");
         let cancel_requested: bool = row.get("cancel_requested");
@@ -596,13 +607,12 @@ impl Store {
         .await?;
         if next == "queued" {
             let queue: String = updated.get("queue");
-            let due = (!delay.is_zero()).then(|| updated.get::<_, SystemTime>("visible_at"));
-            let payload = crate::wake::ready_payload(namespace, &queue, due);
+            let payload = crate::wake::ready_payload(namespace, &queue, delay);
             tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
                 .await?;
         }
         tx.commit().await?;
-        Ok(Some(run_from_row(&updated)?))
+        Ok(Some((run_from_row(&updated)?, delay)))
     }
 
     /// Called when a report under `token` did not apply: `Ok(())` if it duplicates the report
@@ -662,7 +672,7 @@ impl Store {
             .collect();
         let mut sent: Vec<String> = Vec::new();
         for e in expired.iter().filter(|e| e.status == "queued") {
-            let payload = crate::wake::ready_payload(&e.namespace, &e.queue, None);
+            let payload = crate::wake::ready_payload(&e.namespace, &e.queue, Duration::ZERO);
             if !sent.contains(&payload) {
                 tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
                     .await?;
@@ -701,14 +711,20 @@ impl Store {
 
     /// The earliest future visibility of each queue (to arm timers at start).
     #[instrument(name = "store.queues.next_visible", skip_all)]
-    pub async fn next_visible(&self) -> Result<Vec<(String, String, SystemTime)>> {
+    pub async fn next_visible(&self) -> Result<Vec<(String, String, Duration)>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("next_visible")).await?;
         Ok(client
             .query(&stmt, &[])
             .await?
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    Duration::from_millis(r.get::<_, i64>(2).max(0) as u64),
+                )
+            })
             .collect())
     }
 

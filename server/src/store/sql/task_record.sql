@@ -1,9 +1,11 @@
--- Records a task result if ($3) is the run's current lease; holds the run row (FOR SHARE) so
--- the lease cannot end between the check and the insert. A task already recorded is kept.
+-- Records a task result if ($3) is the run's current lease; locks the run row so that the lease
+-- cannot end between the check and the insert, and so that the reports of one run (and their
+-- history events) are written one after another, in `seq` order. A task already recorded is
+-- kept.
 WITH run AS (
     SELECT namespace, id, attempt, lease_owner FROM runs
     WHERE namespace = $1 AND id = $2 AND lease_token = $3 AND status = 'running'
-    FOR SHARE
+    FOR NO KEY UPDATE
 ), inserted AS (
     INSERT INTO run_tasks (namespace, run_id, task_key, name, seq, output, error, attempt)
     SELECT namespace, id, $4, $5, $6, $7, $8, attempt FROM run
