@@ -246,8 +246,13 @@ impl Client {
         .await
     }
 
-    fn handle(&self, r: v1::StartRunResponse) -> RunHandle {
-        let run: Run = r.run.unwrap_or_default().into();
+    /// A handle from a start's answer; `input` is the one sent (not sent back for new runs).
+    fn handle(&self, r: v1::StartRunResponse, input: Option<&prost_types::Value>) -> RunHandle {
+        let mut raw = r.run.unwrap_or_default();
+        if raw.input.is_none() {
+            raw.input = input.cloned();
+        }
+        let run: Run = raw.into();
         RunHandle {
             client: self.clone(),
             id: run.id.clone(),
@@ -260,23 +265,30 @@ impl Client {
     /// the same key and input returns the first run (`created == false`).
     pub async fn start_run<I: Serialize>(&self, workflow: &str, input: &I, opts: StartOptions) -> Result<RunHandle> {
         let req = self.start_request(workflow, input, &opts)?;
+        let input = req.input.clone();
         let resp = self.call(req, |mut c, r| async move { c.start_run(r).await }).await?;
-        Ok(self.handle(resp))
+        Ok(self.handle(resp, input.as_ref()))
     }
 
     /// Starts many runs in one round trip and one transaction (all or none).
     pub async fn start_runs<I: Serialize>(&self, runs: &[(&str, I, StartOptions)]) -> Result<Vec<RunHandle>> {
-        let runs = runs
+        let runs: Vec<StartRunRequest> = runs
             .iter()
             .map(|(w, i, o)| self.start_request(w, i, o))
             .collect::<Result<_>>()?;
+        let inputs: Vec<_> = runs.iter().map(|r| r.input.clone()).collect();
         let resp = self
             .call(
                 StartRunsRequest { runs },
                 |mut c, r| async move { c.start_runs(r).await },
             )
             .await?;
-        Ok(resp.results.into_iter().map(|r| self.handle(r)).collect())
+        Ok(resp
+            .results
+            .into_iter()
+            .zip(&inputs)
+            .map(|(r, input)| self.handle(r, input.as_ref()))
+            .collect())
     }
 
     async fn get_by(&self, r: get_run_request::Ref) -> Result<Run> {

@@ -91,9 +91,10 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    // Messages may carry a payload of the limit plus envelope; anything larger is refused by
-    // the transport before it is decoded.
-    let max_message = config.max_payload_bytes.saturating_mul(2).saturating_add(64 * 1024);
+    // The transport refuses messages over this before decoding them (OUT_OF_RANGE); payloads
+    // over `max_payload_bytes` inside smaller messages get RESOURCE_EXHAUSTED from validation.
+    // A StartRuns batch may carry many payloads, hence the generous bound.
+    let max_message = MAX_MESSAGE_BYTES.max(config.max_payload_bytes.saturating_mul(4));
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "aiki-server listening");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

@@ -44,20 +44,40 @@ impl<K: Hash + Eq + Clone> Default for WakeMap<K> {
     }
 }
 
-impl<K: Hash + Eq + Clone> WakeMap<K> {
-    /// The notify of `key`, created if needed. Pair with [`Self::release`] for keys that come
-    /// and go (runs); queue keys may stay.
-    pub fn subscribe(&self, key: &K) -> Arc<Notify> {
-        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(key.clone()).or_default().clone()
-    }
+/// Interest in the wake-ups of one key; the entry goes when its last subscription is dropped.
+#[derive(Debug)]
+pub struct Subscription<'a, K: Hash + Eq + Clone> {
+    map: &'a WakeMap<K>,
+    key: K,
+    notify: Option<Arc<Notify>>,
+}
 
-    /// Drops a subscription, removing the entry when nobody else holds it.
-    pub fn release(&self, key: &K, notify: Arc<Notify>) {
-        drop(notify);
+impl<K: Hash + Eq + Clone> Subscription<'_, K> {
+    /// The key's notify: arm `notified()` before looking, then await it.
+    pub fn notify(&self) -> &Notify {
+        self.notify.as_deref().expect("present until drop")
+    }
+}
+
+impl<K: Hash + Eq + Clone> Drop for Subscription<'_, K> {
+    fn drop(&mut self) {
+        drop(self.notify.take());
+        let mut map = self.map.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&self.key).is_some_and(|n| Arc::strong_count(n) == 1) {
+            map.remove(&self.key);
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> WakeMap<K> {
+    /// Subscribes to the wake-ups of `key`.
+    pub fn subscribe(&self, key: &K) -> Subscription<'_, K> {
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(key).is_some_and(|n| Arc::strong_count(n) == 1) {
-            map.remove(key);
+        let notify = map.entry(key.clone()).or_default().clone();
+        Subscription {
+            map: self,
+            key: key.clone(),
+            notify: Some(notify),
         }
     }
 
@@ -323,7 +343,7 @@ mod tests {
         let w = Wakers::new(shutdown.clone());
         let key = ("default".to_owned(), "q".to_owned());
         let n = w.queues.subscribe(&key);
-        let notified = n.notified();
+        let notified = n.notify().notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         let started = Instant::now();

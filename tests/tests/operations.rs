@@ -280,3 +280,45 @@ async fn the_claim_walks_its_partial_index_without_sorting_the_queue() {
     assert!(plan.contains("runs_ready"), "the claim uses the ready index:\n{plan}");
     assert!(!plan.contains("Sort"), "the claim does not sort the queue:\n{plan}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_answer_stays_near_its_size_budget() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    // 200 runs of about 1 MB each: one poll for all of them would answer 200 MB.
+    let blob = "x".repeat(1024 * 1024);
+    for chunk in 0..10 {
+        let runs = (0..20)
+            .map(|i| start_req("big", json!({"i": chunk * 20 + i, "blob": blob})))
+            .collect();
+        wf.start_runs(StartRunsRequest { runs }).await.unwrap();
+    }
+    let w = RawWorker::register(&server, &["default"]).await;
+    let mut client = w.client.clone().max_decoding_message_size(512 * 1024 * 1024);
+    let runs = client
+        .poll_tasks(aiki_proto::v1::PollTasksRequest {
+            namespace: String::new(),
+            worker_id: w.id.clone(),
+            queues: vec![],
+            max_runs: 1000,
+            wait: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert!(!runs.is_empty());
+    assert!(
+        runs.len() < 200,
+        "the answer was cut short of 200 MB ({} runs)",
+        runs.len()
+    );
+    let pg = db.connect().await;
+    let running: i64 = pg
+        .query_one("SELECT count(*) FROM runs WHERE status = 'running'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(running as usize, runs.len(), "every run leased is in the answer");
+}

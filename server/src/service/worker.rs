@@ -23,6 +23,11 @@ use crate::{
 
 /// Most runs one poll may lease.
 const MAX_POLL_BATCH: u32 = 1000;
+/// Most runs leased by a poll's first claim statement; later ones are sized by what the first
+/// runs weighed.
+const FIRST_CLAIM_CHUNK: u32 = 16;
+/// A poll stops leasing more runs once its answer is this large.
+const REPLY_BUDGET: usize = 16 * 1024 * 1024;
 /// Most leases one heartbeat may name.
 const MAX_HEARTBEAT_LEASES: usize = 10_000;
 
@@ -53,20 +58,37 @@ impl WorkerSvc {
         } else {
             0
         };
-        for i in 0..queues.len() {
-            let want = max - out.len() as u32;
-            if want == 0 {
-                break;
-            }
+        let mut size = 0;
+        'queues: for i in 0..queues.len() {
             let q = &queues[(start + i) % queues.len()];
-            match self.0.store.claim(ns, q, want, worker, self.0.config.lease_ttl).await {
-                Ok(runs) => out.extend(runs),
-                // Runs already leased by this poll must reach the worker: answer with them.
-                Err(e) if !out.is_empty() => {
-                    tracing::warn!(error = %e, queue = %q, "claim failed; answering with the runs already leased");
-                    break;
+            loop {
+                // Claimed in chunks sized by what the runs claimed so far weigh, so that the
+                // answer stays near REPLY_BUDGET: every run carries its input and recorded tasks.
+                let chunk = match out.len() {
+                    0 => FIRST_CLAIM_CHUNK,
+                    n => ((REPLY_BUDGET.saturating_sub(size)) / (size / n).max(1)).clamp(1, MAX_POLL_BATCH as usize)
+                        as u32,
+                };
+                let want = (max - out.len() as u32).min(chunk);
+                if want == 0 || size >= REPLY_BUDGET {
+                    break 'queues;
                 }
-                Err(e) => return Err(e),
+                match self.0.store.claim(ns, q, want, worker, self.0.config.lease_ttl).await {
+                    Ok(runs) => {
+                        let got = runs.len() as u32;
+                        size += runs.iter().map(prost::Message::encoded_len).sum::<usize>();
+                        out.extend(runs);
+                        if got < want {
+                            break;
+                        }
+                    }
+                    // Runs already leased by this poll must reach the worker: answer with them.
+                    Err(e) if !out.is_empty() => {
+                        tracing::warn!(error = %e, queue = %q, "claim failed; answering with the runs already leased");
+                        break 'queues;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         for r in &out {
@@ -164,13 +186,13 @@ impl WorkerService for WorkerSvc {
             req.queues.clone()
         };
         let deadline = tokio::time::Instant::now() + wait;
-        let notifies: Vec<_> = queues
+        let subscriptions: Vec<_> = queues
             .iter()
             .map(|q| self.0.wakers.queues.subscribe(&(ns.clone(), q.clone())))
             .collect();
         loop {
             // Register for wake-ups before looking, so that a run started in between is not missed.
-            let mut waits: Vec<_> = notifies.iter().map(|n| Box::pin(n.notified())).collect();
+            let mut waits: Vec<_> = subscriptions.iter().map(|s| Box::pin(s.notify().notified())).collect();
             for w in &mut waits {
                 w.as_mut().enable();
             }

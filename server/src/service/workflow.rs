@@ -148,11 +148,17 @@ impl WorkflowSvc {
                     .queue_ready((new.namespace.clone(), new.queue.clone()), Some(new.delay));
             }
         }
+        // A created run's input is what the caller just sent: not sent back.
         Ok(started
             .into_iter()
-            .map(|(run, created)| StartRunResponse {
-                run: Some(run),
-                created,
+            .map(|(mut run, created)| {
+                if created {
+                    run.input = None;
+                }
+                StartRunResponse {
+                    run: Some(run),
+                    created,
+                }
             })
             .collect())
     }
@@ -252,7 +258,7 @@ impl WorkflowService for WorkflowSvc {
         let notify = self.0.wakers.runs.subscribe(&id);
         let result = async {
             loop {
-                let notified = notify.notified();
+                let notified = notify.notify().notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 let run = self.get(&ns, id).await?;
@@ -264,7 +270,6 @@ impl WorkflowService for WorkflowSvc {
             }
         }
         .await;
-        self.0.wakers.runs.release(&id, notify);
         result.map(Response::new).map_err(|e: Error| e.into())
     }
 
@@ -369,7 +374,7 @@ impl WorkflowService for WorkflowSvc {
             let notify = shared.wakers.runs.subscribe(&id);
             let result: Result<()> = async {
                 loop {
-                    let notified = notify.notified();
+                    let notified = notify.notify().notified();
                     tokio::pin!(notified);
                     notified.as_mut().enable();
                     // Read the status first: events written before a terminal status are then
@@ -401,7 +406,6 @@ impl WorkflowService for WorkflowSvc {
             if let Err(e) = result {
                 let _ = tx.send(Err(e.into())).await;
             }
-            shared.wakers.runs.release(&id, notify);
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
