@@ -170,7 +170,7 @@ impl WorkerService for WorkerSvc {
         let wait =
             validate::duration("wait", req.wait.as_ref(), Duration::from_secs(3600))?.min(self.0.config.max_poll_wait);
         let registered =
-            self.0.store.touch_worker(&ns, worker).await?.ok_or_else(|| {
+            self.0.store.worker_queues(&ns, worker).await?.ok_or_else(|| {
                 Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"))
             })?;
         let queues = if req.queues.is_empty() {

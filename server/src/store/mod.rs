@@ -387,11 +387,11 @@ impl Store {
         Ok(id)
     }
 
-    /// Marks a worker as seen; returns its registered queues, or `None` if it is unknown.
-    #[instrument(name = "store.worker.touch", skip_all)]
-    pub async fn touch_worker(&self, namespace: &str, id: Uuid) -> Result<Option<Vec<String>>> {
+    /// A worker's registered queues, or `None` if it is unknown.
+    #[instrument(name = "store.worker.queues", skip_all)]
+    pub async fn worker_queues(&self, namespace: &str, id: Uuid) -> Result<Option<Vec<String>>> {
         let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(sql!("worker_touch")).await?;
+        let stmt = client.prepare_cached(sql!("worker_queues")).await?;
         Ok(client.query_opt(&stmt, &[&namespace, &id]).await?.map(|r| r.get(0)))
     }
 
