@@ -323,3 +323,37 @@ where
 
 /// A shared counter map, for side effects: how many times each key ran.
 pub type Counts = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+/// Starts a run with the raw client and returns its id.
+pub async fn start_id(client: &mut WorkflowServiceClient<Channel>, req: StartRunRequest) -> String {
+    client
+        .start_run(req)
+        .await
+        .expect("start")
+        .into_inner()
+        .run
+        .expect("run")
+        .id
+}
+
+/// A task result with an output, as a worker reports it.
+pub fn task_output(key: &str, name: &str, seq: u32, output: serde_json::Value) -> aiki_proto::v1::TaskResult {
+    aiki_proto::v1::TaskResult {
+        key: key.into(),
+        name: name.into(),
+        seq,
+        result: Some(aiki_proto::v1::task_result::Result::Output(aiki_proto::json_to_value(
+            &output,
+        ))),
+    }
+}
+
+/// Sends `()` when dropped: tells a test that a workflow's execution was stopped.
+#[derive(Debug)]
+pub struct OnDrop(pub tokio::sync::mpsc::UnboundedSender<()>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}

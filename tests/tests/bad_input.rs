@@ -5,7 +5,7 @@ use std::time::Duration;
 use aiki_proto::v1::{
     CancelRunRequest, CompleteRunRequest, FailRunRequest, GetRunHistoryRequest, GetRunRequest, GetRunResultRequest,
     HeartbeatRequest, Lease, ListRunsRequest, PollTasksRequest, RecordTaskRequest, RegisterWorkerRequest, RetryPolicy,
-    StartRunRequest, StartRunsRequest, TaskResult, WatchRunRequest, get_run_request, task_result,
+    StartRunRequest, StartRunsRequest, TaskResult, WatchRunRequest, get_run_request,
 };
 use aiki_tests::{RawWorker, TestDb, TestServer, start_req};
 use prost_types::{Value, value::Kind};
@@ -231,22 +231,10 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     check("malformed lease token", wk.heartbeat(hb).await, Code::InvalidArgument);
 
     // Reports under a wrong lease.
-    let id = wf
-        .start_run(start_req("w", json!({"ok": true})))
-        .await
-        .unwrap()
-        .into_inner()
-        .run
-        .unwrap()
-        .id;
+    let id = aiki_tests::start_id(&mut wf, start_req("w", json!({"ok": true}))).await;
     let lease = w.poll(1, Duration::ZERO).await.pop().unwrap();
     let wrong = uuid::Uuid::new_v4().to_string();
-    let task = TaskResult {
-        key: "k".into(),
-        name: "t".into(),
-        seq: 0,
-        result: Some(task_result::Result::Output(aiki_proto::json_to_value(&json!(1)))),
-    };
+    let task = aiki_tests::task_output("k", "t", 0, json!(1));
     let record = |token: &str, task: Option<TaskResult>| RecordTaskRequest {
         namespace: String::new(),
         run_id: id.clone(),

@@ -43,12 +43,7 @@ async fn cancelling_a_running_run_stops_it_on_its_worker() {
         .unwrap();
     let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
     let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel::<()>();
-    struct OnDrop(tokio::sync::mpsc::UnboundedSender<()>);
-    impl Drop for OnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.send(());
-        }
-    }
+    use aiki_tests::OnDrop;
     let shutdown = CancellationToken::new();
     let worker = aiki_worker::WorkerBuilder::new(server.url())
         .register("forever", move |_ctx: aiki::Context, _: serde_json::Value| {

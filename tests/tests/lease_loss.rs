@@ -3,10 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use aiki_proto::v1::{
-    CompleteRunRequest, GetRunResultRequest, HeartbeatRequest, Lease, RecordTaskRequest, RunStatus, TaskResult,
-    task_result,
-};
+use aiki_proto::v1::{CompleteRunRequest, GetRunResultRequest, HeartbeatRequest, Lease, RecordTaskRequest, RunStatus};
 use aiki_tests::{Counts, RawWorker, TestDb, TestServer, start_req};
 use aiki_worker::WorkerBuilder;
 use serde_json::json;
@@ -22,14 +19,7 @@ async fn a_silent_worker_loses_its_lease_and_its_reports_are_refused() {
     let db = TestDb::new().await;
     let server = TestServer::start(&db).await;
     let mut wf = server.workflows().await;
-    let id = wf
-        .start_run(start_req("pay", json!({})))
-        .await
-        .unwrap()
-        .into_inner()
-        .run
-        .unwrap()
-        .id;
+    let id = aiki_tests::start_id(&mut wf, start_req("pay", json!({}))).await;
 
     let a = RawWorker::register(&server, &["default"]).await;
     let leased_a = a.poll(1, Duration::ZERO).await.pop().expect("A gets the run");
@@ -45,12 +35,7 @@ async fn a_silent_worker_loses_its_lease_and_its_reports_are_refused() {
     assert_ne!(leased_b.lease_token, leased_a.lease_token);
 
     // A comes back: every report it makes is refused and changes nothing.
-    let task = TaskResult {
-        key: "charge#0#0".into(),
-        name: "charge".into(),
-        seq: 0,
-        result: Some(task_result::Result::Output(aiki_proto::json_to_value(&json!("from A")))),
-    };
+    let task = aiki_tests::task_output("charge#0#0", "charge", 0, json!("from A"));
     let err = a
         .client
         .clone()
@@ -143,14 +128,7 @@ async fn a_run_that_keeps_losing_its_lease_ends_failed() {
     config.max_lease_expirations = 2;
     let server = TestServer::start_with(config).await;
     let mut wf = server.workflows().await;
-    let id = wf
-        .start_run(start_req("crashy", json!({})))
-        .await
-        .unwrap()
-        .into_inner()
-        .run
-        .unwrap()
-        .id;
+    let id = aiki_tests::start_id(&mut wf, start_req("crashy", json!({}))).await;
     let w = RawWorker::register(&server, &["default"]).await;
     for _ in 0..3 {
         assert_eq!(

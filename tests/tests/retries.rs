@@ -112,14 +112,7 @@ async fn non_retryable_failures_end_the_run_at_once() {
     let w = RawWorker::register(&server, &["default"]).await;
 
     // Flagged by the worker.
-    let id = wf
-        .start_run(start_req("x", json!(1)))
-        .await
-        .unwrap()
-        .into_inner()
-        .run
-        .unwrap()
-        .id;
+    let id = aiki_tests::start_id(&mut wf, start_req("x", json!(1))).await;
     let lease = w.poll(1, Duration::ZERO).await.pop().unwrap();
     let resp = w
         .client
@@ -205,14 +198,7 @@ async fn duplicate_reports_succeed_and_apply_once() {
     let db = TestDb::new().await;
     let server = TestServer::start(&db).await;
     let mut wf = server.workflows().await;
-    let id = wf
-        .start_run(start_req("dup", json!({})))
-        .await
-        .unwrap()
-        .into_inner()
-        .run
-        .unwrap()
-        .id;
+    let id = aiki_tests::start_id(&mut wf, start_req("dup", json!({}))).await;
     let w = RawWorker::register(&server, &["default"]).await;
     let lease = w.poll(1, Duration::ZERO).await.pop().unwrap();
 
@@ -221,14 +207,7 @@ async fn duplicate_reports_succeed_and_apply_once() {
         namespace: String::new(),
         run_id: id.clone(),
         lease_token: lease.lease_token.clone(),
-        task: Some(aiki_proto::v1::TaskResult {
-            key: "charge#1#0".into(),
-            name: "charge".into(),
-            seq: 0,
-            result: Some(aiki_proto::v1::task_result::Result::Output(aiki_proto::json_to_value(
-                &output,
-            ))),
-        }),
+        task: Some(aiki_tests::task_output("charge#1#0", "charge", 0, output)),
     };
     let first = w
         .client

@@ -123,12 +123,7 @@ async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
         .unwrap();
     let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
     let (stopped_tx, mut stopped) = tokio::sync::mpsc::unbounded_channel::<()>();
-    struct OnDrop(tokio::sync::mpsc::UnboundedSender<()>);
-    impl Drop for OnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.send(());
-        }
-    }
+    use aiki_tests::OnDrop;
     let shutdown = CancellationToken::new();
     let worker = WorkerBuilder::new(server.url())
         .register("stuck", move |_ctx: Context, _: serde_json::Value| {
