@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 export PATH="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin:$PATH"
 
 cargo build --workspace --all-targets
-target/debug/aiki dev postgres >/dev/null
+# The tests' own PostgreSQL, if one is named; else the local one, started or installed.
+if [ -z "${AIKI_TEST_DATABASE_URL:-}" ]; then
+    target/debug/aiki dev postgres >/dev/null
+fi
 
 if ! command -v grpcurl >/dev/null 2>&1; then
     echo "installing grpcurl (cargo install --locked grpcurl-rs)…" >&2

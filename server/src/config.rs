@@ -38,6 +38,10 @@ pub struct Config {
     /// How long shutdown waits for in-flight calls before it stops anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How often `GetRunResult` and `WatchRun` re-read a run they wait for, to see changes made
+    /// through other server replicas (changes made through this one wake them at once).
+    #[serde(with = "humantime_serde")]
+    pub recheck_interval: Duration,
 }
 
 /// The server-wide default retry policy.
@@ -85,6 +89,7 @@ impl Default for Config {
             max_payload_bytes: 2 * 1024 * 1024,
             default_retry: RetryDefaults::default(),
             shutdown_grace: Duration::from_secs(30),
+            recheck_interval: Duration::from_millis(500),
         }
     }
 }
@@ -114,6 +119,7 @@ impl Config {
             self.lease_ttl
         );
         anyhow::ensure!(!self.reaper_interval.is_zero(), "reaper_interval must be positive");
+        anyhow::ensure!(!self.recheck_interval.is_zero(), "recheck_interval must be positive");
         anyhow::ensure!(
             self.max_payload_bytes >= 1024,
             "max_payload_bytes must be at least 1024"
@@ -170,6 +176,9 @@ pub struct Args {
     /// Grace period for in-flight calls at shutdown [default: 30s].
     #[arg(long, env = "AIKI_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// How often result and watch waiters re-read their run [default: 500ms].
+    #[arg(long, env = "AIKI_RECHECK_INTERVAL", value_parser = humantime::parse_duration)]
+    pub recheck_interval: Option<Duration>,
 }
 
 impl Args {
@@ -198,7 +207,8 @@ impl Args {
             max_lease_expirations,
             reaper_interval,
             max_payload_bytes,
-            shutdown_grace
+            shutdown_grace,
+            recheck_interval
         );
         if self.no_migrate {
             c.migrate = false;
@@ -228,6 +238,7 @@ mod tests {
         assert_eq!(c.lease_ttl, Duration::from_secs(45));
         assert_eq!(c.pool_size, 9);
         assert_eq!(c.default_retry.max_attempts, 7);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

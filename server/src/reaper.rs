@@ -36,11 +36,9 @@ pub async fn run(shared: Arc<Shared>, pg: tokio_postgres::Config, shutdown: Canc
 async fn lead(shared: &Shared, pg: &tokio_postgres::Config, shutdown: &CancellationToken) -> Result<(), String> {
     let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
     let conn = tokio::spawn(conn);
-    let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&REAPER_LOCK])
+    let got = crate::store::session::try_lock(&client, REAPER_LOCK)
         .await
-        .map_err(|e| e.to_string())?
-        .get(0);
+        .map_err(|e| e.to_string())?;
     if !got {
         conn.abort();
         return Ok(());

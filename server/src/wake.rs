@@ -27,9 +27,6 @@ use futures::StreamExt;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-/// The channel of ready-queue notifications.
-pub const READY_CHANNEL: &str = "aiki_ready";
-
 /// Waiters keyed by `K`, each key with one shared [`Notify`].
 #[derive(Debug)]
 pub struct WakeMap<K> {
@@ -239,7 +236,7 @@ impl Timers {
     }
 }
 
-/// Listens on [`READY_CHANNEL`] with a dedicated connection and wakes local pollers. After
+/// Listens on the channel `aiki_ready` (`store/sql/listen_ready.sql`) with a dedicated connection and wakes local pollers. After
 /// each (re)connection it wakes every poller and re-arms the timers of delayed runs (a
 /// notification may have been missed meanwhile), and it checks the connection every 30 s so a
 /// half-open one is noticed. Reconnects with backoff.
@@ -299,10 +296,7 @@ async fn listen_once(
         }
     });
     let result = async {
-        client
-            .batch_execute(&format!("LISTEN {READY_CHANNEL}"))
-            .await
-            .map_err(|e| (false, e.to_string()))?;
+        crate::store::session::listen_ready(&client).await.map_err(|e| (false, e.to_string()))?;
         tracing::debug!("listening for ready notifications");
         // Whatever became ready, or was delayed, while we were not listening.
         wakers.queues.wake_all();
@@ -320,7 +314,7 @@ async fn listen_once(
                     None => return Err((true, "the connection closed".to_owned())),
                 },
                 _ = check.tick() => {
-                    let ping = tokio::time::timeout(Duration::from_secs(10), client.simple_query("SELECT 1")).await;
+                    let ping = tokio::time::timeout(Duration::from_secs(10), crate::store::session::ping(&client)).await;
                     if !matches!(ping, Ok(Ok(_))) {
                         return Err((true, "the connection stopped answering".to_owned()));
                     }
@@ -348,7 +342,9 @@ mod tests {
         notified.as_mut().enable();
         let started = Instant::now();
         w.on_payload(&ready_payload("default", "q", Duration::from_millis(50)));
-        notified.await;
+        tokio::time::timeout(Duration::from_secs(5), notified)
+            .await
+            .expect("the timer fired");
         assert!(
             started.elapsed() >= Duration::from_millis(40),
             "woken before its due time"

@@ -150,9 +150,12 @@ impl Drop for TestDb {
                 .expect("runtime");
             rt.block_on(async {
                 let client = admin().await;
-                let _ = client
+                if let Err(e) = client
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
+                    .await
+                {
+                    eprintln!("could not drop test database {name}: {e}");
+                }
             });
         })
         .join();

@@ -11,7 +11,9 @@ use tokio::{
     sync::Mutex,
 };
 
-/// A child process whose output lines are collected as they come.
+/// A child process whose output lines are collected as they come. Dropped while it runs (a
+/// failed test), it gets SIGTERM first, so that one that started processes of its own (`aiki
+/// dev`) stops them too, and SIGKILL if it is still there after 15 s.
 struct Proc {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
@@ -68,15 +70,19 @@ impl Proc {
         }
     }
 
+    fn signal_term(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
     /// Sends SIGTERM and waits for a clean exit.
     async fn terminate(mut self) {
-        let pid = self.child.id().expect("running");
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .await
-            .unwrap();
+        assert!(self.child.id().is_some(), "still running before SIGTERM");
+        self.signal_term();
         let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
             .expect("exits")
@@ -113,6 +119,23 @@ async fn server(db: &TestDb) -> (Proc, String) {
         .unwrap()
         .to_owned();
     (p, addr)
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        self.signal_term();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.start_kill();
+    }
 }
 
 fn worker(config: &Path, addr: &str) -> Proc {

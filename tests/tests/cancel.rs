@@ -22,7 +22,7 @@ async fn cancelling_a_queued_run_ends_it_at_once() {
         run.result::<()>(Duration::ZERO).await,
         Err(aiki::Error::RunCancelled { .. })
     ));
-    // Idempotent; and a finished run cannot be cancelled.
+    // Cancelling again is fine (idempotent), and the history ends with the cancellation.
     assert_eq!(
         client.cancel(&run.id, "").await.unwrap().status,
         aiki::RunStatus::Cancelled

@@ -11,7 +11,12 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_workers_complete_two_thousand_runs_exactly_once() {
     let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
+    // Leases long enough that a loaded machine cannot make one expire: a second execution
+    // would then be the engine's fault, not the test's.
+    let mut config = aiki_tests::Config::for_test(&db.url);
+    config.lease_ttl = Duration::from_secs(60);
+    config.heartbeat_interval = Duration::from_secs(5);
+    let server = TestServer::start_with(config).await;
     let mut wf = server.workflows().await;
     for chunk in 0..4 {
         let runs = (0..500)

@@ -112,9 +112,10 @@ async fn the_worker_reconnects_when_the_server_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
     let db = TestDb::new().await;
-    // A lost lease ends the run, so that no worker leases it again during the test.
+    // No reaper pass during the test: the expired lease keeps its token and the run stays
+    // `running`, so any report the worker made would be accepted and would show in the history.
     let mut config = aiki_tests::Config::for_test(&db.url);
-    config.max_lease_expirations = 0;
+    config.reaper_interval = Duration::from_secs(3600);
     let server = TestServer::start_with(config).await;
     let client = server.client().await;
     let run = client
@@ -155,8 +156,9 @@ async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
         .await
         .expect("the run was stopped");
     shutdown.cancel();
+    // When `run` returns, whatever the worker was going to report has been sent.
     task.await.unwrap().unwrap();
-    let run = client.wait(&run.id, Duration::from_secs(5)).await.unwrap();
+    let run = client.get(&run.id).await.unwrap();
     let events: Vec<String> = pg
         .query("SELECT type FROM run_events WHERE run_id = $1 ORDER BY seq", &[&id])
         .await
@@ -166,11 +168,10 @@ async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
         .collect();
     assert_eq!(
         events,
-        ["run_created", "run_leased", "lease_expired", "run_failed"],
-        "the worker reported nothing about a run it lost; the reaper ended it"
+        ["run_created", "run_leased"],
+        "the worker reported nothing about a run it lost"
     );
-    assert_eq!(run.status, aiki::RunStatus::Failed);
-    assert_eq!(run.error.unwrap().kind, "LeaseExpired");
+    assert_eq!(run.status, aiki::RunStatus::Running, "left for the reaper");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,7 +279,12 @@ async fn repeated_tasks_in_a_loop_replay_and_reordered_tasks_are_detected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_leases_a_run_again_stops_its_earlier_execution() {
     let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
+    // Heartbeats so rare that the worker learns nothing from them during the test: only the
+    // second lease can make it stop the first execution.
+    let mut config = aiki_tests::Config::for_test(&db.url);
+    config.lease_ttl = Duration::from_secs(120);
+    config.heartbeat_interval = Duration::from_secs(60);
+    let server = TestServer::start_with(config).await;
     let client = server.client().await;
     let run = client
         .start_run("stuck", &json!({}), aiki::StartOptions::default())

@@ -243,6 +243,10 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.kind, "ExitStatus");
         assert!(e.message.contains("nope"), "{}", e.message);
+        assert_eq!(
+            e.details.as_ref().and_then(|d| d.get("exit_code")),
+            Some(&serde_json::json!(2))
+        );
         assert!(!e.non_retryable);
         let e = exec(&spec(&["sh", "-c", "exit 3"]), "r".into(), 1, serde_json::Value::Null)
             .await
@@ -265,7 +269,7 @@ mod tests {
         let pidfile = dir.join("grandchild.pid");
         let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
         let mut s = spec(&["sh", "-c", &script]);
-        s.timeout = Duration::from_millis(300);
+        s.timeout = Duration::from_secs(2);
         let e = exec(&s, "r".into(), 1, serde_json::Value::Null).await.unwrap_err();
         assert_eq!(e.kind, "Timeout");
         let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();

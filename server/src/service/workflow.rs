@@ -20,8 +20,6 @@ use crate::{
     validate,
 };
 
-/// Waiters re-check this often for changes made by other server replicas.
-const RECHECK: Duration = Duration::from_millis(500);
 /// Longest `GetRunResult` wait.
 const MAX_RESULT_WAIT: Duration = Duration::from_secs(600);
 /// Most events in one `GetRunHistory` answer or one read of `WatchRun`.
@@ -172,7 +170,7 @@ impl WorkflowSvc {
     }
 }
 
-/// Waits until `notify` fires, `RECHECK` passes, `deadline` comes or the server shuts down.
+/// Waits until `notify` fires, `recheck_interval` passes, `deadline` comes or the server shuts down.
 async fn wait_change(
     shared: &Shared,
     notified: Pin<&mut tokio::sync::futures::Notified<'_>>,
@@ -180,7 +178,7 @@ async fn wait_change(
 ) {
     tokio::select! {
         _ = notified => {}
-        _ = tokio::time::sleep(RECHECK) => {}
+        _ = tokio::time::sleep(shared.config.recheck_interval) => {}
         _ = tokio::time::sleep_until(deadline) => {}
         _ = shared.shutdown.cancelled() => {}
     }

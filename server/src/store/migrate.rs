@@ -14,32 +14,21 @@ const MIGRATION_LOCK: i64 = 0x6169_6b69_0000_0001;
 /// Applies the migrations not applied yet; returns the names of those it applied.
 pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS aiki_migrations (
-             version    integer PRIMARY KEY,
-             name       text NOT NULL,
-             applied_at timestamptz NOT NULL DEFAULT now())",
-    )
-    .await?;
+    tx.execute(sql!("migrations_lock"), &[&MIGRATION_LOCK]).await?;
+    tx.batch_execute(sql!("migrations_table")).await?;
     let applied: Vec<i32> = tx
-        .query("SELECT version FROM aiki_migrations", &[])
+        .query(sql!("migrations_applied"), &[])
         .await?
         .iter()
         .map(|r| r.get(0))
         .collect();
     let mut done = Vec::new();
-    for (version, name, sql) in MIGRATIONS {
+    for (version, name, migration) in MIGRATIONS {
         if applied.contains(version) {
             continue;
         }
-        tx.batch_execute(sql).await?;
-        tx.execute(
-            "INSERT INTO aiki_migrations (version, name) VALUES ($1, $2)",
-            &[version, name],
-        )
-        .await?;
+        tx.batch_execute(migration).await?;
+        tx.execute(sql!("migration_record"), &[version, name]).await?;
         tracing::info!(version, name, "applied migration");
         done.push(*name);
     }

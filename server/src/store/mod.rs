@@ -6,6 +6,13 @@
 //! release, cancel) lock the run row, decide in Rust and write in one transaction. Every state
 //! change writes its history event in the same transaction.
 
+/// The text of `sql/NAME.sql`.
+macro_rules! sql {
+    ($name:literal) => {
+        include_str!(concat!("sql/", $name, ".sql"))
+    };
+}
+
 mod migrate;
 mod rows;
 
@@ -21,12 +28,6 @@ pub use migrate::{MIGRATIONS, migrate};
 use rows::*;
 
 use crate::error::{Error, Result};
-
-macro_rules! sql {
-    ($name:literal) => {
-        include_str!(concat!("sql/", $name, ".sql"))
-    };
-}
 
 /// A run to insert, already validated.
 #[derive(Debug, Clone)]
@@ -732,8 +733,29 @@ impl Store {
     #[instrument(name = "store.ping", skip_all)]
     pub async fn ping(&self) -> Result<()> {
         let client = self.pool.get().await?;
-        client.simple_query("SELECT 1").await?;
+        client.simple_query(sql!("ping")).await?;
         Ok(())
+    }
+}
+
+/// Statements of the dedicated connections (reaper lock, notification listener), which live
+/// outside the pool because what they hold dies with their session.
+pub mod session {
+    use tokio_postgres::Client;
+
+    /// Takes the session advisory lock `key` if nobody holds it.
+    pub async fn try_lock(client: &Client, key: i64) -> Result<bool, tokio_postgres::Error> {
+        Ok(client.query_one(sql!("reaper_lock"), &[&key]).await?.get(0))
+    }
+
+    /// Subscribes the session to ready-queue notifications.
+    pub async fn listen_ready(client: &Client) -> Result<(), tokio_postgres::Error> {
+        client.batch_execute(sql!("listen_ready")).await
+    }
+
+    /// Is the session's connection still answering?
+    pub async fn ping(client: &Client) -> Result<(), tokio_postgres::Error> {
+        client.simple_query(sql!("ping")).await.map(|_| ())
     }
 }
 

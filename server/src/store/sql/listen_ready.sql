@@ -1,0 +1,1 @@
+LISTEN aiki_ready

@@ -1,0 +1,6 @@
+-- The migrations applied so far (the one table without a namespace: it is about the schema).
+CREATE TABLE IF NOT EXISTS aiki_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
