@@ -12,8 +12,8 @@ use tokio::{
 };
 
 /// A child process whose output lines are collected as they come. Dropped while it runs (a
-/// failed test), it gets SIGTERM first, so that one that started processes of its own (`aiki
-/// dev`) stops them too, and SIGKILL if it is still there after 15 s.
+/// failed test), it gets SIGTERM, so that it shuts down by itself, stopping whatever it
+/// started (`aiki dev`'s server and worker) too.
 struct Proc {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
@@ -27,7 +27,6 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("RUST_LOG", "info")
-            .kill_on_drop(true)
             .spawn()
             .expect("spawn");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -123,18 +122,9 @@ async fn server(db: &TestDb) -> (Proc, String) {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal_term();
         }
-        self.signal_term();
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::time::Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.start_kill();
     }
 }
 
