@@ -273,10 +273,13 @@ impl WorkerService for WorkerSvc {
             output,
             error,
         };
-        let (task, recorded) = self.0.store.record_task(&ns, id, token, &new).await?;
-        if recorded {
-            run_changed(&self.0, id);
-        }
+        let (task, recorded) = match self.0.store.record_task(&ns, id, token, &new).await? {
+            None => {
+                run_changed(&self.0, id);
+                (task, true)
+            }
+            Some(earlier) => (earlier, false),
+        };
         Ok(Response::new(RecordTaskResponse {
             task: Some(task),
             recorded,

@@ -451,8 +451,8 @@ impl Store {
         })
     }
 
-    /// Checkpoints a task result under the lease `token`. Returns the recorded result (the
-    /// earlier one if the task was already recorded) and whether this call recorded it.
+    /// Checkpoints a task result under the lease `token`. Returns `None` when this call recorded
+    /// it (one statement), or the result an earlier call recorded.
     #[instrument(name = "store.task.record", skip_all, fields(task = %task.name))]
     pub async fn record_task(
         &self,
@@ -460,7 +460,7 @@ impl Store {
         id: Uuid,
         token: Uuid,
         task: &NewTask,
-    ) -> Result<(TaskResult, bool)> {
+    ) -> Result<Option<TaskResult>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("task_record")).await?;
         let row = client
@@ -483,12 +483,16 @@ impl Store {
         if !lease_ok {
             self.refusal(&client, namespace, id, token, None).await?;
         }
+        if recorded {
+            return Ok(None);
+        }
+        // Recorded before: the earlier result is the one that counts.
         let stmt = client.prepare_cached(sql!("task_get")).await?;
         let row = client
             .query_opt(&stmt, &[&namespace, &id, &task.key])
             .await?
             .ok_or_else(|| Error::Unavailable("task record vanished; retry".into()))?;
-        Ok((task_from_row(&row)?, recorded))
+        Ok(Some(task_from_row(&row)?))
     }
 
     /// Completes a run under the lease `token`. A duplicate of the report that completed it
