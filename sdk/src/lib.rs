@@ -20,6 +20,7 @@
 
 mod client;
 mod error;
+pub mod reporter;
 pub mod workflow;
 
 pub use aiki_proto::v1::RunStatus;
@@ -28,6 +29,7 @@ pub use client::{
     connect_channel,
 };
 pub use error::{Error, Result, RunError};
+pub use reporter::Reporter;
 pub use workflow::{Context, WorkflowError};
 
 /// The generated protocol, for advanced use.

@@ -14,11 +14,13 @@ use std::{
     time::Duration,
 };
 
-use aiki_proto::v1::{RecordTaskRequest, TaskResult, task_result, worker_service_client::WorkerServiceClient};
+use aiki_proto::v1::{RecordTaskRequest, TaskResult, task_result};
 use backon::{ExponentialBuilder, Retryable};
 use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
-use tonic::{Code, transport::Channel};
+use tonic::Code;
+
+use crate::reporter::Reporter;
 
 /// How a workflow (or one of its tasks) failed.
 ///
@@ -125,17 +127,18 @@ struct Progress {
 #[derive(Debug, Clone)]
 pub struct Context {
     lease: Arc<Lease>,
-    client: WorkerServiceClient<Channel>,
+    reporter: Reporter,
     progress: Arc<Mutex<Progress>>,
 }
 
 impl Context {
-    /// A context for one execution of a leased run, with the task results recorded so far.
-    pub fn new(lease: Lease, client: WorkerServiceClient<Channel>, recorded: Vec<TaskResult>) -> Self {
+    /// A context for one execution of a leased run, with the task results recorded so far;
+    /// task results are checkpointed through `reporter`.
+    pub fn new(lease: Lease, reporter: Reporter, recorded: Vec<TaskResult>) -> Self {
         let recorded = recorded.into_iter().map(|t| (t.key.clone(), t)).collect();
         Self {
             lease: Arc::new(lease),
-            client,
+            reporter,
             progress: Arc::new(Mutex::new(Progress {
                 recorded,
                 ..Progress::default()
@@ -247,12 +250,12 @@ impl Context {
             .with_max_delay(Duration::from_secs(2))
             .with_max_times(10)
             .with_jitter();
-        let resp = (|| async { self.client.clone().record_task(req.clone()).await })
+        let resp = (|| async { self.reporter.record_task(req.clone()).await })
             .retry(policy)
             .when(|s| matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled))
             .await;
         match resp {
-            Ok(r) => Ok(r.into_inner().task.unwrap_or(task)),
+            Ok(r) => Ok(r.task.unwrap_or(task)),
             Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
                 Err(WorkflowError::lease_lost(s.message().to_owned()))
             }

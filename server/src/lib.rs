@@ -3,11 +3,13 @@
 //! - [`config`]: settings from defaults, a TOML file, the environment and flags.
 //! - [`store`]: all SQL; the only module that talks to PostgreSQL.
 //! - [`service`]: `WorkflowService`, `WorkerService`, `AdminService`.
+//! - [`commit`]: group commit of worker reports (one transaction for many).
 //! - [`wake`]: LISTEN/NOTIFY, in-process wake-ups and timers for waiting polls.
 //! - [`reaper`]: ends expired leases; one per database (advisory lock).
 //!
 //! [`serve`] runs everything on a bound listener until a shutdown token is cancelled.
 
+pub mod commit;
 pub mod config;
 pub mod error;
 pub mod reaper;
@@ -62,8 +64,11 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     // Background work stops with `inner`, after the gRPC server has drained.
     let inner = CancellationToken::new();
     let wakers = wake::Wakers::new(inner.clone());
+    // A quarter of the pool commits reports; the rest serves polls, starts and reads.
+    let committer = commit::Committer::start(store.clone(), (config.pool_size / 4).clamp(1, 8));
     let shared = Arc::new(Shared {
         store,
+        committer,
         config: config.clone(),
         wakers: wakers.clone(),
         shutdown: shutdown.clone(),

@@ -161,9 +161,11 @@ impl WorkerBuilder {
             self.queues.push("default".into());
         }
         let channel = aiki::connect_channel(self.server.clone()).await?;
+        let client = WorkerServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
         Ok(Worker {
             inner: Arc::new(Inner {
-                client: WorkerServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024),
+                client: client.clone(),
+                reporter: aiki::Reporter::new(client),
                 cfg: self,
                 worker_id: Mutex::new(String::new()),
                 leases: Mutex::new(HashMap::new()),
@@ -205,6 +207,8 @@ struct Held {
 struct Inner {
     cfg: WorkerBuilder,
     client: WorkerServiceClient<Channel>,
+    /// Sends task results, completions, failures and releases, many per call.
+    reporter: aiki::Reporter,
     worker_id: Mutex<String>,
     leases: Mutex<HashMap<String, Held>>,
     settings: Mutex<Settings>,
@@ -456,7 +460,7 @@ impl Inner {
                 workflow: run.workflow.clone(),
                 attempt: run.attempt,
             },
-            self.client.clone(),
+            self.reporter.clone(),
             run.tasks.clone(),
         );
         let execution = std::panic::AssertUnwindSafe(handler(ctx, input)).catch_unwind();
@@ -493,8 +497,7 @@ impl Inner {
                 let sent = self
                     .report(&run.run_id, &stop, || {
                         let req = req.clone();
-                        let mut c = self.client.clone();
-                        async move { c.complete_run(req).await.map(|_| ()) }
+                        async move { self.reporter.complete_run(req).await.map(|_| ()) }
                     })
                     .await;
                 if let Err(s) = sent
@@ -534,8 +537,7 @@ impl Inner {
         let _ = self
             .report(&run.run_id, stop, || {
                 let req = req.clone();
-                let mut c = self.client.clone();
-                async move { c.fail_run(req).await.map(|_| ()) }
+                async move { self.reporter.fail_run(req).await.map(|_| ()) }
             })
             .await;
     }
@@ -577,7 +579,7 @@ impl Inner {
         };
         let policy = ExponentialBuilder::default().with_max_times(3).with_jitter();
         let call = || async {
-            tokio::time::timeout(Duration::from_secs(5), self.client.clone().release_run(req.clone()))
+            tokio::time::timeout(Duration::from_secs(5), self.reporter.release_run(req.clone()))
                 .await
                 .unwrap_or_else(|_| Err(Status::deadline_exceeded("release timed out")))
         };

@@ -9,12 +9,14 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, store::Store, wake::Wakers};
+use crate::{commit::Committer, config::Config, store::Store, wake::Wakers};
 
 /// What every service shares.
 #[derive(Debug)]
 pub struct Shared {
     pub store: Store,
+    /// Applies worker reports, coalescing concurrent ones into one transaction.
+    pub committer: Committer,
     pub config: Config,
     pub wakers: Arc<Wakers>,
     /// Cancelled when the server shuts down: long polls and watches return early.

@@ -5,10 +5,11 @@ use std::{sync::Arc, time::Duration};
 use aiki_proto::v1::{
     CompleteRunRequest, CompleteRunResponse, FailRunRequest, FailRunResponse, HeartbeatRequest, HeartbeatResponse,
     LeasedRun, PollTasksRequest, PollTasksResponse, RecordTaskRequest, RecordTaskResponse, RegisterWorkerRequest,
-    RegisterWorkerResponse, ReleaseRunRequest, ReleaseRunResponse, RunStatus, task_result,
-    worker_service_server::WorkerService,
+    RegisterWorkerResponse, ReleaseRunRequest, ReleaseRunResponse, ReportError, ReportRequest, ReportResponse,
+    ReportResult, RunStatus, report_result, run_report, task_result, worker_service_server::WorkerService,
 };
 use futures::future::select_all;
+use prost::Message;
 use serde_json::json;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -17,7 +18,7 @@ use uuid::Uuid;
 use super::{Shared, run_changed};
 use crate::{
     error::{Error, Result},
-    store::{LeaseEnd, NewTask},
+    store::{Applied, LeaseEnd, NewTask, Report},
     validate,
 };
 
@@ -28,6 +29,8 @@ const MAX_POLL_BATCH: u32 = 1000;
 const FIRST_CLAIM_CHUNK: u32 = 16;
 /// A poll stops leasing more runs once its answer is this large.
 const REPLY_BUDGET: usize = 16 * 1024 * 1024;
+/// Most reports in one `Report` call.
+const MAX_REPORTS: usize = 1000;
 /// Most leases one heartbeat may name.
 const MAX_HEARTBEAT_LEASES: usize = 10_000;
 
@@ -248,10 +251,74 @@ impl WorkerService for WorkerSvc {
 
     #[instrument(name = "rpc.RecordTask", skip_all)]
     async fn record_task(&self, req: Request<RecordTaskRequest>) -> Result<Response<RecordTaskResponse>, Status> {
+        Ok(Response::new(self.record(req.into_inner()).await?))
+    }
+
+    #[instrument(name = "rpc.CompleteRun", skip_all)]
+    async fn complete_run(&self, req: Request<CompleteRunRequest>) -> Result<Response<CompleteRunResponse>, Status> {
+        Ok(Response::new(self.complete(req.into_inner()).await?))
+    }
+
+    #[instrument(name = "rpc.FailRun", skip_all)]
+    async fn fail_run(&self, req: Request<FailRunRequest>) -> Result<Response<FailRunResponse>, Status> {
+        Ok(Response::new(self.fail(req.into_inner()).await?))
+    }
+
+    #[instrument(name = "rpc.ReleaseRun", skip_all)]
+    async fn release_run(&self, req: Request<ReleaseRunRequest>) -> Result<Response<ReleaseRunResponse>, Status> {
+        Ok(Response::new(self.release(req.into_inner()).await?))
+    }
+
+    #[instrument(name = "rpc.Report", skip_all, fields(reports = req.get_ref().reports.len()))]
+    async fn report(&self, req: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
         let req = req.into_inner();
-        let ns = validate::namespace(&req.namespace)?;
-        let id = validate::uuid("run_id", &req.run_id)?;
-        let token = validate::uuid("lease_token", &req.lease_token)?;
+        if req.reports.is_empty() || req.reports.len() > MAX_REPORTS {
+            return Err(Error::InvalidArgument(format!(
+                "a Report call carries 1 to {MAX_REPORTS} reports, got {}",
+                req.reports.len()
+            ))
+            .into());
+        }
+        // All reports are queued for the committer at once, so they share its transactions.
+        let answers = futures::future::join_all(req.reports.into_iter().map(|r| async move {
+            let answer = match r.report {
+                Some(run_report::Report::RecordTask(r)) => self.record(r).await.map(report_result::Result::RecordTask),
+                Some(run_report::Report::CompleteRun(r)) => {
+                    self.complete(r).await.map(report_result::Result::CompleteRun)
+                }
+                Some(run_report::Report::FailRun(r)) => self.fail(r).await.map(report_result::Result::FailRun),
+                Some(run_report::Report::ReleaseRun(r)) => self.release(r).await.map(report_result::Result::ReleaseRun),
+                None => Err(Error::InvalidArgument(
+                    "a report must be one of record_task, complete_run, fail_run, release_run".into(),
+                )),
+            };
+            let result = answer.unwrap_or_else(|e| {
+                let status = Status::from(e);
+                report_result::Result::Error(ReportError {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                })
+            });
+            ReportResult { result: Some(result) }
+        }))
+        .await;
+        Ok(Response::new(ReportResponse { results: answers }))
+    }
+}
+
+/// The lease a report names: namespace, run and token.
+fn lease_of(namespace: &str, run_id: &str, token: &str) -> Result<(String, Uuid, Uuid)> {
+    Ok((
+        validate::namespace(namespace)?,
+        validate::uuid("run_id", run_id)?,
+        validate::uuid("lease_token", token)?,
+    ))
+}
+
+impl WorkerSvc {
+    async fn record(&self, req: RecordTaskRequest) -> Result<RecordTaskResponse> {
+        let bytes = req.encoded_len();
+        let (namespace, id, token) = lease_of(&req.namespace, &req.run_id, &req.lease_token)?;
         let task = req
             .task
             .ok_or_else(|| Error::InvalidArgument("task is required".into()))?;
@@ -260,11 +327,11 @@ impl WorkerService for WorkerSvc {
             Some(task_result::Result::Output(v)) => (Some(validate::payload("task.output", Some(v), max)?), None),
             Some(task_result::Result::Error(e)) => (None, Some(error_json(Some(e), max)?)),
             None => {
-                return Err(Error::InvalidArgument("task.output or task.error is required".into()).into());
+                return Err(Error::InvalidArgument("task.output or task.error is required".into()));
             }
         };
         if task.seq > i32::MAX as u32 {
-            return Err(Error::InvalidArgument(format!("task.seq {} is too large", task.seq)).into());
+            return Err(Error::InvalidArgument(format!("task.seq {} is too large", task.seq)));
         }
         let new = NewTask {
             key: validate::name("task.key", &task.key, 512)?,
@@ -273,38 +340,47 @@ impl WorkerService for WorkerSvc {
             output,
             error,
         };
-        let (task, recorded) = match self.0.store.record_task(&ns, id, token, &new).await? {
-            None => {
+        let report = Report::Record {
+            namespace,
+            id,
+            token,
+            task: new,
+        };
+        let (task, recorded) = match self.0.committer.apply(report, bytes).await? {
+            Applied::Recorded(None) => {
                 run_changed(&self.0, id);
                 (task, true)
             }
-            Some(earlier) => (earlier, false),
+            Applied::Recorded(Some(earlier)) => (earlier, false),
+            other => return Err(Error::Internal(format!("unexpected answer to RecordTask: {other:?}"))),
         };
-        Ok(Response::new(RecordTaskResponse {
+        Ok(RecordTaskResponse {
             task: Some(task),
             recorded,
-        }))
+        })
     }
 
-    #[instrument(name = "rpc.CompleteRun", skip_all)]
-    async fn complete_run(&self, req: Request<CompleteRunRequest>) -> Result<Response<CompleteRunResponse>, Status> {
-        let req = req.into_inner();
-        let ns = validate::namespace(&req.namespace)?;
-        let id = validate::uuid("run_id", &req.run_id)?;
-        let token = validate::uuid("lease_token", &req.lease_token)?;
+    async fn complete(&self, req: CompleteRunRequest) -> Result<CompleteRunResponse> {
+        let bytes = req.encoded_len();
+        let (namespace, id, token) = lease_of(&req.namespace, &req.run_id, &req.lease_token)?;
         let output = validate::payload("output", req.output.as_ref(), self.0.config.max_payload_bytes)?;
-        if self.0.store.complete_run(&ns, id, token, &output).await?.is_some() {
-            run_changed(&self.0, id);
+        let report = Report::Complete {
+            namespace,
+            id,
+            token,
+            output,
+        };
+        match self.0.committer.apply(report, bytes).await? {
+            Applied::Completed(true) => run_changed(&self.0, id),
+            Applied::Completed(false) => {}
+            other => return Err(Error::Internal(format!("unexpected answer to CompleteRun: {other:?}"))),
         }
-        Ok(Response::new(CompleteRunResponse {}))
+        Ok(CompleteRunResponse {})
     }
 
-    #[instrument(name = "rpc.FailRun", skip_all)]
-    async fn fail_run(&self, req: Request<FailRunRequest>) -> Result<Response<FailRunResponse>, Status> {
-        let req = req.into_inner();
-        let ns = validate::namespace(&req.namespace)?;
-        let id = validate::uuid("run_id", &req.run_id)?;
-        let token = validate::uuid("lease_token", &req.lease_token)?;
+    async fn fail(&self, req: FailRunRequest) -> Result<FailRunResponse> {
+        let bytes = req.encoded_len();
+        let (ns, id, token) = lease_of(&req.namespace, &req.run_id, &req.lease_token)?;
         let error = error_json(req.error.as_ref(), self.0.config.max_payload_bytes)?;
         let retry_after = match &req.retry_after {
             None => None,
@@ -315,30 +391,27 @@ impl WorkerService for WorkerSvc {
             non_retryable: req.non_retryable,
             retry_after,
         };
-        let run = self.end_lease(&ns, id, token, end).await?;
+        let run = self.end_lease(ns, id, token, end, bytes).await?;
         let status = RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified);
-        Ok(Response::new(FailRunResponse {
+        Ok(FailRunResponse {
             status: run.status,
             retry_at: if status == RunStatus::Queued {
                 run.visible_at
             } else {
                 None
             },
-        }))
+        })
     }
 
-    #[instrument(name = "rpc.ReleaseRun", skip_all)]
-    async fn release_run(&self, req: Request<ReleaseRunRequest>) -> Result<Response<ReleaseRunResponse>, Status> {
-        let req = req.into_inner();
-        let ns = validate::namespace(&req.namespace)?;
-        let id = validate::uuid("run_id", &req.run_id)?;
-        let token = validate::uuid("lease_token", &req.lease_token)?;
+    async fn release(&self, req: ReleaseRunRequest) -> Result<ReleaseRunResponse> {
+        let bytes = req.encoded_len();
+        let (ns, id, token) = lease_of(&req.namespace, &req.run_id, &req.lease_token)?;
         let delay = validate::duration("delay", req.delay.as_ref(), Duration::from_secs(86_400))?;
         let reason = validate::text(&req.reason, 1024);
         let run = self
-            .end_lease(&ns, id, token, LeaseEnd::Release { reason, delay })
+            .end_lease(ns, id, token, LeaseEnd::Release { reason, delay }, bytes)
             .await?;
-        Ok(Response::new(ReleaseRunResponse { status: run.status }))
+        Ok(ReleaseRunResponse { status: run.status })
     }
 }
 
@@ -346,12 +419,28 @@ impl WorkerSvc {
     /// Ends a lease by failure or release; wakes the run's waiters and, if it is queued again,
     /// its queue's pollers (now or when its retry is due). A duplicate report gets the run as
     /// it is.
-    async fn end_lease(&self, ns: &str, id: Uuid, token: Uuid, end: LeaseEnd) -> Result<aiki_proto::v1::Run> {
-        let Some((run, delay)) = self.0.store.end_lease(ns, id, token, end).await? else {
+    async fn end_lease(
+        &self,
+        namespace: String,
+        id: Uuid,
+        token: Uuid,
+        end: LeaseEnd,
+        bytes: usize,
+    ) -> Result<aiki_proto::v1::Run> {
+        let report = Report::End {
+            namespace: namespace.clone(),
+            id,
+            token,
+            end,
+        };
+        let Applied::Ended(ended) = self.0.committer.apply(report, bytes).await? else {
+            return Err(Error::Internal("unexpected answer to a lease's end".into()));
+        };
+        let Some((run, delay)) = ended else {
             return self
                 .0
                 .store
-                .get_run(ns, id)
+                .get_run(&namespace, id)
                 .await?
                 .ok_or_else(|| Error::NotFound(format!("run {id} not found")));
         };
@@ -361,6 +450,6 @@ impl WorkerSvc {
                 .wakers
                 .queue_ready((run.namespace.clone(), run.queue.clone()), Some(delay));
         }
-        Ok(run)
+        Ok(*run)
     }
 }

@@ -19,7 +19,7 @@ mod rows;
 use std::time::{Duration, SystemTime};
 
 use aiki_proto::v1::{HistoryEvent, LeasedRun, Queue, Run, RunStatus, TaskResult, Worker};
-use deadpool_postgres::{GenericClient, Pool};
+use deadpool_postgres::{GenericClient, Pool, Transaction};
 use serde_json::{Value as Json, json};
 use tracing::instrument;
 use uuid::Uuid;
@@ -108,7 +108,7 @@ pub struct Expired {
     pub status: String,
 }
 
-/// How a lease ends through [`Store::end_lease`].
+/// How a lease ends through a [`Report::End`].
 #[derive(Debug, Clone)]
 pub enum LeaseEnd {
     /// The attempt failed (`FailRun`).
@@ -451,212 +451,30 @@ impl Store {
         })
     }
 
-    /// Checkpoints a task result under the lease `token`. Returns `None` when this call recorded
-    /// it (one statement), or the result an earlier call recorded.
-    #[instrument(name = "store.task.record", skip_all, fields(task = %task.name))]
-    pub async fn record_task(
-        &self,
-        namespace: &str,
-        id: Uuid,
-        token: Uuid,
-        task: &NewTask,
-    ) -> Result<Option<TaskResult>> {
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(sql!("task_record")).await?;
-        let row = client
-            .query_one(
-                &stmt,
-                &[
-                    &namespace,
-                    &id,
-                    &token,
-                    &task.key,
-                    &task.name,
-                    &(task.seq as i32),
-                    &task.output,
-                    &task.error,
-                ],
-            )
-            .await?;
-        let lease_ok: bool = row.get("lease_ok");
-        let recorded: bool = row.get("recorded");
-        if !lease_ok {
-            self.refusal(&client, namespace, id, token, None).await?;
-        }
-        if recorded {
-            return Ok(None);
-        }
-        // Recorded before: the earlier result is the one that counts.
-        let stmt = client.prepare_cached(sql!("task_get")).await?;
-        let row = client
-            .query_opt(&stmt, &[&namespace, &id, &task.key])
-            .await?
-            .ok_or_else(|| Error::Unavailable("task record vanished; retry".into()))?;
-        Ok(Some(task_from_row(&row)?))
-    }
-
-    /// Completes a run under the lease `token`. A duplicate of the report that completed it
-    /// succeeds again without changing anything.
-    #[instrument(name = "store.run.complete", skip_all)]
-    pub async fn complete_run(&self, namespace: &str, id: Uuid, token: Uuid, output: &Json) -> Result<Option<Run>> {
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(sql!("run_complete")).await?;
-        match client.query_opt(&stmt, &[&namespace, &id, &token, output]).await? {
-            Some(row) => Ok(Some(run_from_row(&row)?)),
-            None => self
-                .refusal(&client, namespace, id, token, Some("complete"))
-                .await
-                .map(|()| None),
-        }
-    }
-
-    /// Ends the lease `token` of a running run by failure or release, deciding retry, failure
-    /// or cancellation. Returns the updated run and, if it is queued again, how long until it is
-    /// visible; or `None` for a duplicate report.
-    #[instrument(name = "store.run.end_lease", skip_all)]
-    pub async fn end_lease(
-        &self,
-        namespace: &str,
-        id: Uuid,
-        token: Uuid,
-        end: LeaseEnd,
-    ) -> Result<Option<(Run, Duration)>> {
+    /// Applies worker reports in one transaction (group commit): task results and completions
+    /// of many runs by one statement each, failures and releases one by one. Returns one answer
+    /// per report, in order. `Err` means the transaction failed as a whole and nothing was
+    /// applied: the caller may apply the reports one at a time to find the culprit.
+    #[instrument(name = "store.reports.apply", skip_all, fields(count = reports.len()))]
+    pub async fn apply_reports(&self, reports: &[Report]) -> Result<Vec<Result<Applied>>> {
         let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let kind = match &end {
-            LeaseEnd::Fail { .. } => "fail",
-            LeaseEnd::Release { .. } => "release",
-        };
-        let locked = tx
-            .query_opt(
-                &tx.prepare_cached(sql!("run_lock_lease")).await?,
-                &[&namespace, &id, &token],
-            )
-            .await?;
-        let Some(row) = locked else {
-            drop(tx);
-            return self
-                .refusal(&client, namespace, id, token, Some(kind))
-                .await
-                .map(|()| None);
-        };
-        let attempt: i32 = row.get("attempt");
-        let owner: Option<Uuid> = row.get("lease_owner");
-        let cancel_requested: bool = row.get("cancel_requested");
-        let policy = retry_from_row(&row);
-        let (next, error, next_attempt, delay, event, details) = match end {
-            _ if cancel_requested => {
-                let error = json!({"type": "Cancelled", "message": "cancelled at the request of a client"});
-                (
-                    "cancelled",
-                    Some(error.clone()),
-                    attempt,
-                    Duration::ZERO,
-                    "run_cancelled",
-                    error,
-                )
-            }
-            LeaseEnd::Fail {
-                error,
-                non_retryable,
-                retry_after,
-            } => {
-                let etype = error.get("type").and_then(Json::as_str).unwrap_or("");
-                let give_up = non_retryable
-                    || attempt as u32 >= policy.max_attempts
-                    || policy.non_retryable_error_types.iter().any(|t| t == etype);
-                if give_up {
-                    (
-                        "failed",
-                        Some(error.clone()),
-                        attempt,
-                        Duration::ZERO,
-                        "run_failed",
-                        error,
-                    )
-                } else {
-                    let delay = retry_after.unwrap_or_else(|| policy.backoff(attempt as u32, rand::random()));
-                    let details = json!({"error": error, "retry_in_ms": ms(delay)});
-                    (
-                        "queued",
-                        Some(error),
-                        attempt + 1,
-                        delay,
-                        "run_retry_scheduled",
-                        details,
-                    )
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let tx = client.transaction().await?;
+            match apply_in(&tx, reports).await {
+                Ok(out) => {
+                    tx.commit().await?;
+                    return Ok(out);
                 }
+                // A deadlock or serialization failure between concurrent batches: the
+                // transaction was rolled back, so apply it again.
+                Err(Error::Unavailable(why)) if tries < 3 => {
+                    tracing::debug!(why, tries, "report batch rolled back; applying it again");
+                }
+                Err(e) => return Err(e),
             }
-            LeaseEnd::Release { reason, delay } => {
-                let previous: Option<Json> = row.get("error");
-                (
-                    "queued",
-                    previous,
-                    attempt,
-                    delay,
-                    "lease_released",
-                    json!({"reason": reason, "delay_ms": ms(delay)}),
-                )
-            }
-        };
-        let updated = tx
-            .query_one(
-                &tx.prepare_cached(sql!("run_end_lease")).await?,
-                &[&namespace, &id, &next, &error, &kind, &next_attempt, &ms(delay)],
-            )
-            .await?;
-        tx.execute(
-            &tx.prepare_cached(sql!("event_insert")).await?,
-            &[&namespace, &id, &event, &attempt, &owner, &details],
-        )
-        .await?;
-        if next == "queued" {
-            let queue: String = updated.get("queue");
-            let payload = crate::wake::ready_payload(namespace, &queue, delay);
-            tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
-                .await?;
         }
-        tx.commit().await?;
-        Ok(Some((run_from_row(&updated)?, delay)))
-    }
-
-    /// Called when a report under `token` did not apply: `Ok(())` if it duplicates the report
-    /// (`kind`) that already ended this lease, else the error that explains the refusal.
-    async fn refusal(
-        &self,
-        client: &impl GenericClient,
-        namespace: &str,
-        id: Uuid,
-        token: Uuid,
-        kind: Option<&str>,
-    ) -> Result<()> {
-        let stmt = client.prepare_cached(sql!("run_get")).await?;
-        let row = client
-            .query_opt(&stmt, &[&namespace, &id])
-            .await?
-            .ok_or_else(|| not_found(id))?;
-        let status: String = row.get("status");
-        let row_token: Option<Uuid> = row.get("lease_token");
-        let lease_end: Option<String> = row.get("lease_end");
-        if row_token == Some(token) && kind.is_some() && lease_end.as_deref() == kind {
-            return Ok(());
-        }
-        if row_token == Some(token) {
-            let how = match lease_end.as_deref() {
-                Some("expire") => "expired",
-                Some("complete") => "ended with CompleteRun",
-                Some("fail") => "ended with FailRun",
-                Some("release") => "ended with ReleaseRun",
-                _ => "ended",
-            };
-            return Err(Error::FailedPrecondition(format!(
-                "the lease on run {id} has {how}; the run is {status} and this report was not applied"
-            )));
-        }
-        Err(Error::FailedPrecondition(format!(
-            "lease token {token} is not the current lease of run {id} (the run is {status}); \
-             another worker holds or held it, and this report was not applied"
-        )))
     }
 
     /// Ends up to `limit` expired leases (see `sql/leases_expire.sql`).
@@ -761,6 +579,357 @@ pub mod session {
     pub async fn ping(client: &Client) -> Result<(), tokio_postgres::Error> {
         client.simple_query(sql!("ping")).await.map(|_| ())
     }
+}
+
+/// A validated worker report, for [`Store::apply_reports`].
+#[derive(Debug, Clone)]
+pub enum Report {
+    /// `RecordTask`.
+    Record {
+        namespace: String,
+        id: Uuid,
+        token: Uuid,
+        task: NewTask,
+    },
+    /// `CompleteRun`.
+    Complete {
+        namespace: String,
+        id: Uuid,
+        token: Uuid,
+        output: Json,
+    },
+    /// `FailRun` or `ReleaseRun`.
+    End {
+        namespace: String,
+        id: Uuid,
+        token: Uuid,
+        end: LeaseEnd,
+    },
+}
+
+/// What one applied report did.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    /// `None`: this report recorded the task; else the result an earlier report recorded.
+    Recorded(Option<TaskResult>),
+    /// Whether this report completed the run (`false`: it duplicates the one that did).
+    Completed(bool),
+    /// The run as the lease's end left it and, if it is queued again, how long until it is
+    /// visible; `None` for a duplicate of the report that ended the lease.
+    Ended(Option<(Box<Run>, Duration)>),
+}
+
+/// The body of [`Store::apply_reports`]: set-based statements first (their answers tell which
+/// reports applied), then every other report one by one, then one NOTIFY per queue woken.
+async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result<Applied>>> {
+    let mut out: Vec<Option<Result<Applied>>> = reports.iter().map(|_| None).collect();
+
+    // Task results: the first report of each (run, key); later ones are answered one by one.
+    let mut seen = std::collections::HashSet::new();
+    let records: Vec<usize> = reports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            Report::Record {
+                namespace, id, task, ..
+            } if seen.insert((namespace.as_str(), *id, task.key.as_str())) => Some(i),
+            _ => None,
+        })
+        .collect();
+    if !records.is_empty() {
+        let (mut ns, mut ids, mut tokens, mut keys, mut names, mut seqs, mut outputs, mut errors) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for &i in &records {
+            if let Report::Record {
+                namespace,
+                id,
+                token,
+                task,
+            } = &reports[i]
+            {
+                ns.push(namespace.as_str());
+                ids.push(*id);
+                tokens.push(*token);
+                keys.push(task.key.as_str());
+                names.push(task.name.as_str());
+                seqs.push(task.seq as i32);
+                outputs.push(task.output.as_ref());
+                errors.push(task.error.as_ref());
+            }
+        }
+        let stmt = tx.prepare_cached(sql!("tasks_record")).await?;
+        let rows = tx
+            .query(&stmt, &[&ns, &ids, &tokens, &keys, &names, &seqs, &outputs, &errors])
+            .await?;
+        for row in rows {
+            let ord: i64 = row.get("ord");
+            if row.get::<_, bool>("recorded") {
+                out[records[ord as usize - 1]] = Some(Ok(Applied::Recorded(None)));
+            }
+        }
+    }
+
+    // Completions, in run order so that concurrent batches lock rows in one order.
+    let mut completes: Vec<usize> = (0..reports.len())
+        .filter(|&i| matches!(reports[i], Report::Complete { .. }))
+        .collect();
+    if !completes.is_empty() {
+        let key = |i: &usize| match &reports[*i] {
+            Report::Complete { namespace, id, .. } => (namespace.clone(), *id),
+            _ => unreachable!("only completions are sorted here"),
+        };
+        completes.sort_by_key(key);
+        let (mut ns, mut ids, mut tokens, mut outputs) = (vec![], vec![], vec![], vec![]);
+        for &i in &completes {
+            if let Report::Complete {
+                namespace,
+                id,
+                token,
+                output,
+            } = &reports[i]
+            {
+                ns.push(namespace.as_str());
+                ids.push(*id);
+                tokens.push(*token);
+                outputs.push(output);
+            }
+        }
+        let stmt = tx.prepare_cached(sql!("runs_complete")).await?;
+        for row in tx.query(&stmt, &[&ns, &ids, &tokens, &outputs]).await? {
+            let ord: i64 = row.get("ord");
+            out[completes[ord as usize - 1]] = Some(Ok(Applied::Completed(true)));
+        }
+    }
+
+    // Everything else, one by one, in the order received.
+    let mut notify: Vec<String> = Vec::new();
+    for (i, r) in reports.iter().enumerate() {
+        if out[i].is_some() {
+            continue;
+        }
+        let answer = match r {
+            Report::Record {
+                namespace,
+                id,
+                token,
+                task,
+            } => record_one(tx, namespace, *id, *token, task)
+                .await
+                .map(Applied::Recorded),
+            Report::Complete {
+                namespace, id, token, ..
+            } => refusal(tx, namespace, *id, *token, Some("complete"))
+                .await
+                .map(|()| Applied::Completed(false)),
+            Report::End {
+                namespace,
+                id,
+                token,
+                end,
+            } => {
+                let ended = end_one(tx, namespace, *id, *token, end).await;
+                if let Ok(Some((run, delay))) = &ended
+                    && run.status == RunStatus::Queued as i32
+                {
+                    let payload = crate::wake::ready_payload(namespace, &run.queue, *delay);
+                    if !notify.contains(&payload) {
+                        notify.push(payload);
+                    }
+                }
+                ended.map(|e| Applied::Ended(e.map(|(run, delay)| (Box::new(run), delay))))
+            }
+        };
+        match answer {
+            // Refusals are answers; any other error comes from a statement that failed and
+            // aborted the transaction: the whole batch fails.
+            Err(e) if !matches!(e, Error::NotFound(_) | Error::FailedPrecondition(_)) => return Err(e),
+            answer => out[i] = Some(answer),
+        }
+    }
+    for payload in &notify {
+        tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[payload])
+            .await?;
+    }
+    Ok(out
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(Error::Internal("report left unanswered".into()))))
+        .collect())
+}
+
+/// Records one task result (see `sql/task_record.sql`): `None` when this call recorded it, or
+/// the result an earlier call recorded.
+async fn record_one(
+    tx: &Transaction<'_>,
+    namespace: &str,
+    id: Uuid,
+    token: Uuid,
+    task: &NewTask,
+) -> Result<Option<TaskResult>> {
+    let stmt = tx.prepare_cached(sql!("task_record")).await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &namespace,
+                &id,
+                &token,
+                &task.key,
+                &task.name,
+                &(task.seq as i32),
+                &task.output,
+                &task.error,
+            ],
+        )
+        .await?;
+    let lease_ok: bool = row.get("lease_ok");
+    let recorded: bool = row.get("recorded");
+    if !lease_ok {
+        refusal(tx, namespace, id, token, None).await?;
+    }
+    if recorded {
+        return Ok(None);
+    }
+    // Recorded before: the earlier result is the one that counts.
+    let stmt = tx.prepare_cached(sql!("task_get")).await?;
+    let row = tx
+        .query_opt(&stmt, &[&namespace, &id, &task.key])
+        .await?
+        .ok_or_else(|| Error::Unavailable("task record vanished; retry".into()))?;
+    Ok(Some(task_from_row(&row)?))
+}
+
+/// Ends the lease `token` of a running run by failure or release, deciding retry, failure or
+/// cancellation. Returns the updated run and, if it is queued again, how long until it is
+/// visible; or `None` for a duplicate report. The caller sends the NOTIFY.
+async fn end_one(
+    tx: &Transaction<'_>,
+    namespace: &str,
+    id: Uuid,
+    token: Uuid,
+    end: &LeaseEnd,
+) -> Result<Option<(Run, Duration)>> {
+    let kind = match end {
+        LeaseEnd::Fail { .. } => "fail",
+        LeaseEnd::Release { .. } => "release",
+    };
+    let locked = tx
+        .query_opt(
+            &tx.prepare_cached(sql!("run_lock_lease")).await?,
+            &[&namespace, &id, &token],
+        )
+        .await?;
+    let Some(row) = locked else {
+        return refusal(tx, namespace, id, token, Some(kind)).await.map(|()| None);
+    };
+    let attempt: i32 = row.get("attempt");
+    let owner: Option<Uuid> = row.get("lease_owner");
+    let cancel_requested: bool = row.get("cancel_requested");
+    let policy = retry_from_row(&row);
+    let (next, error, next_attempt, delay, event, details) = match end {
+        _ if cancel_requested => {
+            let error = json!({"type": "Cancelled", "message": "cancelled at the request of a client"});
+            (
+                "cancelled",
+                Some(error.clone()),
+                attempt,
+                Duration::ZERO,
+                "run_cancelled",
+                error,
+            )
+        }
+        LeaseEnd::Fail {
+            error,
+            non_retryable,
+            retry_after,
+        } => {
+            let etype = error.get("type").and_then(Json::as_str).unwrap_or("");
+            let give_up = *non_retryable
+                || attempt as u32 >= policy.max_attempts
+                || policy.non_retryable_error_types.iter().any(|t| t == etype);
+            if give_up {
+                (
+                    "failed",
+                    Some(error.clone()),
+                    attempt,
+                    Duration::ZERO,
+                    "run_failed",
+                    error.clone(),
+                )
+            } else {
+                let delay = retry_after.unwrap_or_else(|| policy.backoff(attempt as u32, rand::random()));
+                let details = json!({"error": error, "retry_in_ms": ms(delay)});
+                (
+                    "queued",
+                    Some(error.clone()),
+                    attempt + 1,
+                    delay,
+                    "run_retry_scheduled",
+                    details,
+                )
+            }
+        }
+        LeaseEnd::Release { reason, delay } => {
+            let previous: Option<Json> = row.get("error");
+            (
+                "queued",
+                previous,
+                attempt,
+                *delay,
+                "lease_released",
+                json!({"reason": reason, "delay_ms": ms(*delay)}),
+            )
+        }
+    };
+    let updated = tx
+        .query_one(
+            &tx.prepare_cached(sql!("run_end_lease")).await?,
+            &[&namespace, &id, &next, &error, &kind, &next_attempt, &ms(delay)],
+        )
+        .await?;
+    tx.execute(
+        &tx.prepare_cached(sql!("event_insert")).await?,
+        &[&namespace, &id, &event, &attempt, &owner, &details],
+    )
+    .await?;
+    Ok(Some((run_from_row(&updated)?, delay)))
+}
+
+/// Called when a report under `token` did not apply: `Ok(())` if it duplicates the report
+/// (`kind`) that already ended this lease, else the error that explains the refusal.
+async fn refusal(
+    client: &impl GenericClient,
+    namespace: &str,
+    id: Uuid,
+    token: Uuid,
+    kind: Option<&str>,
+) -> Result<()> {
+    let stmt = client.prepare_cached(sql!("run_get")).await?;
+    let row = client
+        .query_opt(&stmt, &[&namespace, &id])
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    let status: String = row.get("status");
+    let row_token: Option<Uuid> = row.get("lease_token");
+    let lease_end: Option<String> = row.get("lease_end");
+    if row_token == Some(token) && kind.is_some() && lease_end.as_deref() == kind {
+        return Ok(());
+    }
+    if row_token == Some(token) {
+        let how = match lease_end.as_deref() {
+            Some("expire") => "expired",
+            Some("complete") => "ended with CompleteRun",
+            Some("fail") => "ended with FailRun",
+            Some("release") => "ended with ReleaseRun",
+            _ => "ended",
+        };
+        return Err(Error::FailedPrecondition(format!(
+            "the lease on run {id} has {how}; the run is {status} and this report was not applied"
+        )));
+    }
+    Err(Error::FailedPrecondition(format!(
+        "lease token {token} is not the current lease of run {id} (the run is {status}); \
+         another worker holds or held it, and this report was not applied"
+    )))
 }
 
 fn not_found(id: Uuid) -> Error {

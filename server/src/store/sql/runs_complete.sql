@@ -1,0 +1,21 @@
+-- Completes many runs at once (reports coalesced into one transaction): input rows are
+-- ($1 namespace, $2 run id, $3 lease token, $4 output), sorted by run by the caller so that
+-- concurrent batches lock rows in one order. A run is completed only under its current lease.
+-- Answers the input positions (`ord`, from 1) that completed a run; the others are sorted out
+-- one report at a time (a duplicate of the report that completed it, or a refusal).
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::jsonb[])
+        WITH ORDINALITY AS i (namespace, id, token, output, ord)
+), done AS (
+    UPDATE runs r
+    SET status = 'completed', output = i.output, error = NULL, lease_end = 'complete',
+        lease_expires_at = NULL, finished_at = now(), updated_at = now()
+    FROM input i
+    WHERE r.namespace = i.namespace AND r.id = i.id AND r.lease_token = i.token
+      AND r.status = 'running'
+    RETURNING r.namespace, r.id, r.attempt, r.lease_owner, i.ord
+), events AS (
+    INSERT INTO run_events (namespace, run_id, type, attempt, worker_id, details)
+    SELECT namespace, id, 'run_completed', attempt, lease_owner, NULL FROM done ORDER BY ord
+)
+SELECT ord FROM done

@@ -1,0 +1,316 @@
+//! Batched reports: `Report` answers each report on its own, and concurrent reports are
+//! committed together without mixing up their answers.
+
+use std::time::Duration;
+
+use aiki_proto::v1::{
+    CompleteRunRequest, FailRunRequest, RecordTaskRequest, ReleaseRunRequest, ReportRequest, RunError, RunReport,
+    RunStatus, StartRunsRequest, report_result, run_report,
+};
+use aiki_tests::{RawWorker, TestDb, TestServer, start_req, task_output};
+use serde_json::json;
+use tonic::Code;
+
+fn record(run_id: &str, token: &str, key: &str, out: serde_json::Value) -> run_report::Report {
+    run_report::Report::RecordTask(RecordTaskRequest {
+        namespace: String::new(),
+        run_id: run_id.into(),
+        lease_token: token.into(),
+        task: Some(task_output(key, "step", 0, out)),
+    })
+}
+
+fn complete(run_id: &str, token: &str, out: serde_json::Value) -> run_report::Report {
+    run_report::Report::CompleteRun(CompleteRunRequest {
+        namespace: String::new(),
+        run_id: run_id.into(),
+        lease_token: token.into(),
+        output: Some(aiki_proto::json_to_value(&out)),
+    })
+}
+
+fn reports(items: Vec<run_report::Report>) -> ReportRequest {
+    ReportRequest {
+        reports: items.into_iter().map(|r| RunReport { report: Some(r) }).collect(),
+    }
+}
+
+async fn event_types(db: &TestDb, run_id: &str) -> Vec<String> {
+    let pg = db.connect().await;
+    let id: uuid::Uuid = run_id.parse().unwrap();
+    pg.query("SELECT type FROM run_events WHERE run_id = $1 ORDER BY seq", &[&id])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn one_call_carries_reports_of_every_kind_each_answered_on_its_own() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    let runs = (0..5).map(|i| start_req("mixed", json!({"i": i}))).collect();
+    wf.start_runs(StartRunsRequest { runs }).await.unwrap();
+    let w = RawWorker::register(&server, &["default"]).await;
+    let leased = w.poll(5, Duration::from_secs(5)).await;
+    assert_eq!(leased.len(), 5);
+    let (a, b, c, d, e) = (&leased[0], &leased[1], &leased[2], &leased[3], &leased[4]);
+
+    let resp = w
+        .client
+        .clone()
+        .report(reports(vec![
+            record(&a.run_id, &a.lease_token, "k#1#0", json!("a-step")),
+            complete(&b.run_id, &b.lease_token, json!({"b": true})),
+            run_report::Report::FailRun(FailRunRequest {
+                namespace: String::new(),
+                run_id: c.run_id.clone(),
+                lease_token: c.lease_token.clone(),
+                error: Some(RunError {
+                    r#type: "Boom".into(),
+                    message: "no".into(),
+                    details: None,
+                }),
+                non_retryable: true,
+                retry_after: None,
+            }),
+            run_report::Report::ReleaseRun(ReleaseRunRequest {
+                namespace: String::new(),
+                run_id: d.run_id.clone(),
+                lease_token: d.lease_token.clone(),
+                reason: "not now".into(),
+                delay: None,
+            }),
+            // A token that is not the lease: refused, the others still apply.
+            complete(&e.run_id, &uuid::Uuid::new_v4().to_string(), json!(null)),
+            // Malformed: refused with INVALID_ARGUMENT, on its own.
+            complete("not-a-uuid", &e.lease_token, json!(null)),
+        ]))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(resp.len(), 6, "one answer per report");
+    let kinds: Vec<_> = resp.iter().map(|r| r.result.clone().unwrap()).collect();
+    match &kinds[0] {
+        report_result::Result::RecordTask(r) => assert!(r.recorded),
+        other => panic!("record answered with {other:?}"),
+    }
+    assert!(matches!(kinds[1], report_result::Result::CompleteRun(_)));
+    match &kinds[2] {
+        report_result::Result::FailRun(r) => assert_eq!(r.status, RunStatus::Failed as i32),
+        other => panic!("fail answered with {other:?}"),
+    }
+    match &kinds[3] {
+        report_result::Result::ReleaseRun(r) => assert_eq!(r.status, RunStatus::Queued as i32),
+        other => panic!("release answered with {other:?}"),
+    }
+    match &kinds[4] {
+        report_result::Result::Error(err) => {
+            assert_eq!(err.code, Code::FailedPrecondition as i32, "{}", err.message);
+            assert!(err.message.contains("not the current lease"), "{}", err.message);
+        }
+        other => panic!("stale token answered with {other:?}"),
+    }
+    match &kinds[5] {
+        report_result::Result::Error(err) => {
+            assert_eq!(err.code, Code::InvalidArgument as i32, "{}", err.message);
+            assert!(err.message.contains("run_id"), "{}", err.message);
+        }
+        other => panic!("bad id answered with {other:?}"),
+    }
+
+    let status = |id: &str| {
+        let db = &db;
+        let id: uuid::Uuid = id.parse().unwrap();
+        async move {
+            let pg = db.connect().await;
+            let s: String = pg
+                .query_one("SELECT status FROM runs WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get(0);
+            s
+        }
+    };
+    assert_eq!(status(&a.run_id).await, "running");
+    assert_eq!(status(&b.run_id).await, "completed");
+    assert_eq!(status(&c.run_id).await, "failed");
+    assert_eq!(status(&d.run_id).await, "queued");
+    assert_eq!(
+        status(&e.run_id).await,
+        "running",
+        "the refused reports changed nothing"
+    );
+    assert_eq!(
+        event_types(&db, &a.run_id).await,
+        ["run_created", "run_leased", "task_recorded"]
+    );
+
+    // The call itself is refused only when malformed as a whole.
+    let err = w.client.clone().report(reports(vec![])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let too_many = (0..1001)
+        .map(|_| complete(&e.run_id, &e.lease_token, json!(null)))
+        .collect();
+    let err = w.client.clone().report(reports(too_many)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("1 to 1000"), "{}", err.message());
+    let empty = ReportRequest {
+        reports: vec![RunReport { report: None }],
+    };
+    let answer = w.client.clone().report(empty).await.unwrap().into_inner().results;
+    assert!(
+        matches!(&answer[0].result, Some(report_result::Result::Error(e)) if e.code == Code::InvalidArgument as i32)
+    );
+}
+
+#[tokio::test]
+async fn duplicates_in_one_call_apply_once_and_agree() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    wf.start_run(start_req("dup", json!({}))).await.unwrap();
+    let w = RawWorker::register(&server, &["default"]).await;
+    let run = w.poll(1, Duration::from_secs(5)).await.remove(0);
+    let (id, token) = (&run.run_id, &run.lease_token);
+
+    // The same task twice, then a different result under the same key: one record, and every
+    // answer gives the first result.
+    let resp = w
+        .client
+        .clone()
+        .report(reports(vec![
+            record(id, token, "k#1#0", json!(1)),
+            record(id, token, "k#1#0", json!(1)),
+            record(id, token, "k#1#0", json!(2)),
+        ]))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let answers: Vec<_> = resp
+        .into_iter()
+        .map(|r| match r.result {
+            Some(report_result::Result::RecordTask(t)) => (t.recorded, t.task.unwrap()),
+            other => panic!("record answered with {other:?}"),
+        })
+        .collect();
+    assert_eq!(answers.iter().filter(|(recorded, _)| *recorded).count(), 1);
+    assert!(answers[0].0, "the first of the duplicates is the one recorded");
+    for (_, task) in &answers {
+        assert_eq!(task, &task_output("k#1#0", "step", 0, json!(1)));
+    }
+
+    // The same completion twice: both succeed, the run completes once.
+    let resp = w
+        .client
+        .clone()
+        .report(reports(vec![
+            complete(id, token, json!("done")),
+            complete(id, token, json!("done")),
+        ]))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    for r in &resp {
+        assert!(matches!(r.result, Some(report_result::Result::CompleteRun(_))), "{r:?}");
+    }
+    assert_eq!(
+        event_types(&db, id).await,
+        ["run_created", "run_leased", "task_recorded", "run_completed"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reports_of_many_runs_are_committed_together_without_mixing_answers() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    let runs = (0..400).map(|i| start_req("many", json!({"i": i}))).collect();
+    wf.start_runs(StartRunsRequest { runs }).await.unwrap();
+    let w = RawWorker::register(&server, &["default"]).await;
+    let mut leased = Vec::new();
+    while leased.len() < 400 {
+        leased.extend(w.poll(400, Duration::from_secs(5)).await);
+    }
+
+    // Every run reports its task and then its completion, all runs at once, half of them
+    // through unary calls and half through single-report `Report` calls.
+    let tasks = leased.iter().enumerate().map(|(i, run)| {
+        let mut client = w.client.clone();
+        let (id, token) = (run.run_id.clone(), run.lease_token.clone());
+        async move {
+            let key = format!("step#{i}#0");
+            let recorded = if i % 2 == 0 {
+                client
+                    .record_task(RecordTaskRequest {
+                        namespace: String::new(),
+                        run_id: id.clone(),
+                        lease_token: token.clone(),
+                        task: Some(task_output(&key, "step", 0, json!(i))),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+            } else {
+                match client
+                    .report(reports(vec![record(&id, &token, &key, json!(i))]))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .results
+                    .remove(0)
+                    .result
+                {
+                    Some(report_result::Result::RecordTask(r)) => r,
+                    other => panic!("record answered with {other:?}"),
+                }
+            };
+            assert!(recorded.recorded);
+            assert_eq!(recorded.task.unwrap().key, key, "an answer of another run's report");
+            client
+                .complete_run(CompleteRunRequest {
+                    namespace: String::new(),
+                    run_id: id,
+                    lease_token: token,
+                    output: Some(aiki_proto::json_to_value(&json!(i))),
+                })
+                .await
+                .unwrap();
+        }
+    });
+    futures::future::join_all(tasks).await;
+
+    let pg = db.connect().await;
+    let row = pg
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status = 'completed'),
+                    count(*) FILTER (WHERE output = input->'i'),
+                    (SELECT count(*) FROM run_tasks),
+                    (SELECT count(*) FROM run_events WHERE type = 'run_completed')
+             FROM runs",
+            &[],
+        )
+        .await
+        .unwrap();
+    let counts: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(
+        counts,
+        (400, 400, 400, 400),
+        "completed, right output, tasks, completion events"
+    );
+    // Task i is recorded on the run whose input is i.
+    let mismatched: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM run_tasks t JOIN runs r ON r.id = t.run_id WHERE t.output <> r.input->'i'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mismatched, 0);
+}
