@@ -64,11 +64,14 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     // Background work stops with `inner`, after the gRPC server has drained.
     let inner = CancellationToken::new();
     let wakers = wake::Wakers::new(inner.clone());
-    // A quarter of the pool commits reports; the rest serves polls, starts and reads.
-    let committer = commit::Committer::start(store.clone(), (config.pool_size / 4).clamp(1, 8));
+    // A quarter of the pool commits reports, an eighth single starts; the rest serves polls,
+    // batched starts and reads.
+    let committer = commit::Committer::start(commit::Reports(store.clone()), (config.pool_size / 4).clamp(1, 8));
+    let starter = commit::Committer::start(commit::Starts(store.clone()), (config.pool_size / 8).clamp(1, 4));
     let shared = Arc::new(Shared {
         store,
         committer,
+        starter,
         config: config.clone(),
         wakers: wakers.clone(),
         shutdown: shutdown.clone(),

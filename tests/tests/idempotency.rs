@@ -163,3 +163,71 @@ async fn sdk_start_run_reports_created_and_finds_by_key() {
     assert!(matches!(err, aiki::Error::AlreadyExists(_)), "{err:?}");
     assert_eq!(client.get_by_key("greet-1").await.unwrap().id, a.id);
 }
+
+/// Single starts arriving together share a transaction: one refused start (a key taken with
+/// another input) must not refuse or undo the others, and each caller gets its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_single_starts_get_their_own_answers() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.workflows().await;
+    let mut first = start_req("order", json!({"order": 1}));
+    first.idempotency_key = "taken".into();
+    let taken = client
+        .clone()
+        .start_run(first)
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+        .id;
+
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(300));
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let mut c = client.clone();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut req = start_req("order", json!({"order": i}));
+            // Every tenth reuses the taken key with another input; the rest have keys of their own.
+            req.idempotency_key = if i % 10 == 0 {
+                "taken".into()
+            } else {
+                format!("own-{i}")
+            };
+            barrier.wait().await;
+            (i, c.start_run(req).await.map(|r| r.into_inner()))
+        }));
+    }
+    let mut refused = 0;
+    for t in tasks {
+        let (i, answer) = t.await.unwrap();
+        if i % 10 == 0 {
+            let err = answer.expect_err("a taken key with another input is refused");
+            assert_eq!(err.code(), Code::AlreadyExists);
+            assert!(err.message().contains(&taken), "{}", err.message());
+            assert!(!err.message().contains("entry"), "{}", err.message());
+            refused += 1;
+        } else {
+            let resp = answer.expect("a start with its own key succeeds");
+            assert!(resp.created);
+            let run = resp.run.unwrap();
+            assert_eq!(
+                run.idempotency_key,
+                format!("own-{i}"),
+                "an answer meant for another caller"
+            );
+        }
+    }
+    assert_eq!(refused, 30);
+    let pg = db.connect().await;
+    let n: i64 = pg.query_one("SELECT count(*) FROM runs", &[]).await.unwrap().get(0);
+    assert_eq!(n, 271, "the taken key's run and 270 new ones");
+    let events: i64 = pg
+        .query_one("SELECT count(*) FROM run_events WHERE type = 'run_created'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 271);
+}

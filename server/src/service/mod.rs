@@ -9,14 +9,21 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{commit::Committer, config::Config, store::Store, wake::Wakers};
+use crate::{
+    commit::{Committer, Reports, Starts},
+    config::Config,
+    store::Store,
+    wake::Wakers,
+};
 
 /// What every service shares.
 #[derive(Debug)]
 pub struct Shared {
     pub store: Store,
     /// Applies worker reports, coalescing concurrent ones into one transaction.
-    pub committer: Committer,
+    pub committer: Committer<Reports>,
+    /// Starts runs of single `StartRun` calls, coalescing concurrent ones likewise.
+    pub starter: Committer<Starts>,
     pub config: Config,
     pub wakers: Arc<Wakers>,
     /// Cancelled when the server shuts down: long polls and watches return early.

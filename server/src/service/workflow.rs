@@ -9,6 +9,7 @@ use aiki_proto::v1::{
     workflow_service_server::WorkflowService,
 };
 use futures::Stream;
+use prost::Message;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 use uuid::Uuid;
@@ -137,28 +138,30 @@ impl WorkflowSvc {
         })
     }
 
+    /// Starts the runs of one `StartRuns` call: all of them, or none.
     async fn start(&self, runs: Vec<NewRun>) -> Result<Vec<StartRunResponse>> {
-        let started = self.0.store.start_runs(&runs).await?;
-        for (new, (_, created)) in runs.iter().zip(&started) {
-            if *created {
-                self.0
-                    .wakers
-                    .queue_ready((new.namespace.clone(), new.queue.clone()), Some(new.delay));
-            }
-        }
-        // A created run's input is what the caller just sent: not sent back.
-        Ok(started
-            .into_iter()
-            .map(|(mut run, created)| {
-                if created {
-                    run.input = None;
-                }
-                StartRunResponse {
-                    run: Some(run),
-                    created,
-                }
+        let started = self.0.store.start_runs(&runs, true).await?;
+        runs.iter()
+            .zip(started)
+            .map(|(new, answer)| {
+                answer.map(|(run, created)| self.started(&new.namespace, &new.queue, new.delay, run, created))
             })
-            .collect())
+            .collect()
+    }
+
+    /// Wakes the pollers of a created run's queue and builds the answer. A created run's input
+    /// is what the caller just sent: not sent back.
+    fn started(&self, namespace: &str, queue: &str, delay: Duration, mut run: Run, created: bool) -> StartRunResponse {
+        if created {
+            self.0
+                .wakers
+                .queue_ready((namespace.to_owned(), queue.to_owned()), Some(delay));
+            run.input = None;
+        }
+        StartRunResponse {
+            run: Some(run),
+            created,
+        }
     }
 
     async fn get(&self, namespace: &str, id: Uuid) -> Result<Run> {
@@ -188,11 +191,12 @@ async fn wait_change(
 impl WorkflowService for WorkflowSvc {
     #[instrument(name = "rpc.StartRun", skip_all, fields(workflow = %req.get_ref().workflow))]
     async fn start_run(&self, req: Request<StartRunRequest>) -> Result<Response<StartRunResponse>, Status> {
-        let run = self.new_run(req.get_ref())?;
-        let mut out = self.start(vec![run]).await?;
-        Ok(Response::new(
-            out.pop().ok_or_else(|| Error::Internal("no result".into()))?,
-        ))
+        let bytes = req.get_ref().encoded_len();
+        let new = self.new_run(req.get_ref())?;
+        // Coalesced with other single starts arriving at the same time into one transaction.
+        let (namespace, queue, delay) = (new.namespace.clone(), new.queue.clone(), new.delay);
+        let (run, created) = self.0.starter.apply(new, bytes).await?;
+        Ok(Response::new(self.started(&namespace, &queue, delay, run, created)))
     }
 
     #[instrument(name = "rpc.StartRuns", skip_all, fields(count = req.get_ref().runs.len()))]

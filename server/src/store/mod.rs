@@ -168,100 +168,22 @@ impl Store {
     }
 
     /// Inserts runs in one transaction, deduplicating by idempotency key or request id, and
-    /// wakes the pollers of their queues (NOTIFY in the same transaction).
+    /// wakes the pollers of their queues (NOTIFY in the same transaction). Answers each run:
+    /// the run and whether this call created it, or why it cannot start. With `atomic`, one
+    /// refused run refuses them all and nothing is inserted; without, the others start.
     #[instrument(name = "store.runs.start", skip_all, fields(count = runs.len()))]
-    pub async fn start_runs(&self, runs: &[NewRun]) -> Result<Vec<(Run, bool)>> {
+    pub async fn start_runs(&self, runs: &[NewRun], atomic: bool) -> Result<Vec<Result<(Run, bool)>>> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let insert = tx.prepare_cached(sql!("run_insert")).await?;
-        let event = tx.prepare_cached(sql!("event_insert")).await?;
-        let mut out: Vec<Option<(Run, bool)>> = vec![None; runs.len()];
-        let mut notify: Vec<String> = Vec::new();
-        // Insert in key order, so that two batches sharing keys take their locks in the same
-        // order and cannot deadlock; answer in request order.
-        let mut order: Vec<usize> = (0..runs.len()).collect();
-        order.sort_by(|a, b| {
-            let key = |r: &NewRun| (r.idempotency_key.clone(), r.request_id.clone());
-            key(&runs[*a]).cmp(&key(&runs[*b]))
-        });
-        for i in order {
-            let r = &runs[i];
-            let row = tx
-                .query_opt(
-                    &insert,
-                    &[
-                        &r.namespace,
-                        &r.id,
-                        &r.workflow,
-                        &r.version,
-                        &r.queue,
-                        &r.priority,
-                        &r.input,
-                        &r.idempotency_key,
-                        &r.request_id,
-                        &(r.retry.max_attempts as i32),
-                        &ms(r.retry.initial_interval),
-                        &ms(r.retry.max_interval),
-                        &r.retry.backoff_coefficient,
-                        &r.retry.non_retryable_error_types,
-                        &ms(r.delay),
-                    ],
-                )
-                .await?;
-            if let Some(row) = row {
-                let run = run_from_row(&row)?;
-                tx.execute(
-                    &event,
-                    &[&r.namespace, &r.id, &"run_created", &1i32, &None::<Uuid>, &None::<Json>],
-                )
-                .await?;
-                let payload = crate::wake::ready_payload(&r.namespace, &r.queue, r.delay);
-                if !notify.contains(&payload) {
-                    notify.push(payload);
-                }
-                out[i] = Some((run, true));
-                continue;
-            }
-            // Taken: the conflicting insert has committed (ON CONFLICT waited for it), so this
-            // statement, with its new snapshot, sees the run.
-            let existing = tx
-                .query_opt(
-                    &tx.prepare_cached(sql!("run_by_dedupe")).await?,
-                    &[&r.namespace, &r.idempotency_key, &r.request_id, &r.workflow, &r.input],
-                )
-                .await?;
-            let Some(existing) = existing else {
-                return Err(Error::Unavailable(
-                    "the run holding this idempotency key was removed concurrently; retry".into(),
-                ));
-            };
-            let same: bool = existing.get("same_start");
-            if !same && !r.return_existing {
-                let what = match &r.idempotency_key {
-                    Some(k) => format!("idempotency key {k:?}"),
-                    None => format!("request id {:?}", r.request_id.as_deref().unwrap_or("")),
-                };
-                let id: Uuid = existing.get("id");
-                let at = if runs.len() > 1 {
-                    format!(" (entry {i})")
-                } else {
-                    String::new()
-                };
-                return Err(Error::AlreadyExists(format!(
-                    "{what}{at} already started run {id} with a different workflow or input; \
-                     use another key, or conflict policy RETURN_EXISTING to get that run"
-                )));
-            }
-            out[i] = Some((run_from_row(&existing)?, false));
-        }
-        if !notify.is_empty() {
-            let stmt = tx.prepare_cached(sql!("notify_ready")).await?;
-            for payload in &notify {
-                tx.execute(&stmt, &[payload]).await?;
-            }
+        let mut out = start_in(&tx, runs, atomic).await?;
+        if atomic && let Some(i) = out.iter().position(Result::is_err) {
+            return Err(out
+                .swap_remove(i)
+                .err()
+                .unwrap_or_else(|| Error::Internal("no error".into())));
         }
         tx.commit().await?;
-        Ok(out.into_iter().flatten().collect())
+        Ok(out)
     }
 
     /// A run by id.
@@ -617,6 +539,141 @@ pub enum Applied {
     /// The run as the lease's end left it and, if it is queued again, how long until it is
     /// visible; `None` for a duplicate of the report that ended the lease.
     Ended(Option<(Box<Run>, Duration)>),
+}
+
+/// The body of [`Store::start_runs`]: one statement inserts every run whose key is free, then
+/// each run whose key is taken is answered with the run holding it (or refused).
+async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result<Vec<Result<(Run, bool)>>> {
+    // Insert in key order, so that two batches sharing keys take their locks in the same
+    // order and cannot deadlock; answer in request order.
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|a, b| {
+        let key = |r: &NewRun| (r.idempotency_key.clone(), r.request_id.clone());
+        key(&runs[*a]).cmp(&key(&runs[*b]))
+    });
+    let n = runs.len();
+    let (mut ns, mut ids, mut workflows, mut versions, mut queues, mut priorities, mut inputs) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut keys, mut request_ids, mut attempts, mut initials, mut maxes, mut coefficients, mut types, mut delays) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for &i in &order {
+        let r = &runs[i];
+        ns.push(r.namespace.as_str());
+        ids.push(r.id);
+        workflows.push(r.workflow.as_str());
+        versions.push(r.version.as_str());
+        queues.push(r.queue.as_str());
+        priorities.push(r.priority);
+        inputs.push(&r.input);
+        keys.push(r.idempotency_key.as_deref());
+        request_ids.push(r.request_id.as_deref());
+        attempts.push(r.retry.max_attempts as i32);
+        initials.push(ms(r.retry.initial_interval));
+        maxes.push(ms(r.retry.max_interval));
+        coefficients.push(r.retry.backoff_coefficient);
+        types.push(json!(r.retry.non_retryable_error_types));
+        delays.push(ms(r.delay));
+    }
+    let stmt = tx.prepare_cached(sql!("runs_insert")).await?;
+    let rows = tx
+        .query(
+            &stmt,
+            &[
+                &ns,
+                &ids,
+                &workflows,
+                &versions,
+                &queues,
+                &priorities,
+                &inputs,
+                &keys,
+                &request_ids,
+                &attempts,
+                &initials,
+                &maxes,
+                &coefficients,
+                &types,
+                &delays,
+            ],
+        )
+        .await?;
+    let mut created = std::collections::HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let run = run_from_row(row)?;
+        created.insert(row.get::<_, Uuid>("id"), run);
+    }
+    let mut out: Vec<Option<Result<(Run, bool)>>> = runs.iter().map(|_| None).collect();
+    let mut notify: Vec<String> = Vec::new();
+    for i in order {
+        let r = &runs[i];
+        if let Some(run) = created.remove(&r.id) {
+            let payload = crate::wake::ready_payload(&r.namespace, &r.queue, r.delay);
+            if !notify.contains(&payload) {
+                notify.push(payload);
+            }
+            out[i] = Some(Ok((run, true)));
+            continue;
+        }
+        // Taken: the conflicting insert has committed (ON CONFLICT waited for it), so this
+        // statement, with its new snapshot, sees the run.
+        let existing = tx
+            .query_opt(
+                &tx.prepare_cached(sql!("run_by_dedupe")).await?,
+                &[&r.namespace, &r.idempotency_key, &r.request_id, &r.workflow, &r.input],
+            )
+            .await?;
+        let answer = match existing {
+            None => Err(Error::Unavailable(
+                "the run holding this idempotency key was removed concurrently; retry".into(),
+            )),
+            Some(existing) if !existing.get::<_, bool>("same_start") && !r.return_existing => {
+                let what = match &r.idempotency_key {
+                    Some(k) => format!("idempotency key {k:?}"),
+                    None => format!("request id {:?}", r.request_id.as_deref().unwrap_or("")),
+                };
+                let id: Uuid = existing.get("id");
+                let at = if atomic && runs.len() > 1 {
+                    format!(" (entry {i})")
+                } else {
+                    String::new()
+                };
+                Err(Error::AlreadyExists(format!(
+                    "{what}{at} already started run {id} with a different workflow or input; \
+                     use another key, or conflict policy RETURN_EXISTING to get that run"
+                )))
+            }
+            Some(existing) => run_from_row(&existing).map(|run| (run, false)),
+        };
+        if atomic && answer.is_err() {
+            return Ok(vec![answer]);
+        }
+        out[i] = Some(answer);
+    }
+    if !notify.is_empty() {
+        let stmt = tx.prepare_cached(sql!("notify_ready")).await?;
+        for payload in &notify {
+            tx.execute(&stmt, &[payload]).await?;
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(Error::Internal("run left unanswered".into()))))
+        .collect())
 }
 
 /// The body of [`Store::apply_reports`]: set-based statements first (their answers tell which

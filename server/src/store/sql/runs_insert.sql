@@ -1,0 +1,31 @@
+-- Inserts many runs in one statement, each unless its idempotency key or request id is taken
+-- (those are left out of the answer), with their `run_created` events. Input rows are
+-- ($1 namespace, $2 id, $3 workflow, $4 version, $5 queue, $6 priority, $7 input,
+-- $8 idempotency key, $9 request id, $10 max attempts, $11 initial interval ms,
+-- $12 max interval ms, $13 backoff coefficient, $14 non-retryable error types (a JSON array),
+-- $15 delay ms), inserted in the order given (the caller sorts them by key, so that batches
+-- sharing keys wait for each other in one order and cannot deadlock).
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int[],
+                         $7::jsonb[], $8::text[], $9::text[], $10::int[], $11::bigint[],
+                         $12::bigint[], $13::float8[], $14::jsonb[], $15::bigint[])
+        WITH ORDINALITY AS i (namespace, id, workflow, version, queue, priority, input,
+                              idempotency_key, request_id, max_attempts, initial_interval_ms,
+                              max_interval_ms, backoff_coefficient, non_retryable, delay_ms, ord)
+), inserted AS (
+    INSERT INTO runs (namespace, id, workflow, version, queue, priority, status, input,
+                      idempotency_key, request_id, max_attempts, initial_interval_ms,
+                      max_interval_ms, backoff_coefficient, non_retryable_error_types, visible_at)
+    SELECT namespace, id, workflow, version, queue, priority, 'queued', input,
+           idempotency_key, request_id, max_attempts, initial_interval_ms,
+           max_interval_ms, backoff_coefficient,
+           ARRAY(SELECT jsonb_array_elements_text(non_retryable)),
+           now() + delay_ms * interval '1 millisecond'
+    FROM input ORDER BY ord
+    ON CONFLICT DO NOTHING
+    RETURNING *
+), events AS (
+    INSERT INTO run_events (namespace, run_id, type, attempt)
+    SELECT namespace, id, 'run_created', 1 FROM inserted
+)
+SELECT * FROM inserted
