@@ -105,7 +105,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     let max_message = MAX_MESSAGE_BYTES.max(config.max_payload_bytes.saturating_mul(4));
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "aiki-server listening");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Without TCP_NODELAY, small answers wait for the peer's delayed ACK (tens of
+    // milliseconds on Linux) and every poll or report pays for it.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let signal = {
         let shutdown = shutdown.clone();
         let reporter = health_reporter.clone();
