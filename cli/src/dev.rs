@@ -158,7 +158,7 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
 const WORKER_TOML: &str = include_str!("../../worker/examples/hello.toml");
 
 /// Stops children in reverse order of start: SIGTERM, then kill after 10 s.
-async fn stop(children: Vec<(&str, Child)>) {
+pub(crate) async fn stop(children: Vec<(&str, Child)>) {
     for (name, mut c) in children.into_iter().rev() {
         if let Some(pid) = c.id() {
             let _ = nix::sys::signal::kill(
@@ -173,7 +173,7 @@ async fn stop(children: Vec<(&str, Child)>) {
     }
 }
 
-async fn wait_for_server(server: &str, child: &mut Child) -> anyhow::Result<Client> {
+pub(crate) async fn wait_for_server(server: &str, child: &mut Child) -> anyhow::Result<Client> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait()? {
@@ -193,7 +193,7 @@ async fn wait_for_server(server: &str, child: &mut Child) -> anyhow::Result<Clie
 }
 
 /// A binary of this workspace next to the running `aiki` (e.g. target/debug/aiki-server).
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name(name);
     if path.exists() {

@@ -3,13 +3,14 @@
 //! Exit codes: 0 success; 1 an error (message on stderr); 2 a usage error; 3 the run ended
 //! `failed` or `cancelled` (`run result`, `run start --wait`); 4 the wait timed out.
 
+mod bench;
 mod dev;
 mod output;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use aiki::{Client, ListFilter, RunStatus, StartOptions};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource};
 use futures::StreamExt;
 use output::Output;
 
@@ -32,6 +33,9 @@ struct Cli {
     output: Format,
     #[command(subcommand)]
     command: Command,
+    /// Whether --server was given (flag or environment) rather than defaulted.
+    #[arg(skip)]
+    server_given: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,6 +64,12 @@ enum Command {
     /// Run the whole local stack: PostgreSQL (started or installed if missing), a server, a
     /// worker, and a first workflow.
     Dev(dev::DevArgs),
+    /// Measure throughput, start latency and server memory: starts its own server (or uses
+    /// --server) and workers, and prints the figures.
+    Bench(bench::BenchArgs),
+    /// A worker process of `aiki bench`.
+    #[command(hide = true)]
+    BenchWorker(bench::WorkerArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,8 +187,15 @@ impl<E: Into<anyhow::Error>> From<E> for Exit {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Run(_) | Command::Workers | Command::Queues);
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.server_given = matches
+        .value_source("server")
+        .is_some_and(|s| s != ValueSource::DefaultValue);
+    let quiet = matches!(
+        cli.command,
+        Command::Run(_) | Command::Workers | Command::Queues | Command::Bench(_)
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AIKI_LOG")
@@ -228,6 +245,14 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             Ok(())
         }
         Command::Dev(args) => Ok(dev::run(args, &cli.server).await?),
+        Command::Bench(args) => {
+            let target = bench::Target {
+                server: cli.server_given.then(|| cli.server.clone()),
+                namespace: (cli.namespace != "default").then(|| cli.namespace.clone()),
+            };
+            Ok(bench::run(args, &target, out.json).await?)
+        }
+        Command::BenchWorker(args) => Ok(bench::worker(&cli.server, &cli.namespace, args).await?),
         Command::Workers => {
             out.workers(&connect(&cli).await?.workers().await?);
             Ok(())

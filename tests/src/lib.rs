@@ -27,7 +27,8 @@ pub fn admin_url() -> String {
     std::env::var("AIKI_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://aiki:aiki@127.0.0.1:5432/postgres".into())
 }
 
-fn url_for(db: &str) -> String {
+/// The connection string (key=value form) of database `db` on the tests' PostgreSQL.
+pub fn url_for(db: &str) -> String {
     let mut pg = tokio_postgres::Config::from_str(&admin_url()).expect("valid AIKI_TEST_DATABASE_URL");
     pg.dbname(db);
     // Rebuild as key=value: works for any URL form.

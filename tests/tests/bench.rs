@@ -1,0 +1,139 @@
+//! `aiki bench` end to end: a smoke run with tiny figures, where the bench starts its own
+//! server and worker processes on a database of its own on the tests' PostgreSQL, and prints
+//! every figure as one JSON object.
+
+use std::{process::Stdio, time::Duration};
+
+use aiki_tests::{admin_url, bin, url_for};
+use serde_json::Value;
+use tokio::process::Command;
+
+/// Runs `aiki` with `args`; on timeout sends SIGTERM (so that the bench stops what it started)
+/// and fails. Returns the exit status, stdout and stderr.
+async fn aiki(args: &[&str], timeout: Duration) -> (std::process::ExitStatus, String, String) {
+    let mut child = Command::new(bin("aiki"))
+        .args(args)
+        .env_remove("AIKI_SERVER")
+        .env_remove("AIKI_NAMESPACE")
+        .env_remove("AIKI_BENCH_DATABASE_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn aiki");
+    let pid = child.id().expect("pid");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let read = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>| {
+        tokio::spawn(async move {
+            let mut s = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut r, &mut s).await;
+            s
+        })
+    };
+    let (out, err) = (read(Box::new(stdout)), read(Box::new(stderr)));
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(status) => status.expect("wait"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+            panic!(
+                "aiki {} did not finish within {timeout:?}; stderr:\n{}",
+                args.join(" "),
+                err.await.unwrap_or_default()
+            );
+        }
+    };
+    (status, out.await.expect("stdout"), err.await.expect("stderr"))
+}
+
+async fn database_exists(name: &str) -> bool {
+    let (client, conn) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the tests' PostgreSQL");
+    tokio::spawn(conn);
+    client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .expect("query")
+        .is_some()
+}
+
+fn positive(report: &Value, path: &[&str]) -> f64 {
+    let v = path.iter().fold(report, |v, k| &v[k]);
+    let n = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("{} is not a number in {report:#}", path.join(".")));
+    assert!(n > 0.0, "{} is {n}, not positive, in {report:#}", path.join("."));
+    n
+}
+
+#[tokio::test]
+async fn smoke_run_reports_every_figure_and_cleans_up() {
+    let db = format!("aiki_bench_t_{}", uuid::Uuid::new_v4().simple());
+    let url = url_for(&db);
+    let args = [
+        "bench",
+        "--runs",
+        "200",
+        "--rate",
+        "100",
+        "--latency-secs",
+        "2",
+        "--output",
+        "json",
+        "--database-url",
+        &url,
+    ];
+    let (status, stdout, stderr) = aiki(&args, Duration::from_secs(120)).await;
+    assert!(status.success(), "aiki bench failed ({status}); stderr:\n{stderr}");
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}):\n{stdout}\nstderr:\n{stderr}"));
+
+    for figure in [
+        "enqueue_single_runs_per_sec",
+        "enqueue_batch_runs_per_sec",
+        "drain_runs_per_sec",
+        "server_peak_rss_mb",
+        "server_drain_peak_rss_mb",
+        "worker_peak_rss_mb",
+        "latency_offered_runs_per_sec",
+    ] {
+        positive(&report, &[figure]);
+    }
+    let p: Vec<f64> = ["p50", "p95", "p99", "max"]
+        .iter()
+        .map(|q| positive(&report, &["latency_ms", q]))
+        .collect();
+    assert!(p.windows(2).all(|w| w[0] <= w[1]), "percentiles out of order: {p:?}");
+
+    assert_eq!(report["drain_runs"], 200, "{report:#}");
+    assert_eq!(
+        report["drain_completed"], 200,
+        "the drain completed every run: {report:#}"
+    );
+    assert_eq!(report["latency_runs"], 200, "100 runs/s for 2 s: {report:#}");
+    let params = &report["parameters"];
+    assert_eq!(params["runs"], 200);
+    assert_eq!(params["workers"], 1);
+    assert_eq!(params["own_server"], true);
+
+    assert!(!database_exists(&db).await, "the bench dropped its database {db}");
+}
+
+#[tokio::test]
+async fn refuses_a_database_not_named_for_benchmarks() {
+    let (status, _, stderr) = aiki(
+        &["bench", "--runs", "1", "--database-url", &url_for("aiki_precious")],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(status.code(), Some(1), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("must contain \"bench\""),
+        "says why it refuses; stderr:\n{stderr}"
+    );
+}
