@@ -6,7 +6,14 @@ use deadpool_postgres::Client;
 use crate::error::Result;
 
 /// Every migration, in order: (version, name, SQL).
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("../../../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../../migrations/0001_init.sql")),
+    (
+        2,
+        "task_worker",
+        include_str!("../../../migrations/0002_task_worker.sql"),
+    ),
+];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.
 const MIGRATION_LOCK: i64 = 0x6169_6b69_0000_0001;

@@ -338,13 +338,22 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut leased: Vec<LeasedRun> = rows.iter().map(leased_from_row).collect::<Result<_>>()?;
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.get("id")).collect();
+        // Only runs leased before can have recorded tasks.
+        let ids: Vec<Uuid> = rows
+            .iter()
+            .filter(|r| !r.get::<_, bool>("fresh"))
+            .map(|r| r.get("id"))
+            .collect();
+        if ids.is_empty() {
+            return Ok(leased);
+        }
         let stmt = client.prepare_cached(sql!("tasks_of_runs")).await?;
+        let at: std::collections::HashMap<String, usize> =
+            leased.iter().enumerate().map(|(i, l)| (l.run_id.clone(), i)).collect();
         for row in client.query(&stmt, &[&namespace, &ids]).await? {
             let run_id: Uuid = row.get("run_id");
-            let run_id = run_id.to_string();
-            if let Some(l) = leased.iter_mut().find(|l| l.run_id == run_id) {
-                l.tasks.push(task_from_row(&row)?);
+            if let Some(&i) = at.get(&run_id.to_string()) {
+                leased[i].tasks.push(task_from_row(&row)?);
             }
         }
         Ok(leased)
@@ -676,6 +685,9 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
         .collect())
 }
 
+/// A locked run's (lease token, attempt, lease owner).
+type LeaseRow = (Option<Uuid>, i32, Option<Uuid>);
+
 /// The body of [`Store::apply_reports`]: set-based statements first (their answers tell which
 /// reports applied), then every other report one by one, then one NOTIFY per queue woken.
 async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result<Applied>>> {
@@ -694,34 +706,79 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
         })
         .collect();
     if !records.is_empty() {
-        let (mut ns, mut ids, mut tokens, mut keys, mut names, mut seqs, mut outputs, mut errors) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        // Lock the runs and read their leases first; then insert the results of those whose
+        // lease holds, with nothing left for the planner to join.
+        let mut runs: Vec<(&str, Uuid)> = records
+            .iter()
+            .filter_map(|&i| match &reports[i] {
+                Report::Record { namespace, id, .. } => Some((namespace.as_str(), *id)),
+                _ => None,
+            })
+            .collect();
+        runs.sort_unstable();
+        runs.dedup();
+        let (ns, ids): (Vec<&str>, Vec<Uuid>) = runs.into_iter().unzip();
+        let stmt = tx.prepare_cached(sql!("runs_lock")).await?;
+        let leases: std::collections::HashMap<(String, Uuid), LeaseRow> = tx
+            .query(&stmt, &[&ns, &ids])
+            .await?
+            .iter()
+            .map(|r| {
+                (
+                    (r.get("namespace"), r.get("id")),
+                    (r.get("lease_token"), r.get("attempt"), r.get("lease_owner")),
+                )
+            })
+            .collect();
+        let mut live = Vec::new();
+        let (mut ns, mut ids, mut keys, mut names, mut seqs, mut outputs, mut errors, mut attempts, mut owners) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         for &i in &records {
-            if let Report::Record {
+            let Report::Record {
                 namespace,
                 id,
                 token,
                 task,
             } = &reports[i]
-            {
-                ns.push(namespace.as_str());
-                ids.push(*id);
-                tokens.push(*token);
-                keys.push(task.key.as_str());
-                names.push(task.name.as_str());
-                seqs.push(task.seq as i32);
-                outputs.push(task.output.as_ref());
-                errors.push(task.error.as_ref());
+            else {
+                continue;
+            };
+            let Some((Some(current), attempt, owner)) = leases.get(&(namespace.clone(), *id)) else {
+                continue;
+            };
+            if current != token {
+                continue;
             }
+            live.push(i);
+            ns.push(namespace.as_str());
+            ids.push(*id);
+            keys.push(task.key.as_str());
+            names.push(task.name.as_str());
+            seqs.push(task.seq as i32);
+            outputs.push(task.output.as_ref());
+            errors.push(task.error.as_ref());
+            attempts.push(*attempt);
+            owners.push(*owner);
         }
-        let stmt = tx.prepare_cached(sql!("tasks_record")).await?;
-        let rows = tx
-            .query(&stmt, &[&ns, &ids, &tokens, &keys, &names, &seqs, &outputs, &errors])
-            .await?;
-        for row in rows {
-            let ord: i64 = row.get("ord");
-            if row.get::<_, bool>("recorded") {
-                out[records[ord as usize - 1]] = Some(Ok(Applied::Recorded(None)));
+        if !live.is_empty() {
+            let stmt = tx.prepare_cached(sql!("tasks_record")).await?;
+            let recorded: std::collections::HashSet<(String, Uuid, String)> = tx
+                .query(
+                    &stmt,
+                    &[&ns, &ids, &keys, &names, &seqs, &outputs, &errors, &attempts, &owners],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get("namespace"), r.get("run_id"), r.get("task_key")))
+                .collect();
+            for i in live {
+                if let Report::Record {
+                    namespace, id, task, ..
+                } = &reports[i]
+                    && recorded.contains(&(namespace.clone(), *id, task.key.clone()))
+                {
+                    out[i] = Some(Ok(Applied::Recorded(None)));
+                }
             }
         }
     }

@@ -1,7 +1,8 @@
 -- Leases up to $3 ready runs of one queue to worker $4 for $5 ms, in priority then age order,
--- skipping rows other pollers hold; records a `run_leased` event for each.
+-- skipping rows other pollers hold; records a `run_leased` event for each. `fresh` says the
+-- run was never leased before, so it has no recorded task to fetch.
 WITH ready AS (
-    SELECT namespace, id FROM runs
+    SELECT namespace, id, started_at FROM runs
     WHERE namespace = $1 AND queue = $2 AND status = 'queued' AND visible_at <= now()
     ORDER BY priority DESC, visible_at, id
     LIMIT $3
@@ -13,7 +14,7 @@ WITH ready AS (
         started_at = coalesce(r.started_at, now()), updated_at = now()
     FROM ready
     WHERE r.namespace = ready.namespace AND r.id = ready.id
-    RETURNING r.*
+    RETURNING r.*, ready.started_at IS NULL AS fresh
 ), events AS (
     INSERT INTO run_events (namespace, run_id, type, attempt, worker_id, details)
     SELECT namespace, id, 'run_leased', attempt, lease_owner,

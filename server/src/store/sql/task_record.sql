@@ -7,8 +7,8 @@ WITH run AS (
     WHERE namespace = $1 AND id = $2 AND lease_token = $3 AND status = 'running'
     FOR NO KEY UPDATE
 ), inserted AS (
-    INSERT INTO run_tasks (namespace, run_id, task_key, name, seq, output, error, attempt)
-    SELECT namespace, id, $4, $5, $6, $7, $8, attempt FROM run
+    INSERT INTO run_tasks (namespace, run_id, task_key, name, seq, output, error, attempt, worker_id)
+    SELECT namespace, id, $4, $5, $6, $7, $8, attempt, lease_owner FROM run
     ON CONFLICT DO NOTHING
     RETURNING *
 ), events AS (
