@@ -8,11 +8,7 @@ use crate::error::Result;
 /// Every migration, in order: (version, name, SQL).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../../../migrations/0001_init.sql")),
-    (
-        2,
-        "task_worker",
-        include_str!("../../../migrations/0002_task_worker.sql"),
-    ),
+    (2, "throughput", include_str!("../../../migrations/0002_throughput.sql")),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

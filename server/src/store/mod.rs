@@ -685,7 +685,7 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
         .collect())
 }
 
-/// A locked run's (lease token, attempt, lease owner).
+/// A locked run's (open lease's token, attempt, lease owner).
 type LeaseRow = (Option<Uuid>, i32, Option<Uuid>);
 
 /// The body of [`Store::apply_reports`]: set-based statements first (their answers tell which
@@ -726,7 +726,12 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
             .map(|r| {
                 (
                     (r.get("namespace"), r.get("id")),
-                    (r.get("lease_token"), r.get("attempt"), r.get("lease_owner")),
+                    (
+                        r.get::<_, Option<Uuid>>("lease_token")
+                            .filter(|_| r.get::<_, bool>("open")),
+                        r.get("attempt"),
+                        r.get("lease_owner"),
+                    ),
                 )
             })
             .collect();

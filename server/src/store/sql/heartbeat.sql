@@ -1,6 +1,7 @@
 -- Extends every lease of worker $2 named in ($3 ids, $4 tokens) by $5 ms; answers which are
 -- still held, which are to be cancelled, and whether the worker is known. A lease that has
--- already expired is not revived, even before the reaper has ended it: it is lost.
+-- already expired is not revived, even before the reaper has ended it: it is lost. An open
+-- lease is `lease_end IS NULL` rather than a status test: see `runs_running_iff_leased`.
 WITH leases AS (
     SELECT * FROM unnest($3::uuid[], $4::uuid[]) AS l(id, token)
 ), extended AS (
@@ -8,7 +9,7 @@ WITH leases AS (
     SET lease_expires_at = now() + $5::bigint * interval '1 millisecond'
     FROM leases l
     WHERE r.namespace = $1 AND r.id = l.id AND r.lease_token = l.token
-      AND r.status = 'running' AND r.lease_owner = $2
+      AND r.lease_end IS NULL AND r.lease_owner = $2
       AND r.lease_expires_at > now()
     RETURNING r.id, r.cancel_requested, r.lease_expires_at
 ), worker AS (

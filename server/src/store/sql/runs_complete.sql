@@ -1,6 +1,7 @@
 -- Completes many runs at once (reports coalesced into one transaction): input rows are
 -- ($1 namespace, $2 run id, $3 lease token, $4 output), sorted by run by the caller so that
--- concurrent batches lock rows in one order. A run is completed only under its current lease.
+-- concurrent batches lock rows in one order. A run is completed only under its current, open
+-- lease (`lease_end IS NULL` rather than a status test: see `runs_running_iff_leased`).
 -- Answers the input positions (`ord`, from 1) that completed a run; the others are sorted out
 -- one report at a time (a duplicate of the report that completed it, or a refusal).
 WITH input AS (
@@ -12,7 +13,7 @@ WITH input AS (
         lease_expires_at = NULL, finished_at = now(), updated_at = now()
     FROM input i
     WHERE r.namespace = i.namespace AND r.id = i.id AND r.lease_token = i.token
-      AND r.status = 'running'
+      AND r.lease_end IS NULL
     RETURNING r.namespace, r.id, r.attempt, r.lease_owner, i.ord
 ), events AS (
     INSERT INTO run_events (namespace, run_id, type, attempt, worker_id, details)

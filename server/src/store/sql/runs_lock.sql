@@ -1,10 +1,10 @@
--- Locks the running runs among ($1 namespaces, $2 ids) until commit, in key order so that
--- concurrent batches cannot deadlock: a lease cannot end while reports under it are applied,
--- and the reports of one run (and their history events) are written one after another.
--- Answers each locked run's current lease token, attempt and lease owner.
-SELECT r.namespace, r.id, r.lease_token, r.attempt, r.lease_owner
+-- Locks the runs ($1 namespaces, $2 ids) until commit, in key order so that concurrent batches
+-- cannot deadlock: a lease cannot end while reports under it are applied, and the reports of
+-- one run (and their history events) are written one after another. Answers each run's
+-- current lease (token, and whether it is open), attempt and lease owner. No condition on the
+-- status: see `runs_running_iff_leased` in the migrations.
+SELECT r.namespace, r.id, r.lease_token, r.lease_end IS NULL AS open, r.attempt, r.lease_owner
 FROM runs r
 WHERE (r.namespace, r.id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))
-  AND r.status = 'running'
 ORDER BY r.namespace, r.id
 FOR NO KEY UPDATE
