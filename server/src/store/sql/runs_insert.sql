@@ -19,7 +19,8 @@ WITH input AS (
     SELECT namespace, id, workflow, version, queue, priority, 'queued', input,
            idempotency_key, request_id, max_attempts, initial_interval_ms,
            max_interval_ms, backoff_coefficient,
-           ARRAY(SELECT jsonb_array_elements_text(non_retryable)),
+           CASE WHEN non_retryable = '[]' THEN '{}'
+                ELSE ARRAY(SELECT jsonb_array_elements_text(non_retryable)) END,
            now() + delay_ms * interval '1 millisecond'
     FROM input ORDER BY ord
     ON CONFLICT DO NOTHING
