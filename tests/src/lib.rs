@@ -361,3 +361,28 @@ impl Drop for OnDrop {
         let _ = self.0.send(());
     }
 }
+
+/// The types of a run's history events, in order, as `GetRunHistory` gives them.
+pub async fn history_types(server: &TestServer, run_id: &str) -> Vec<String> {
+    let mut wf = server.workflows().await;
+    let (mut out, mut after) = (Vec::new(), 0);
+    loop {
+        let page = wf
+            .get_run_history(aiki_proto::v1::GetRunHistoryRequest {
+                namespace: String::new(),
+                run_id: run_id.to_owned(),
+                after_seq: after,
+            })
+            .await
+            .expect("history")
+            .into_inner();
+        for e in &page.events {
+            let kind = aiki_proto::v1::EventType::try_from(e.r#type).unwrap_or(aiki_proto::v1::EventType::Unspecified);
+            out.push(kind.as_str().to_owned());
+            after = e.seq;
+        }
+        if !page.more {
+            return out;
+        }
+    }
+}

@@ -40,12 +40,13 @@ async fn two_hundred_concurrent_starts_with_one_key_make_one_run() {
     let pg = db.connect().await;
     let n: i64 = pg.query_one("SELECT count(*) FROM runs", &[]).await.unwrap().get(0);
     assert_eq!(n, 1);
-    let events: i64 = pg
-        .query_one("SELECT count(*) FROM run_events WHERE type = 'run_created'", &[])
+    let id = ids.iter().next().unwrap();
+    let created = aiki_tests::history_types(&server, id)
         .await
-        .unwrap()
-        .get(0);
-    assert_eq!(events, 1, "one creation event");
+        .iter()
+        .filter(|t| *t == "run_created")
+        .count();
+    assert_eq!(created, 1, "one creation event");
 }
 
 #[tokio::test]
@@ -224,10 +225,18 @@ async fn concurrent_single_starts_get_their_own_answers() {
     let pg = db.connect().await;
     let n: i64 = pg.query_one("SELECT count(*) FROM runs", &[]).await.unwrap().get(0);
     assert_eq!(n, 271, "the taken key's run and 270 new ones");
-    let events: i64 = pg
-        .query_one("SELECT count(*) FROM run_events WHERE type = 'run_created'", &[])
+    let ids: Vec<uuid::Uuid> = pg
+        .query("SELECT id FROM runs", &[])
         .await
         .unwrap()
-        .get(0);
-    assert_eq!(events, 271);
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in ids {
+        assert_eq!(
+            aiki_tests::history_types(&server, &id.to_string()).await,
+            ["run_created"],
+            "one creation event per run, nothing else"
+        );
+    }
 }

@@ -7,7 +7,7 @@ use aiki_proto::v1::{
     CompleteRunRequest, FailRunRequest, RecordTaskRequest, ReleaseRunRequest, ReportRequest, RunError, RunReport,
     RunStatus, StartRunsRequest, report_result, run_report,
 };
-use aiki_tests::{RawWorker, TestDb, TestServer, start_req, task_output};
+use aiki_tests::{RawWorker, TestDb, TestServer, history_types, start_req, task_output};
 use serde_json::json;
 use tonic::Code;
 
@@ -33,17 +33,6 @@ fn reports(items: Vec<run_report::Report>) -> ReportRequest {
     ReportRequest {
         reports: items.into_iter().map(|r| RunReport { report: Some(r) }).collect(),
     }
-}
-
-async fn event_types(db: &TestDb, run_id: &str) -> Vec<String> {
-    let pg = db.connect().await;
-    let id: uuid::Uuid = run_id.parse().unwrap();
-    pg.query("SELECT type FROM run_events WHERE run_id = $1 ORDER BY seq", &[&id])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
 }
 
 #[tokio::test]
@@ -145,7 +134,7 @@ async fn one_call_carries_reports_of_every_kind_each_answered_on_its_own() {
         "the refused reports changed nothing"
     );
     assert_eq!(
-        event_types(&db, &a.run_id).await,
+        history_types(&server, &a.run_id).await,
         ["run_created", "run_leased", "task_recorded"]
     );
 
@@ -220,7 +209,7 @@ async fn duplicates_in_one_call_apply_once_and_agree() {
         assert!(matches!(r.result, Some(report_result::Result::CompleteRun(_))), "{r:?}");
     }
     assert_eq!(
-        event_types(&db, id).await,
+        history_types(&server, id).await,
         ["run_created", "run_leased", "task_recorded", "run_completed"]
     );
 }

@@ -159,13 +159,7 @@ async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
     // When `run` returns, whatever the worker was going to report has been sent.
     task.await.unwrap().unwrap();
     let run = client.get(&run.id).await.unwrap();
-    let events: Vec<String> = pg
-        .query("SELECT type FROM run_events WHERE run_id = $1 ORDER BY seq", &[&id])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let events = aiki_tests::history_types(&server, &run.id).await;
     assert_eq!(
         events,
         ["run_created", "run_leased"],

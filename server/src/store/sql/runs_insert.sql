@@ -1,5 +1,6 @@
 -- Inserts many runs in one statement, each unless its idempotency key or request id is taken
--- (those are left out of the answer), with their `run_created` events. Input rows are
+-- (those are left out of the answer). Each run's creation event is the run row itself (its
+-- `created_seq` default draws the event seq). Input rows are
 -- ($1 namespace, $2 id, $3 workflow, $4 version, $5 queue, $6 priority, $7 input,
 -- $8 idempotency key, $9 request id, $10 max attempts, $11 initial interval ms,
 -- $12 max interval ms, $13 backoff coefficient, $14 non-retryable error types (a JSON array),
@@ -25,8 +26,5 @@ WITH input AS (
     FROM input ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING *
-), events AS (
-    INSERT INTO run_events (namespace, run_id, type, attempt)
-    SELECT namespace, id, 'run_created', 1 FROM inserted
 )
 SELECT * FROM inserted
