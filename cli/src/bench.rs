@@ -125,11 +125,16 @@ pub struct BenchArgs {
     /// StartRuns calls at a time.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
     batch_in_flight: u64,
+    /// Runs started (single calls, then batches) before anything is measured, so that the
+    /// server's connections are open and its statements prepared; 0 skips the warm-up.
+    #[arg(long, default_value_t = 4000)]
+    warmup: u64,
     /// Worker processes.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
     workers: u64,
-    /// Slots (runs executing at once) per worker.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    /// Slots (runs executing at once) per worker. A one-task run spends most of its life
+    /// waiting for its two group commits, so a worker keeps many in flight.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     slots: u64,
     /// Most runs a worker leases per poll (1 to 1000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -834,6 +839,42 @@ async fn enqueue_single(args: &BenchArgs, clients: &[Client]) -> anyhow::Result<
     Ok((rate, ids))
 }
 
+/// Before measuring: half of `--warmup` runs through single StartRun calls, half through
+/// StartRuns batches, in a namespace of their own and a queue no worker serves (they stay
+/// queued). Returns their ids.
+async fn warm_up(args: &BenchArgs, clients: &[Client]) -> anyhow::Result<Vec<String>> {
+    let opts = StartOptions {
+        queue: Some(QUEUE_SINGLE.into()),
+        ..StartOptions::default()
+    };
+    let singles = args.warmup / 2;
+    let mut ids: Vec<String> = futures::stream::iter(0..singles)
+        .map(|i| {
+            let (client, opts) = (&clients[i as usize % clients.len()], opts.clone());
+            async move {
+                let run = client
+                    .start_run(WORKFLOW, &(), opts)
+                    .await
+                    .context("warm-up StartRun")?;
+                anyhow::Ok(run.id)
+            }
+        })
+        .buffer_unordered(args.in_flight as usize)
+        .try_collect()
+        .await?;
+    let batch: Vec<(&str, (), StartOptions)> = (0..args.batch_size.min(args.warmup - singles))
+        .map(|_| (WORKFLOW, (), opts.clone()))
+        .collect();
+    let mut left = args.warmup - singles;
+    while left > 0 {
+        let n = left.min(batch.len() as u64) as usize;
+        let runs = clients[0].start_runs(&batch[..n]).await.context("warm-up StartRuns")?;
+        ids.extend(runs.into_iter().map(|r| r.id));
+        left -= n as u64;
+    }
+    Ok(ids)
+}
+
 fn summary(rate: Rate) -> String {
     format!("{} runs in {:.2} s: {:.0} runs/s", rate.runs, rate.secs, rate.per_sec())
 }
@@ -1261,6 +1302,11 @@ async fn bench(
     }
     let mut leftovers: Vec<(Client, Vec<String>)> = Vec::new();
 
+    if args.warmup > 0 {
+        let ns = format!("{namespace}-warmup");
+        let ids = warm_up(args, &clients(&server, &ns, args.in_flight).await?).await?;
+        leftovers.push((client.clone().with_namespace(ns), ids));
+    }
     if has(Phase::EnqueueSingle) {
         let (rate, ids) = enqueue_single(args, &single_clients).await?;
         report.enqueue_single = Some(rate);
@@ -1398,6 +1444,7 @@ impl Report {
             "parameters": {
                 "phases": phases.iter().map(|p| p.name()).collect::<Vec<_>>(),
                 "runs": args.runs,
+                "warmup": args.warmup,
                 "in_flight": args.in_flight,
                 "batch_size": args.batch_size,
                 "batch_in_flight": args.batch_in_flight,

@@ -83,6 +83,8 @@ async fn smoke_run_reports_every_figure_and_cleans_up() {
         "100",
         "--latency-secs",
         "2",
+        "--warmup",
+        "100",
         "--output",
         "json",
         "--database-url",
