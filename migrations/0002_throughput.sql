@@ -17,3 +17,8 @@ ALTER TABLE runs ADD CONSTRAINT runs_running_iff_leased
 -- Runs created before this migration keep their `run_created` rows and no `created_seq`.
 ALTER TABLE runs ADD COLUMN created_seq bigint;
 ALTER TABLE runs ALTER COLUMN created_seq SET DEFAULT nextval('run_events_seq_seq');
+
+-- Likewise a checkpointed task is its own `task_recorded` event: the task row keeps the event
+-- seq. Tasks recorded before this migration keep their event rows and no `event_seq`.
+ALTER TABLE run_tasks ADD COLUMN event_seq bigint;
+ALTER TABLE run_tasks ALTER COLUMN event_seq SET DEFAULT nextval('run_events_seq_seq');

@@ -139,3 +139,68 @@ async fn refuses_a_database_not_named_for_benchmarks() {
         "says why it refuses; stderr:\n{stderr}"
     );
 }
+
+/// The `aiki bench` commands of the README's Performance section, scaled down: each runs with
+/// its own flags, but with 200 runs (and a backlog of 500 if it asks for one), a short latency
+/// phase and a database of its own, and must complete every run it drains.
+#[tokio::test]
+async fn readme_bench_commands_run_scaled_down() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme.find("## Performance").expect("a Performance section");
+    let end = readme[start + 1..]
+        .find("\n## ")
+        .map_or(readme.len(), |e| start + 1 + e);
+    let commands: Vec<&str> = readme[start..end]
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("target/release/aiki bench"))
+        .collect();
+    assert!(
+        !commands.is_empty(),
+        "the Performance section shows how to run the bench"
+    );
+    for command in commands {
+        let mut args: Vec<String> = Vec::new();
+        let mut words = command.split_whitespace().skip(1);
+        while let Some(w) = words.next() {
+            match w {
+                "--runs" | "--backlog" | "--rate" | "--latency-secs" | "--warmup" => {
+                    let small = match w {
+                        "--runs" => "200",
+                        "--backlog" => "500",
+                        "--rate" => "100",
+                        "--latency-secs" => "2",
+                        _ => "100",
+                    };
+                    words.next().expect("a value");
+                    args.extend([w.to_owned(), small.to_owned()]);
+                }
+                "--output" | "--database-url" => {
+                    words.next();
+                }
+                w => args.push(w.to_owned()),
+            }
+        }
+        for (flag, value) in [
+            ("--runs", "200"),
+            ("--rate", "100"),
+            ("--latency-secs", "2"),
+            ("--warmup", "100"),
+        ] {
+            if !args.iter().any(|a| a == flag) {
+                args.extend([flag.to_owned(), value.to_owned()]);
+            }
+        }
+        let db = format!("aiki_bench_t_{}", uuid::Uuid::new_v4().simple());
+        args.extend(["--output".into(), "json".into(), "--database-url".into(), url_for(&db)]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, stdout, stderr) = aiki(&args, Duration::from_secs(180)).await;
+        assert!(status.success(), "`{command}` (as {args:?}) failed; stderr:\n{stderr}");
+        let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+        if let Some(done) = report.get("drain_completed").filter(|v| !v.is_null()) {
+            assert_eq!(done, &report["drain_runs"], "`{command}` drained every run: {report:#}");
+        }
+        assert!(!database_exists(&db).await, "the bench dropped its database {db}");
+    }
+}
