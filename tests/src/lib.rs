@@ -130,6 +130,18 @@ impl TestDb {
         Self { name, url }
     }
 
+    /// A new database with no schema at all (for migration tests).
+    pub async fn empty() -> Self {
+        let name = format!("aiki_t_{}", uuid::Uuid::new_v4().simple());
+        admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test db");
+        let url = url_for(&name);
+        Self { name, url }
+    }
+
     /// A connection to this database, for assertions on stored rows.
     pub async fn connect(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)

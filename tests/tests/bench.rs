@@ -198,8 +198,10 @@ async fn readme_bench_commands_run_scaled_down() {
         let (status, stdout, stderr) = aiki(&args, Duration::from_secs(180)).await;
         assert!(status.success(), "`{command}` (as {args:?}) failed; stderr:\n{stderr}");
         let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
-        if let Some(done) = report.get("drain_completed").filter(|v| !v.is_null()) {
-            assert_eq!(done, &report["drain_runs"], "`{command}` drained every run: {report:#}");
+        // With a backlog, runs of the backlog may complete too.
+        if let Some(done) = report.get("drain_completed").and_then(Value::as_u64) {
+            let runs = report["drain_runs"].as_u64().expect("drain_runs");
+            assert!(done >= runs, "`{command}` drained every run: {report:#}");
         }
         assert!(!database_exists(&db).await, "the bench dropped its database {db}");
     }
