@@ -53,7 +53,8 @@ pub fn run_from_row(row: &Row) -> Result<Run> {
         version: row.get("version"),
         queue: row.get("queue"),
         status: status as i32,
-        input: Some(json_to_value(&row.get::<_, Json>("input"))),
+        // Left out (NULL) where the caller has it already: a created run's input.
+        input: row.get::<_, Option<Json>>("input").as_ref().map(json_to_value),
         output: row.get::<_, Option<Json>>("output").as_ref().map(json_to_value),
         error: row.get::<_, Option<Json>>("error").as_ref().map(error_from_json),
         idempotency_key: row.get::<_, Option<String>>("idempotency_key").unwrap_or_default(),
@@ -87,7 +88,8 @@ pub fn leased_from_row(row: &Row) -> Result<LeasedRun> {
         workflow: row.get("workflow"),
         version: row.get("version"),
         queue: row.get("queue"),
-        input: Some(json_to_value(&row.get::<_, Json>("input"))),
+        // Left out (NULL) where the caller has it already: a created run's input.
+        input: row.get::<_, Option<Json>>("input").as_ref().map(json_to_value),
         attempt: row.get::<_, i32>("attempt").max(0) as u32,
         lease_token: row
             .get::<_, Option<Uuid>>("lease_token")

@@ -25,6 +25,12 @@ WITH input AS (
            now() + delay_ms * interval '1 millisecond'
     FROM input ORDER BY ord
     ON CONFLICT DO NOTHING
-    RETURNING *
+    -- What the answer needs; not the input, which the caller sent (nor output and error,
+    -- which a new run has not).
+    RETURNING namespace, id, workflow, version, queue, priority, status, NULL::jsonb AS input,
+              NULL::jsonb AS output, NULL::jsonb AS error, idempotency_key, attempt,
+              max_attempts, initial_interval_ms, max_interval_ms, backoff_coefficient,
+              non_retryable_error_types, lease_expirations, cancel_requested, lease_owner,
+              created_at, updated_at, visible_at, started_at, finished_at, lease_expires_at
 )
 SELECT * FROM inserted
