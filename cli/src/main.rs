@@ -102,6 +102,17 @@ enum RunCmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Pause a run: a queued run at once, a running one when its worker releases it. A paused
+    /// run is not leased until resumed.
+    Pause {
+        #[command(flatten)]
+        run: RunRef,
+        /// Why (kept in the history).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Resume a paused run (queued again).
+    Resume(RunRef),
     /// Print a run's history.
     History(RunRef),
     /// Follow a run's history live until it ends.
@@ -334,6 +345,14 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
         }
         RunCmd::Cancel { run, reason } => {
             out.cancelled(&client.cancel(&run.id(&client).await?, reason).await?);
+            Ok(())
+        }
+        RunCmd::Pause { run, reason } => {
+            out.paused(&client.pause(&run.id(&client).await?, reason).await?);
+            Ok(())
+        }
+        RunCmd::Resume(r) => {
+            out.resumed(&client.resume(&r.id(&client).await?).await?);
             Ok(())
         }
         RunCmd::History(r) => {

@@ -62,6 +62,7 @@ fn run_json(r: &Run) -> Value {
         "max_attempts": raw.retry_policy.as_ref().map(|p| p.max_attempts),
         "lease_expirations": raw.lease_expirations,
         "cancel_requested": r.cancel_requested,
+        "pause_requested": r.pause_requested,
         "worker_id": (!raw.worker_id.is_empty()).then_some(&raw.worker_id),
         "created_at": json_ts(&raw.created_at),
         "visible_at": json_ts(&raw.visible_at),
@@ -134,6 +135,8 @@ impl Output {
             r.status.as_str().to_owned()
                 + if r.cancel_requested && !r.status.is_terminal() {
                     " (cancel requested)"
+                } else if r.pause_requested {
+                    " (pause requested)"
                 } else {
                     ""
                 },
@@ -212,6 +215,26 @@ impl Output {
                 r.id
             ),
         }
+    }
+
+    pub fn paused(&self, r: &Run) {
+        if self.json {
+            return print_json(&run_json(r));
+        }
+        match r.status {
+            RunStatus::Paused => println!("run {} paused", r.id),
+            _ => println!(
+                "pause of run {} requested; its worker releases it at its next heartbeat",
+                r.id
+            ),
+        }
+    }
+
+    pub fn resumed(&self, r: &Run) {
+        if self.json {
+            return print_json(&run_json(r));
+        }
+        println!("run {} is {}", r.id, r.status.as_str());
     }
 
     pub fn history(&self, events: &[HistoryEvent]) {

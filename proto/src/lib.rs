@@ -49,6 +49,7 @@ impl v1::RunStatus {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+            Self::Paused => "paused",
         }
     }
 
@@ -61,6 +62,7 @@ impl v1::RunStatus {
             "completed" => Self::Completed,
             "failed" => Self::Failed,
             "cancelled" => Self::Cancelled,
+            "paused" => Self::Paused,
             _ => return None,
         })
     }
@@ -81,6 +83,9 @@ impl v1::EventType {
             Self::LeaseReleased => "lease_released",
             Self::CancelRequested => "cancel_requested",
             Self::RunCancelled => "run_cancelled",
+            Self::PauseRequested => "pause_requested",
+            Self::RunPaused => "run_paused",
+            Self::RunResumed => "run_resumed",
         }
     }
 
@@ -97,6 +102,9 @@ impl v1::EventType {
             "lease_released" => Self::LeaseReleased,
             "cancel_requested" => Self::CancelRequested,
             "run_cancelled" => Self::RunCancelled,
+            "pause_requested" => Self::PauseRequested,
+            "run_paused" => Self::RunPaused,
+            "run_resumed" => Self::RunResumed,
             _ => return None,
         })
     }

@@ -85,6 +85,8 @@ pub struct Run {
     pub idempotency_key: Option<String>,
     pub attempt: u32,
     pub cancel_requested: bool,
+    /// A pause was asked while the run was running; it pauses when its worker releases it.
+    pub pause_requested: bool,
     /// The full message, with timestamps and the retry policy.
     pub raw: v1::Run,
 }
@@ -104,6 +106,7 @@ impl From<v1::Run> for Run {
             idempotency_key: (!r.idempotency_key.is_empty()).then(|| r.idempotency_key.clone()),
             attempt: r.attempt,
             cancel_requested: r.cancel_requested,
+            pause_requested: r.pause_requested,
             raw: r,
         }
     }
@@ -393,6 +396,32 @@ impl Client {
         };
         Ok(self
             .call(req, |mut c, r| async move { c.cancel_run(r).await })
+            .await?
+            .into())
+    }
+
+    /// Pauses a run: a queued run at once, a running one when its worker releases it (at its
+    /// next heartbeat). A paused run is not leased until [`Client::resume`].
+    pub async fn pause(&self, run_id: &str, reason: &str) -> Result<Run> {
+        let req = v1::PauseRunRequest {
+            namespace: self.namespace.clone(),
+            run_id: run_id.to_owned(),
+            reason: reason.to_owned(),
+        };
+        Ok(self
+            .call(req, |mut c, r| async move { c.pause_run(r).await })
+            .await?
+            .into())
+    }
+
+    /// Resumes a paused run (queued again), or withdraws a pause not yet taken effect.
+    pub async fn resume(&self, run_id: &str) -> Result<Run> {
+        let req = v1::ResumeRunRequest {
+            namespace: self.namespace.clone(),
+            run_id: run_id.to_owned(),
+        };
+        Ok(self
+            .call(req, |mut c, r| async move { c.resume_run(r).await })
             .await?
             .into())
     }

@@ -477,9 +477,14 @@ impl Inner {
         };
         match outcome {
             None if cancel.load(std::sync::atomic::Ordering::SeqCst) => {
-                tracing::info!(run_id = %run.run_id, "run cancelled; releasing it");
-                self.release(&run.run_id, &run.lease_token, "cancelled", Duration::ZERO)
-                    .await;
+                tracing::info!(run_id = %run.run_id, "run cancelled or paused; releasing it");
+                self.release(
+                    &run.run_id,
+                    &run.lease_token,
+                    "stopped at the server's request (cancel or pause)",
+                    Duration::ZERO,
+                )
+                .await;
             }
             None => {
                 tracing::warn!(run_id = %run.run_id, "lease lost; run stopped and not reported")
@@ -651,8 +656,13 @@ impl Inner {
                         tracing::warn!(runs = ?r.lost_run_ids, "leases lost");
                         self.stop(&named(&r.lost_run_ids), false);
                     }
+                    // Cancelled and paused runs alike are stopped and released; the server
+                    // decides what the release does.
                     if !r.cancel_run_ids.is_empty() {
                         self.stop(&named(&r.cancel_run_ids), true);
+                    }
+                    if !r.pause_run_ids.is_empty() {
+                        self.stop(&named(&r.pause_run_ids), true);
                     }
                 }
                 Ok(Err(st)) if st.code() == Code::NotFound => {

@@ -245,6 +245,7 @@ impl WorkerService for WorkerSvc {
         Ok(Response::new(HeartbeatResponse {
             lost_run_ids,
             cancel_run_ids: out.cancel.iter().map(Uuid::to_string).collect(),
+            pause_run_ids: out.pause.iter().map(Uuid::to_string).collect(),
             lease_expires_at: Some(out.expires.into()),
         }))
     }

@@ -4,9 +4,9 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use aiki_proto::v1::{
     CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunHistoryResponse, GetRunRequest, GetRunResultRequest,
-    GetRunResultResponse, HistoryEvent, ListRunsRequest, ListRunsResponse, Run, RunStatus, StartRunRequest,
-    StartRunResponse, StartRunsRequest, StartRunsResponse, WatchRunRequest, get_run_request,
-    workflow_service_server::WorkflowService,
+    GetRunResultResponse, HistoryEvent, ListRunsRequest, ListRunsResponse, PauseRunRequest, ResumeRunRequest, Run,
+    RunStatus, StartRunRequest, StartRunResponse, StartRunsRequest, StartRunsResponse, WatchRunRequest,
+    get_run_request, workflow_service_server::WorkflowService,
 };
 use futures::Stream;
 use prost::Message;
@@ -342,6 +342,36 @@ impl WorkflowService for WorkflowSvc {
             .cancel_run(&ns, id, &validate::text(&req.reason, 1024))
             .await?;
         run_changed(&self.0, id);
+        Ok(Response::new(run))
+    }
+
+    #[instrument(name = "rpc.PauseRun", skip_all)]
+    async fn pause_run(&self, req: Request<PauseRunRequest>) -> Result<Response<Run>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let id = validate::uuid("run_id", &req.run_id)?;
+        if req.reason.chars().count() > 1024 {
+            return Err(Error::InvalidArgument("reason must be at most 1024 characters".into()).into());
+        }
+        let run = self
+            .0
+            .store
+            .pause_run(&ns, id, &validate::text(&req.reason, 1024))
+            .await?;
+        run_changed(&self.0, id);
+        Ok(Response::new(run))
+    }
+
+    #[instrument(name = "rpc.ResumeRun", skip_all)]
+    async fn resume_run(&self, req: Request<ResumeRunRequest>) -> Result<Response<Run>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let id = validate::uuid("run_id", &req.run_id)?;
+        let (run, queued) = self.0.store.resume_run(&ns, id).await?;
+        run_changed(&self.0, id);
+        if let Some(delay) = queued {
+            self.0.wakers.queue_ready((ns, run.queue.clone()), Some(delay));
+        }
         Ok(Response::new(run))
     }
 

@@ -96,6 +96,7 @@ pub struct HeartbeatOutcome {
     pub worker_known: bool,
     pub held: Vec<Uuid>,
     pub cancel: Vec<Uuid>,
+    pub pause: Vec<Uuid>,
     pub expires: SystemTime,
 }
 
@@ -250,12 +251,12 @@ impl Store {
         let status: String = row.get("status");
         let requested: bool = row.get("cancel_requested");
         let now = match status.as_str() {
-            "queued" | "suspended" => true,
+            "queued" | "suspended" | "paused" => true,
             "running" if !requested => false,
             "running" | "cancelled" => return run_from_row(&row),
             done => {
                 return Err(Error::FailedPrecondition(format!(
-                    "run {id} already {done}; only a queued, suspended or running run can be cancelled"
+                    "run {id} already {done}; only a queued, suspended, paused or running run can be cancelled"
                 )));
             }
         };
@@ -276,6 +277,102 @@ impl Store {
         .await?;
         tx.commit().await?;
         run_from_row(&row)
+    }
+
+    /// Pauses a run: a queued one at once, a running one once its worker releases it (it is
+    /// asked to at its next heartbeat). Pausing a paused run, or asking twice, changes nothing.
+    #[instrument(name = "store.run.pause", skip_all)]
+    pub async fn pause_run(&self, namespace: &str, id: Uuid, reason: &str) -> Result<Run> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                &tx.prepare_cached(sql!("run_get_for_update")).await?,
+                &[&namespace, &id],
+            )
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        let status: String = row.get("status");
+        let requested: bool = row.get("pause_requested");
+        let cancelling: bool = row.get("cancel_requested");
+        let now = match status.as_str() {
+            "queued" => true,
+            "running" if !requested && !cancelling => false,
+            "running" | "paused" => return run_from_row(&row),
+            other => {
+                return Err(Error::FailedPrecondition(format!(
+                    "run {id} is {other}; only a queued or running run can be paused"
+                )));
+            }
+        };
+        let row = tx
+            .query_one(&tx.prepare_cached(sql!("run_pause")).await?, &[&namespace, &id, &now])
+            .await?;
+        let kind = if now { "run_paused" } else { "pause_requested" };
+        let attempt: i32 = row.get("attempt");
+        tx.execute(
+            &tx.prepare_cached(sql!("event_insert")).await?,
+            &[
+                &namespace,
+                &id,
+                &kind,
+                &attempt,
+                &None::<Uuid>,
+                &json!({"reason": reason}),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        run_from_row(&row)
+    }
+
+    /// Resumes a paused run (queued again; answers how long until it is visible) or withdraws
+    /// a pause request not yet taken effect. Resuming a run that is not paused changes nothing.
+    #[instrument(name = "store.run.resume", skip_all)]
+    pub async fn resume_run(&self, namespace: &str, id: Uuid) -> Result<(Run, Option<Duration>)> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                &tx.prepare_cached(sql!("run_get_for_update")).await?,
+                &[&namespace, &id],
+            )
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        let status: String = row.get("status");
+        let requested: bool = row.get("pause_requested");
+        match status.as_str() {
+            "paused" => {}
+            "running" if requested => {}
+            "queued" | "running" | "suspended" => return Ok((run_from_row(&row)?, None)),
+            other => {
+                return Err(Error::FailedPrecondition(format!(
+                    "run {id} is {other}; only a paused run (or one asked to pause) can be resumed"
+                )));
+            }
+        }
+        let row = tx
+            .query_one(&tx.prepare_cached(sql!("run_resume")).await?, &[&namespace, &id])
+            .await?;
+        let attempt: i32 = row.get("attempt");
+        let details = json!({"pause_withdrawn": status == "running"});
+        tx.execute(
+            &tx.prepare_cached(sql!("event_insert")).await?,
+            &[&namespace, &id, &"run_resumed", &attempt, &None::<Uuid>, &details],
+        )
+        .await?;
+        let queued = if status == "paused" {
+            let delay = Duration::from_millis(row.get::<_, i64>("delay_ms").max(0) as u64);
+            let queue: String = row.get("queue");
+            let payload = crate::wake::ready_payload(namespace, &queue, delay);
+            tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
+                .await?;
+            Some(delay)
+        } else {
+            None
+        };
+        tx.commit().await?;
+        Ok((run_from_row(&row)?, queued))
     }
 
     /// History events of a run after `after_seq`, oldest first, at most `limit`.
@@ -378,6 +475,7 @@ impl Store {
             worker_known: row.get("worker_known"),
             held: row.get("held"),
             cancel: row.get("cancel"),
+            pause: row.get("pause"),
             expires: row.get("expires"),
         })
     }
@@ -943,6 +1041,7 @@ async fn end_one(
     let attempt: i32 = row.get("attempt");
     let owner: Option<Uuid> = row.get("lease_owner");
     let cancel_requested: bool = row.get("cancel_requested");
+    let pause_requested: bool = row.get("pause_requested");
     let policy = retry_from_row(&row);
     let (next, error, next_attempt, delay, event, details) = match end {
         _ if cancel_requested => {
@@ -999,17 +1098,28 @@ async fn end_one(
             )
         }
     };
+    // A run that would be queued again is paused instead if that was asked.
+    let next = if next == "queued" && pause_requested {
+        "paused"
+    } else {
+        next
+    };
     let updated = tx
         .query_one(
             &tx.prepare_cached(sql!("run_end_lease")).await?,
             &[&namespace, &id, &next, &error, &kind, &next_attempt, &ms(delay)],
         )
         .await?;
-    tx.execute(
-        &tx.prepare_cached(sql!("event_insert")).await?,
-        &[&namespace, &id, &event, &attempt, &owner, &details],
-    )
-    .await?;
+    let insert = tx.prepare_cached(sql!("event_insert")).await?;
+    tx.execute(&insert, &[&namespace, &id, &event, &attempt, &owner, &details])
+        .await?;
+    if next == "paused" {
+        tx.execute(
+            &insert,
+            &[&namespace, &id, &"run_paused", &attempt, &owner, &None::<Json>],
+        )
+        .await?;
+    }
     Ok(Some((run_from_row(&updated)?, delay)))
 }
 

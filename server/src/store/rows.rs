@@ -79,6 +79,7 @@ pub fn run_from_row(row: &Row) -> Result<Run> {
         started_at: opt_ts(row, "started_at"),
         finished_at: opt_ts(row, "finished_at"),
         lease_expires_at: opt_ts(row, "lease_expires_at"),
+        pause_requested: row.try_get("pause_requested").unwrap_or(false),
     })
 }
 
@@ -168,6 +169,7 @@ pub fn queue_from_row(row: &Row) -> Queue {
         completed: n("completed"),
         failed: n("failed"),
         cancelled: n("cancelled"),
+        paused: n("paused"),
         oldest_ready_age: row
             .get::<_, Option<f64>>("oldest_ready_secs")
             .map(|s| aiki_proto::duration_to_proto(Duration::from_secs_f64(s.max(0.0)))),

@@ -1,5 +1,5 @@
 -- Extends every lease of worker $2 named in ($3 ids, $4 tokens) by $5 ms; answers which are
--- still held, which are to be cancelled, and whether the worker is known. A lease that has
+-- still held, which are to be cancelled or paused, and whether the worker is known. A lease that has
 -- already expired is not revived, even before the reaper has ended it: it is lost. An open
 -- lease is `lease_end IS NULL` rather than a status test: see `runs_running_iff_leased`.
 WITH leases AS (
@@ -11,12 +11,13 @@ WITH leases AS (
     WHERE r.namespace = $1 AND r.id = l.id AND r.lease_token = l.token
       AND r.lease_end IS NULL AND r.lease_owner = $2
       AND r.lease_expires_at > now()
-    RETURNING r.id, r.cancel_requested, r.lease_expires_at
+    RETURNING r.id, r.cancel_requested, r.pause_requested, r.lease_expires_at
 ), worker AS (
     UPDATE workers SET last_heartbeat_at = now() WHERE namespace = $1 AND id = $2 RETURNING id
 )
 SELECT EXISTS (SELECT 1 FROM worker) AS worker_known,
        coalesce(array_agg(e.id) FILTER (WHERE e.id IS NOT NULL), '{}') AS held,
        coalesce(array_agg(e.id) FILTER (WHERE e.cancel_requested), '{}') AS cancel,
+       coalesce(array_agg(e.id) FILTER (WHERE e.pause_requested AND NOT e.cancel_requested), '{}') AS pause,
        coalesce(max(e.lease_expires_at), now() + $5::bigint * interval '1 millisecond') AS expires
 FROM (SELECT 1) one LEFT JOIN extended e ON true

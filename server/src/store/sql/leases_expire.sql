@@ -1,5 +1,6 @@
--- Ends up to $1 expired leases: the run is queued again, or ends `failed` once its lease has
--- expired more than $2 times, or `cancelled` if that was requested. Records the events.
+-- Ends up to $1 expired leases: the run is queued again (or paused, if that was asked), or
+-- ends `failed` once its lease has expired more than $2 times, or `cancelled` if that was
+-- requested. Records the events.
 WITH expired AS (
     SELECT namespace, id FROM runs
     WHERE status = 'running' AND lease_expires_at < now()
@@ -11,7 +12,9 @@ WITH expired AS (
     SET lease_expirations = r.lease_expirations + 1,
         status = CASE WHEN r.cancel_requested THEN 'cancelled'
                       WHEN r.lease_expirations + 1 > $2 THEN 'failed'
+                      WHEN r.pause_requested THEN 'paused'
                       ELSE 'queued' END,
+        pause_requested = false,
         error = CASE
             WHEN r.cancel_requested THEN jsonb_build_object('type', 'Cancelled', 'message',
                 'cancelled: the worker did not acknowledge before its lease expired')
@@ -33,6 +36,9 @@ WITH expired AS (
     UNION ALL
     SELECT namespace, id, CASE status WHEN 'failed' THEN 'run_failed' ELSE 'run_cancelled' END,
            attempt, lease_owner, error
-    FROM updated WHERE status <> 'queued'
+    FROM updated WHERE status IN ('failed', 'cancelled')
+    UNION ALL
+    SELECT namespace, id, 'run_paused', attempt, NULL, NULL
+    FROM updated WHERE status = 'paused'
 )
 SELECT namespace, id, queue, status FROM updated

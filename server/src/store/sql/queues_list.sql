@@ -6,6 +6,7 @@ SELECT queue,
        count(*) FILTER (WHERE status = 'completed') AS completed,
        count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+       count(*) FILTER (WHERE status = 'paused') AS paused,
        extract(epoch FROM now() - min(visible_at) FILTER (WHERE status = 'queued' AND visible_at <= now()))::float8 AS oldest_ready_secs
 FROM runs
 WHERE namespace = $1
