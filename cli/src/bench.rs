@@ -125,9 +125,9 @@ pub struct BenchArgs {
     /// StartRuns calls at a time.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
     batch_in_flight: u64,
-    /// Runs started (single calls, then batches) before anything is measured, so that the
-    /// server's connections are open and its statements prepared; 0 skips the warm-up.
-    #[arg(long, default_value_t = 4000)]
+    /// Runs started (half in single calls, half in batches) before anything is measured, so
+    /// that the server's connections are open and its statements prepared; 0 skips the warm-up.
+    #[arg(long, default_value_t = 10_000)]
     warmup: u64,
     /// Worker processes.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
@@ -862,16 +862,27 @@ async fn warm_up(args: &BenchArgs, clients: &[Client]) -> anyhow::Result<Vec<Str
         .buffer_unordered(args.in_flight as usize)
         .try_collect()
         .await?;
+    // Batches go `--batch-in-flight` at a time, as in the measured phase, so that every
+    // connection the server uses for them has its statements prepared.
     let batch: Vec<(&str, (), StartOptions)> = (0..args.batch_size.min(args.warmup - singles))
         .map(|_| (WORKFLOW, (), opts.clone()))
         .collect();
-    let mut left = args.warmup - singles;
-    while left > 0 {
-        let n = left.min(batch.len() as u64) as usize;
-        let runs = clients[0].start_runs(&batch[..n]).await.context("warm-up StartRuns")?;
-        ids.extend(runs.into_iter().map(|r| r.id));
-        left -= n as u64;
-    }
+    let left = args.warmup - singles;
+    let sizes: Vec<usize> = (0..left.div_ceil(batch.len().max(1) as u64))
+        .map(|i| (left - i * batch.len() as u64).min(batch.len() as u64) as usize)
+        .collect();
+    let batches: Vec<Vec<String>> = futures::stream::iter(sizes)
+        .map(|n| {
+            let batch = &batch[..n];
+            async move {
+                let runs = clients[0].start_runs(batch).await.context("warm-up StartRuns")?;
+                anyhow::Ok(runs.into_iter().map(|r| r.id).collect::<Vec<_>>())
+            }
+        })
+        .buffer_unordered(args.batch_in_flight as usize)
+        .try_collect()
+        .await?;
+    ids.extend(batches.into_iter().flatten());
     Ok(ids)
 }
 

@@ -60,13 +60,32 @@ pub fn payload(what: &str, v: Option<&prost_types::Value>, max_bytes: usize) -> 
             "{what} contains a NUL character (\\u0000), which cannot be stored; encode binary data, e.g. as base64"
         )));
     }
-    let size = serde_json::to_vec(&json).map(|b| b.len()).unwrap_or(usize::MAX);
+    let size = json_len(&json);
     if size > max_bytes {
         return Err(Error::ResourceExhausted(format!(
             "{what} is {size} bytes of JSON; the limit is {max_bytes} bytes (store large data elsewhere and pass a reference)"
         )));
     }
     Ok(json)
+}
+
+/// The length of `j` serialized as JSON, counted without building the text.
+fn json_len(j: &Json) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, j) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 fn has_nul(j: &Json) -> bool {
@@ -106,6 +125,17 @@ pub fn duration(what: &str, d: Option<&prost_types::Duration>, max: Duration) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_len_is_the_length_of_the_text() {
+        for j in [
+            serde_json::json!(null),
+            serde_json::json!({"a": [1, 2.5, "x\u{00e9}\"y"], "b": {"c": true}}),
+            serde_json::json!("é"),
+        ] {
+            assert_eq!(json_len(&j), serde_json::to_vec(&j).unwrap().len(), "{j}");
+        }
+    }
 
     #[test]
     fn names() {
