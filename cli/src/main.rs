@@ -113,6 +113,8 @@ enum RunCmd {
     },
     /// Resume a paused run (queued again).
     Resume(RunRef),
+    /// End a suspended run's sleep now (queued again at once).
+    Wake(RunRef),
     /// Print a run's history.
     History(RunRef),
     /// Follow a run's history live until it ends.
@@ -353,6 +355,10 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
         }
         RunCmd::Resume(r) => {
             out.resumed(&client.resume(&r.id(&client).await?).await?);
+            Ok(())
+        }
+        RunCmd::Wake(r) => {
+            out.resumed(&client.wake(&r.id(&client).await?).await?);
             Ok(())
         }
         RunCmd::History(r) => {

@@ -86,6 +86,8 @@ impl v1::EventType {
             Self::PauseRequested => "pause_requested",
             Self::RunPaused => "run_paused",
             Self::RunResumed => "run_resumed",
+            Self::RunSuspended => "run_suspended",
+            Self::RunWoken => "run_woken",
         }
     }
 
@@ -105,6 +107,8 @@ impl v1::EventType {
             "pause_requested" => Self::PauseRequested,
             "run_paused" => Self::RunPaused,
             "run_resumed" => Self::RunResumed,
+            "run_suspended" => Self::RunSuspended,
+            "run_woken" => Self::RunWoken,
             _ => return None,
         })
     }

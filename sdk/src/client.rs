@@ -414,6 +414,18 @@ impl Client {
             .into())
     }
 
+    /// Ends a suspended run's sleep now: it is queued again at once.
+    pub async fn wake(&self, run_id: &str) -> Result<Run> {
+        let req = v1::WakeRunRequest {
+            namespace: self.namespace.clone(),
+            run_id: run_id.to_owned(),
+        };
+        Ok(self
+            .call(req, |mut c, r| async move { c.wake_run(r).await })
+            .await?
+            .into())
+    }
+
     /// Resumes a paused run (queued again), or withdraws a pause not yet taken effect.
     pub async fn resume(&self, run_id: &str) -> Result<Run> {
         let req = v1::ResumeRunRequest {

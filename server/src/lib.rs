@@ -68,10 +68,12 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     // batched starts and reads.
     let committer = commit::Committer::start(commit::Reports(store.clone()), (config.pool_size / 4).clamp(1, 8));
     let starter = commit::Committer::start(commit::Starts(store.clone()), (config.pool_size / 8).clamp(1, 4));
+    let (sleepers, deadlines) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         store,
         committer,
         starter,
+        sleepers,
         config: config.clone(),
         wakers: wakers.clone(),
         shutdown: shutdown.clone(),
@@ -83,6 +85,12 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         inner.clone(),
     ));
     let reaper_task = tokio::spawn(reaper::run(shared.clone(), pg, inner.clone()));
+    let sleepers_task = tokio::spawn(wake::sleepers(
+        shared.store.clone(),
+        wakers.clone(),
+        deadlines,
+        inner.clone(),
+    ));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -138,6 +146,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     inner.cancel();
     let _ = listen_task.await;
     let _ = reaper_task.await;
+    let _ = sleepers_task.await;
     tracing::info!("aiki-server stopped");
     result
 }

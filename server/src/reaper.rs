@@ -78,5 +78,7 @@ async fn lead(shared: &Shared, pg: &tokio_postgres::Config, shutdown: &Cancellat
                 }
             }
         }
+        // Sleeping runs whose timer was on a server that went away.
+        crate::wake::wake_due(&shared.store, &shared.wakers).await;
     }
 }

@@ -24,6 +24,8 @@ pub struct Shared {
     pub committer: Committer<Reports>,
     /// Starts runs of single `StartRun` calls, coalescing concurrent ones likewise.
     pub starter: Committer<Starts>,
+    /// When runs suspended through this server wake (see `wake::sleepers`).
+    pub sleepers: tokio::sync::mpsc::UnboundedSender<std::time::Instant>,
     pub config: Config,
     pub wakers: Arc<Wakers>,
     /// Cancelled when the server shuts down: long polls and watches return early.

@@ -6,7 +6,8 @@ use aiki_proto::v1::{
     CompleteRunRequest, CompleteRunResponse, FailRunRequest, FailRunResponse, HeartbeatRequest, HeartbeatResponse,
     LeasedRun, PollTasksRequest, PollTasksResponse, RecordTaskRequest, RecordTaskResponse, RegisterWorkerRequest,
     RegisterWorkerResponse, ReleaseRunRequest, ReleaseRunResponse, ReportError, ReportRequest, ReportResponse,
-    ReportResult, RunStatus, report_result, run_report, task_result, worker_service_server::WorkerService,
+    ReportResult, RunStatus, SuspendRunRequest, SuspendRunResponse, report_result, run_report, task_result,
+    worker_service_server::WorkerService,
 };
 use futures::future::select_all;
 use prost::Message;
@@ -270,6 +271,11 @@ impl WorkerService for WorkerSvc {
         Ok(Response::new(self.release(req.into_inner()).await?))
     }
 
+    #[instrument(name = "rpc.SuspendRun", skip_all)]
+    async fn suspend_run(&self, req: Request<SuspendRunRequest>) -> Result<Response<SuspendRunResponse>, Status> {
+        Ok(Response::new(self.suspend(req.into_inner()).await?))
+    }
+
     #[instrument(name = "rpc.Report", skip_all, fields(reports = req.get_ref().reports.len()))]
     async fn report(&self, req: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
         let req = req.into_inner();
@@ -289,8 +295,9 @@ impl WorkerService for WorkerSvc {
                 }
                 Some(run_report::Report::FailRun(r)) => self.fail(r).await.map(report_result::Result::FailRun),
                 Some(run_report::Report::ReleaseRun(r)) => self.release(r).await.map(report_result::Result::ReleaseRun),
+                Some(run_report::Report::SuspendRun(r)) => self.suspend(r).await.map(report_result::Result::SuspendRun),
                 None => Err(Error::InvalidArgument(
-                    "a report must be one of record_task, complete_run, fail_run, release_run".into(),
+                    "a report must be one of record_task, complete_run, fail_run, release_run, suspend_run".into(),
                 )),
             };
             let result = answer.unwrap_or_else(|e| {
@@ -317,6 +324,32 @@ fn lease_of(namespace: &str, run_id: &str, token: &str) -> Result<(String, Uuid,
 }
 
 impl WorkerSvc {
+    async fn suspend(&self, req: SuspendRunRequest) -> Result<SuspendRunResponse> {
+        let bytes = req.encoded_len();
+        let (ns, id, token) = lease_of(&req.namespace, &req.run_id, &req.lease_token)?;
+        let sleep = validate::duration("sleep", req.sleep.as_ref(), Duration::from_secs(366 * 86_400))?;
+        if req.wait_seq > i32::MAX as u32 {
+            return Err(Error::InvalidArgument(format!(
+                "wait_seq {} is too large",
+                req.wait_seq
+            )));
+        }
+        let end = LeaseEnd::Suspend {
+            key: validate::name("wait_key", &req.wait_key, 512)?,
+            name: validate::name("wait_name", &req.wait_name, 255)?,
+            seq: req.wait_seq,
+            sleep,
+        };
+        let run = self.end_lease(ns, id, token, end, bytes).await?;
+        if run.status == RunStatus::Suspended as i32 {
+            let _ = self.0.sleepers.send(std::time::Instant::now() + sleep);
+        }
+        Ok(SuspendRunResponse {
+            status: run.status,
+            wake_at: run.wake_at,
+        })
+    }
+
     async fn record(&self, req: RecordTaskRequest) -> Result<RecordTaskResponse> {
         let bytes = req.encoded_len();
         let (namespace, id, token) = lease_of(&req.namespace, &req.run_id, &req.lease_token)?;

@@ -5,7 +5,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 use aiki_proto::v1::{
     CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunHistoryResponse, GetRunRequest, GetRunResultRequest,
     GetRunResultResponse, HistoryEvent, ListRunsRequest, ListRunsResponse, PauseRunRequest, ResumeRunRequest, Run,
-    RunStatus, StartRunRequest, StartRunResponse, StartRunsRequest, StartRunsResponse, WatchRunRequest,
+    RunStatus, StartRunRequest, StartRunResponse, StartRunsRequest, StartRunsResponse, WakeRunRequest, WatchRunRequest,
     get_run_request, workflow_service_server::WorkflowService,
 };
 use futures::Stream;
@@ -359,6 +359,19 @@ impl WorkflowService for WorkflowSvc {
             .pause_run(&ns, id, &validate::text(&req.reason, 1024))
             .await?;
         run_changed(&self.0, id);
+        Ok(Response::new(run))
+    }
+
+    #[instrument(name = "rpc.WakeRun", skip_all)]
+    async fn wake_run(&self, req: Request<WakeRunRequest>) -> Result<Response<Run>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let id = validate::uuid("run_id", &req.run_id)?;
+        let run = self.0.store.wake_run(&ns, id).await?;
+        run_changed(&self.0, id);
+        if run.status == RunStatus::Queued as i32 {
+            self.0.wakers.queue_ready((ns, run.queue.clone()), None);
+        }
         Ok(Response::new(run))
     }
 

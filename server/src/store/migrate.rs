@@ -10,6 +10,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../../../migrations/0001_init.sql")),
     (2, "throughput", include_str!("../../../migrations/0002_throughput.sql")),
     (3, "pause", include_str!("../../../migrations/0003_pause.sql")),
+    (4, "sleep", include_str!("../../../migrations/0004_sleep.sql")),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

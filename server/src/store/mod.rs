@@ -100,7 +100,7 @@ pub struct HeartbeatOutcome {
     pub expires: SystemTime,
 }
 
-/// A run whose lease the reaper ended.
+/// A run whose lease the reaper ended, or that woke.
 #[derive(Debug, Clone)]
 pub struct Expired {
     pub namespace: String,
@@ -120,6 +120,13 @@ pub enum LeaseEnd {
     },
     /// The worker gave the run back (`ReleaseRun`).
     Release { reason: String, delay: Duration },
+    /// The run sleeps at step (`key`, `name`, `seq`) for `sleep` (`SuspendRun`).
+    Suspend {
+        key: String,
+        name: String,
+        seq: u32,
+        sleep: Duration,
+    },
 }
 
 /// The store over a connection pool.
@@ -559,6 +566,77 @@ impl Store {
             .iter()
             .map(queue_from_row)
             .collect())
+    }
+
+    /// Wakes up to `limit` suspended runs whose wake time has come (see
+    /// `sql/runs_wake_due.sql`), with one NOTIFY per queue that got runs back.
+    #[instrument(name = "store.runs.wake_due", skip_all)]
+    pub async fn wake_due(&self, limit: i64) -> Result<Vec<Expired>> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(&tx.prepare_cached(sql!("runs_wake_due")).await?, &[&limit])
+            .await?;
+        let woken: Vec<Expired> = rows
+            .iter()
+            .map(|r| Expired {
+                namespace: r.get(0),
+                id: r.get(1),
+                queue: r.get(2),
+                status: r.get(3),
+            })
+            .collect();
+        let mut sent: Vec<String> = Vec::new();
+        for w in woken.iter().filter(|w| w.status == "queued") {
+            let payload = crate::wake::ready_payload(&w.namespace, &w.queue, Duration::ZERO);
+            if !sent.contains(&payload) {
+                tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
+                    .await?;
+                sent.push(payload);
+            }
+        }
+        tx.commit().await?;
+        Ok(woken)
+    }
+
+    /// Ends a suspended run's sleep now (`WakeRun`).
+    #[instrument(name = "store.run.wake", skip_all)]
+    pub async fn wake_run(&self, namespace: &str, id: Uuid) -> Result<Run> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let Some(row) = tx
+            .query_opt(&tx.prepare_cached(sql!("run_wake")).await?, &[&namespace, &id])
+            .await?
+        else {
+            drop(tx);
+            drop(client);
+            let run = self.get_run(namespace, id).await?.ok_or_else(|| not_found(id))?;
+            let status = RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified);
+            return Err(Error::FailedPrecondition(format!(
+                "run {id} is {}; only a suspended run can be woken",
+                status.as_str()
+            )));
+        };
+        let run = run_from_row(&row)?;
+        if run.status == RunStatus::Queued as i32 {
+            let payload = crate::wake::ready_payload(namespace, &run.queue, Duration::ZERO);
+            tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(run)
+    }
+
+    /// How long until the earliest wake time of a suspended run (zero if overdue), if any.
+    #[instrument(name = "store.runs.next_wake", skip_all)]
+    pub async fn next_wake(&self) -> Result<Option<Duration>> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(&client.prepare_cached(sql!("next_wake")).await?, &[])
+            .await?;
+        Ok(row
+            .get::<_, Option<i64>>(0)
+            .map(|ms| Duration::from_millis(ms.max(0) as u64)))
     }
 
     /// The earliest future visibility of each queue (to arm timers at start).
@@ -1028,6 +1106,7 @@ async fn end_one(
     let kind = match end {
         LeaseEnd::Fail { .. } => "fail",
         LeaseEnd::Release { .. } => "release",
+        LeaseEnd::Suspend { .. } => "suspend",
     };
     let locked = tx
         .query_opt(
@@ -1097,6 +1176,17 @@ async fn end_one(
                 json!({"reason": reason, "delay_ms": ms(*delay)}),
             )
         }
+        LeaseEnd::Suspend { key, name, sleep, .. } => {
+            let previous: Option<Json> = row.get("error");
+            (
+                "suspended",
+                previous,
+                attempt,
+                *sleep,
+                "run_suspended",
+                json!({"key": key, "step": name, "sleep_ms": ms(*sleep)}),
+            )
+        }
     };
     // A run that would be queued again is paused instead if that was asked.
     let next = if next == "queued" && pause_requested {
@@ -1119,6 +1209,15 @@ async fn end_one(
             &[&namespace, &id, &"run_paused", &attempt, &owner, &None::<Json>],
         )
         .await?;
+    }
+    if let (LeaseEnd::Suspend { key, name, seq, sleep }, "suspended") = (end, next) {
+        let updated = tx
+            .query_one(
+                &tx.prepare_cached(sql!("run_suspend")).await?,
+                &[&namespace, &id, &ms(*sleep), key, name, &(*seq as i32)],
+            )
+            .await?;
+        return Ok(Some((run_from_row(&updated)?, *sleep)));
     }
     Ok(Some((run_from_row(&updated)?, delay)))
 }

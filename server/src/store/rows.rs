@@ -80,6 +80,11 @@ pub fn run_from_row(row: &Row) -> Result<Run> {
         finished_at: opt_ts(row, "finished_at"),
         lease_expires_at: opt_ts(row, "lease_expires_at"),
         pause_requested: row.try_get("pause_requested").unwrap_or(false),
+        wake_at: row
+            .try_get::<_, Option<SystemTime>>("wake_at")
+            .ok()
+            .flatten()
+            .map(Into::into),
     })
 }
 

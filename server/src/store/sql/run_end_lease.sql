@@ -1,7 +1,9 @@
 -- Ends the current lease of a run: the new status, error, visibility and finish time are
--- decided by the caller, which holds the row lock. A pause request is fulfilled (or moot).
+-- decided by the caller, which holds the row lock. A pause request is fulfilled (or moot),
+-- except by a suspension: it then takes effect when the run wakes.
 UPDATE runs
-SET status = $3, error = $4, lease_end = $5, lease_expires_at = NULL, pause_requested = false,
+SET status = $3, error = $4, lease_end = $5, lease_expires_at = NULL,
+    pause_requested = ($3 = 'suspended' AND pause_requested),
     attempt = $6, visible_at = now() + $7::bigint * interval '1 millisecond',
     finished_at = CASE WHEN $3 IN ('completed', 'failed', 'cancelled') THEN now() END,
     updated_at = now()
