@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use aiki_proto::v1::{
     CompleteRunRequest, CompleteRunResponse, FailRunRequest, FailRunResponse, RecordTaskRequest, RecordTaskResponse,
-    ReleaseRunRequest, ReleaseRunResponse, ReportRequest, RunReport, report_result, run_report,
-    worker_service_client::WorkerServiceClient,
+    ReleaseRunRequest, ReleaseRunResponse, ReportRequest, RunReport, SuspendRunRequest, SuspendRunResponse,
+    report_result, run_report, worker_service_client::WorkerServiceClient,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::{Code, Status, transport::Channel};
@@ -93,6 +93,16 @@ impl Reporter {
     pub async fn release_run(&self, req: ReleaseRunRequest) -> Result<ReleaseRunResponse, Status> {
         match self.send(run_report::Report::ReleaseRun(req)).await? {
             report_result::Result::ReleaseRun(r) => Ok(r),
+            other => Err(mismatch(&other)),
+        }
+    }
+}
+
+impl Reporter {
+    /// `SuspendRun`, batched.
+    pub async fn suspend_run(&self, req: SuspendRunRequest) -> Result<SuspendRunResponse, Status> {
+        match self.send(run_report::Report::SuspendRun(req)).await? {
+            report_result::Result::SuspendRun(r) => Ok(r),
             other => Err(mismatch(&other)),
         }
     }

@@ -37,6 +37,18 @@ pub struct WorkflowError {
     /// Retry no sooner than this (instead of the policy's backoff).
     pub retry_after: Option<Duration>,
     pub(crate) lease_lost: bool,
+    /// Set by [`Context::sleep`]: not a failure, the run gives its lease back to sleep.
+    pub(crate) suspension: Option<Box<Suspension>>,
+}
+
+/// Where and how long a run sleeps (see [`Context::sleep`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspension {
+    /// The sleep's key, name and position among the run's durable steps.
+    pub key: String,
+    pub name: String,
+    pub seq: u32,
+    pub sleep: Duration,
 }
 
 impl WorkflowError {
@@ -49,6 +61,7 @@ impl WorkflowError {
             non_retryable: false,
             retry_after: None,
             lease_lost: false,
+            suspension: None,
         }
     }
 
@@ -73,6 +86,12 @@ impl WorkflowError {
     /// True when the worker lost the run's lease: nothing about the run may be reported.
     pub fn is_lease_lost(&self) -> bool {
         self.lease_lost
+    }
+
+    /// The sleep this "error" stands for, when a workflow returns from [`Context::sleep`] with
+    /// `?`: the worker suspends the run instead of failing it.
+    pub fn suspension(&self) -> Option<&Suspension> {
+        self.suspension.as_deref()
     }
 
     pub(crate) fn lease_lost(message: impl Into<String>) -> Self {
@@ -236,6 +255,50 @@ impl Context {
             .recorded
             .insert(key, recorded.clone());
         decode(name, recorded)
+    }
+
+    /// Sleeps durably for `duration`: the run gives its lease (and its worker slot) back and
+    /// is executed again when the sleep ends, on any worker; there this call returns at once,
+    /// like a completed task. Propagate its error with `?`: it is how the run suspends.
+    /// `name` tells sleeps apart in the history, and must be stable across executions.
+    pub async fn sleep(&self, name: &str, duration: Duration) -> Result<(), WorkflowError> {
+        let (key, seq, slept) = {
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            let count = p.seen.entry((format!("sleep:{name}"), String::new())).or_insert(0);
+            let n = *count;
+            *count += 1;
+            let key = format!("sleep:{name}#{n}");
+            let seq = p.next_seq;
+            p.next_seq += 1;
+            let slept = p.recorded.get(&key).map(|t| t.seq);
+            if let Some(recorded_seq) = slept {
+                if p.last_replayed.is_some_and(|last| recorded_seq <= last) {
+                    return Err(WorkflowError::new(
+                        "NonDeterminism",
+                        format!(
+                            "sleep {name:?} (key {key}) was recorded as step #{recorded_seq} of this run, before \
+                             step #{}, but now comes after it: the workflow's code changed the order of its steps",
+                            p.last_replayed.unwrap_or_default()
+                        ),
+                    )
+                    .non_retryable());
+                }
+                p.last_replayed = Some(recorded_seq);
+            }
+            (key, seq, slept.is_some())
+        };
+        if slept {
+            return Ok(());
+        }
+        Err(WorkflowError {
+            suspension: Some(Box::new(Suspension {
+                key,
+                name: name.to_owned(),
+                seq,
+                sleep: duration,
+            })),
+            ..WorkflowError::new("Suspended", format!("sleeping {name:?} for {duration:?}"))
+        })
     }
 
     async fn record(&self, task: TaskResult) -> Result<TaskResult, WorkflowError> {

@@ -200,3 +200,124 @@ async fn runs_sleeping_through_a_server_restart_still_wake() {
     ids.sort();
     assert_eq!(woken, ids, "every sleeping run woke on the new server");
 }
+
+/// A workflow that checkpoints a step, sleeps, then checkpoints another, counting how often
+/// each step's body ran.
+fn sleeper(
+    server: &TestServer,
+    slots: usize,
+    before: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    sleep: Duration,
+) -> aiki_worker::WorkerBuilder {
+    use std::sync::atomic::Ordering;
+    aiki_worker::WorkerBuilder::new(server.url())
+        .slots(slots)
+        .register("sleeper", move |ctx: aiki::Context, _: serde_json::Value| {
+            let before = before.clone();
+            async move {
+                ctx.task("before", (), |()| async {
+                    before.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, aiki::WorkflowError>(())
+                })
+                .await?;
+                ctx.sleep("nap", sleep).await?;
+                let after: String = ctx
+                    .task("after", (), |()| async {
+                        Ok::<_, aiki::WorkflowError>("awake".to_owned())
+                    })
+                    .await?;
+                Ok(after)
+            }
+        })
+        .register("quick", |_ctx: aiki::Context, input: serde_json::Value| async move {
+            Ok(input)
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_sleeps_through_its_worker_being_killed_and_no_step_runs_twice() {
+    use std::sync::{Arc, atomic::Ordering};
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.client().await;
+    let run = client
+        .start_run("sleeper", &json!({}), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    let before = Arc::new(std::sync::atomic::AtomicU32::new(0));
+
+    let first = sleeper(&server, 4, before.clone(), Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let first = tokio::spawn(first.run(tokio_util::sync::CancellationToken::new()));
+    aiki_tests::eventually(Duration::from_secs(10), "the run sleeps", || async {
+        client.get(&run.id).await.unwrap().status == aiki::RunStatus::Suspended
+    })
+    .await;
+    let started = Instant::now();
+    first.abort(); // killed: no drain, no goodbye
+    let _ = first.await;
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let second = sleeper(&server, 4, before.clone(), Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let second = tokio::spawn(second.run(shutdown.clone()));
+    let out: String = run.result(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(out, "awake");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "completed after its sleep"
+    );
+    assert_eq!(before.load(Ordering::SeqCst), 1, "the step before the sleep ran once");
+    shutdown.cancel();
+    second.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_sleeping_runs_hold_no_worker_slot() {
+    use std::sync::Arc;
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.client().await;
+    let sleepers: Vec<_> = (0..1000)
+        .map(|i| ("sleeper", json!({"i": i}), aiki::StartOptions::default()))
+        .collect();
+    client.start_runs(&sleepers).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let before = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let worker = sleeper(&server, 4, before.clone(), Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    let pg = db.connect().await;
+    aiki_tests::eventually(Duration::from_secs(60), "all 1000 runs sleep", || async {
+        let n: i64 = pg
+            .query_one("SELECT count(*) FROM runs WHERE status = 'suspended'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n == 1000
+    })
+    .await;
+    // The worker's 4 slots are free: other runs go through while the thousand sleep.
+    for i in 0..20 {
+        let run = client
+            .start_run("quick", &json!(i), aiki::StartOptions::default())
+            .await
+            .unwrap();
+        let out: serde_json::Value = run.result(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(out, json!(i));
+    }
+    let suspended: i64 = pg
+        .query_one("SELECT count(*) FROM runs WHERE status = 'suspended'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(suspended, 1000, "still asleep");
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+}
