@@ -142,6 +142,15 @@ struct Progress {
     last_replayed: Option<u32>,
 }
 
+/// A durable step begun by [`Context::begin_step`].
+struct Step {
+    key: String,
+    /// This step's occurrence among the steps of the same identity.
+    n: u32,
+    seq: u32,
+    recorded: Option<TaskResult>,
+}
+
 /// What a workflow function gets: its run's identity and the checkpointed task API.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -194,33 +203,9 @@ impl Context {
     {
         let hash = input_hash(&input)
             .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?} input: {e}")).non_retryable())?;
-        let (key, n, seq, recorded) = {
-            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-            let count = p.seen.entry((name.to_owned(), hash.clone())).or_insert(0);
-            let n = *count;
-            *count += 1;
-            let key = format!("{name}#{hash}#{n}");
-            let seq = p.next_seq;
-            p.next_seq += 1;
-            let recorded = p.recorded.get(&key).cloned();
-            if let Some(t) = &recorded {
-                // Replayed tasks must come in the order they were recorded in.
-                if p.last_replayed.is_some_and(|last| t.seq <= last) {
-                    return Err(WorkflowError::new(
-                        "NonDeterminism",
-                        format!(
-                            "task {name:?} (key {key}) was recorded as task #{} of this run, before task #{}, \
-                             but now runs after it: the workflow's code changed the order of its tasks",
-                            t.seq,
-                            p.last_replayed.unwrap_or_default()
-                        ),
-                    )
-                    .non_retryable());
-                }
-                p.last_replayed = Some(t.seq);
-            }
-            (key, n, seq, recorded)
-        };
+        let Step { key, n, seq, recorded } = self.begin_step("task", name, (name.to_owned(), hash.clone()), |n| {
+            format!("{name}#{hash}#{n}")
+        })?;
         if let Some(t) = recorded {
             return decode(name, t);
         }
@@ -262,32 +247,11 @@ impl Context {
     /// like a completed task. Propagate its error with `?`: it is how the run suspends.
     /// `name` tells sleeps apart in the history, and must be stable across executions.
     pub async fn sleep(&self, name: &str, duration: Duration) -> Result<(), WorkflowError> {
-        let (key, seq, slept) = {
-            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-            let count = p.seen.entry((format!("sleep:{name}"), String::new())).or_insert(0);
-            let n = *count;
-            *count += 1;
-            let key = format!("sleep:{name}#{n}");
-            let seq = p.next_seq;
-            p.next_seq += 1;
-            let slept = p.recorded.get(&key).map(|t| t.seq);
-            if let Some(recorded_seq) = slept {
-                if p.last_replayed.is_some_and(|last| recorded_seq <= last) {
-                    return Err(WorkflowError::new(
-                        "NonDeterminism",
-                        format!(
-                            "sleep {name:?} (key {key}) was recorded as step #{recorded_seq} of this run, before \
-                             step #{}, but now comes after it: the workflow's code changed the order of its steps",
-                            p.last_replayed.unwrap_or_default()
-                        ),
-                    )
-                    .non_retryable());
-                }
-                p.last_replayed = Some(recorded_seq);
-            }
-            (key, seq, slept.is_some())
-        };
-        if slept {
+        let Step { key, seq, recorded, .. } =
+            self.begin_step("sleep", name, (format!("sleep:{name}"), String::new()), |n| {
+                format!("sleep:{name}#{n}")
+            })?;
+        if recorded.is_some() {
             return Ok(());
         }
         Err(WorkflowError {
@@ -299,6 +263,42 @@ impl Context {
             })),
             ..WorkflowError::new("Suspended", format!("sleeping {name:?} for {duration:?}"))
         })
+    }
+
+    /// Starts a durable step (a task or a sleep): counts this occurrence of `ident`, takes the
+    /// next position, and gives back what an earlier execution recorded under its key
+    /// (`key_of(occurrence)`). Recorded steps must replay in the order they were recorded in.
+    fn begin_step(
+        &self,
+        what: &str,
+        name: &str,
+        ident: (String, String),
+        key_of: impl FnOnce(u32) -> String,
+    ) -> Result<Step, WorkflowError> {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let count = p.seen.entry(ident).or_insert(0);
+        let n = *count;
+        *count += 1;
+        let key = key_of(n);
+        let seq = p.next_seq;
+        p.next_seq += 1;
+        let recorded = p.recorded.get(&key).cloned();
+        if let Some(t) = &recorded {
+            if p.last_replayed.is_some_and(|last| t.seq <= last) {
+                return Err(WorkflowError::new(
+                    "NonDeterminism",
+                    format!(
+                        "{what} {name:?} (key {key}) was recorded as {what} #{} of this run, before {what} #{}, \
+                         but now runs after it: the workflow's code changed the order of its {what}s",
+                        t.seq,
+                        p.last_replayed.unwrap_or_default()
+                    ),
+                )
+                .non_retryable());
+            }
+            p.last_replayed = Some(t.seq);
+        }
+        Ok(Step { key, n, seq, recorded })
     }
 
     async fn record(&self, task: TaskResult) -> Result<TaskResult, WorkflowError> {

@@ -518,31 +518,30 @@ impl Inner {
                     self.fail(&run, &stop, &e).await;
                 }
             }
-            Some(Err(e)) if e.suspension().is_some() => {
-                let Some(s) = e.suspension() else {
-                    unreachable!("checked above")
-                };
-                let req = v1::SuspendRunRequest {
-                    namespace: self.cfg.namespace.clone(),
-                    run_id: run.run_id.clone(),
-                    lease_token: run.lease_token.clone(),
-                    wait_key: s.key.clone(),
-                    wait_name: s.name.clone(),
-                    wait_seq: s.seq,
-                    sleep: Some(aiki_proto::duration_to_proto(s.sleep)),
-                };
-                tracing::debug!(run_id = %run.run_id, sleep = ?s.sleep, "run sleeps; suspending it");
-                let _ = self
-                    .report(&run.run_id, &stop, || {
-                        let req = req.clone();
-                        async move { self.reporter.suspend_run(req).await.map(|_| ()) }
-                    })
-                    .await;
-            }
-            Some(Err(e)) => {
-                tracing::info!(run_id = %run.run_id, error = %e, "run attempt failed");
-                self.fail(&run, &stop, &e).await;
-            }
+            Some(Err(e)) => match e.suspension() {
+                Some(s) => {
+                    let req = v1::SuspendRunRequest {
+                        namespace: self.cfg.namespace.clone(),
+                        run_id: run.run_id.clone(),
+                        lease_token: run.lease_token.clone(),
+                        wait_key: s.key.clone(),
+                        wait_name: s.name.clone(),
+                        wait_seq: s.seq,
+                        sleep: Some(aiki_proto::duration_to_proto(s.sleep)),
+                    };
+                    tracing::debug!(run_id = %run.run_id, sleep = ?s.sleep, "run sleeps; suspending it");
+                    let _ = self
+                        .report(&run.run_id, &stop, || {
+                            let req = req.clone();
+                            async move { self.reporter.suspend_run(req).await.map(|_| ()) }
+                        })
+                        .await;
+                }
+                None => {
+                    tracing::info!(run_id = %run.run_id, error = %e, "run attempt failed");
+                    self.fail(&run, &stop, &e).await;
+                }
+            },
         }
         self.forget(&run.run_id, &run.lease_token);
     }

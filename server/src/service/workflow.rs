@@ -173,6 +173,14 @@ impl WorkflowSvc {
     }
 }
 
+/// A reason kept in a run's history (cancel, pause): at most 1024 characters.
+fn reason(text: &str) -> Result<String> {
+    if text.chars().count() > 1024 {
+        return Err(Error::InvalidArgument("reason must be at most 1024 characters".into()));
+    }
+    Ok(validate::text(text, 1024))
+}
+
 /// Waits until `notify` fires, `recheck_interval` passes, `deadline` comes or the server shuts down.
 async fn wait_change(
     shared: &Shared,
@@ -333,14 +341,7 @@ impl WorkflowService for WorkflowSvc {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let id = validate::uuid("run_id", &req.run_id)?;
-        if req.reason.chars().count() > 1024 {
-            return Err(Error::InvalidArgument("reason must be at most 1024 characters".into()).into());
-        }
-        let run = self
-            .0
-            .store
-            .cancel_run(&ns, id, &validate::text(&req.reason, 1024))
-            .await?;
+        let run = self.0.store.cancel_run(&ns, id, &reason(&req.reason)?).await?;
         run_changed(&self.0, id);
         Ok(Response::new(run))
     }
@@ -350,14 +351,7 @@ impl WorkflowService for WorkflowSvc {
         let req = req.into_inner();
         let ns = validate::namespace(&req.namespace)?;
         let id = validate::uuid("run_id", &req.run_id)?;
-        if req.reason.chars().count() > 1024 {
-            return Err(Error::InvalidArgument("reason must be at most 1024 characters".into()).into());
-        }
-        let run = self
-            .0
-            .store
-            .pause_run(&ns, id, &validate::text(&req.reason, 1024))
-            .await?;
+        let run = self.0.store.pause_run(&ns, id, &reason(&req.reason)?).await?;
         run_changed(&self.0, id);
         Ok(Response::new(run))
     }

@@ -100,9 +100,9 @@ pub struct HeartbeatOutcome {
     pub expires: SystemTime,
 }
 
-/// A run whose lease the reaper ended, or that woke.
+/// A run a background statement moved: its lease expired (reaper), or its sleep ended.
 #[derive(Debug, Clone)]
-pub struct Expired {
+pub struct MovedRun {
     pub namespace: String,
     pub id: Uuid,
     pub queue: String,
@@ -248,13 +248,7 @@ impl Store {
     pub async fn cancel_run(&self, namespace: &str, id: Uuid, reason: &str) -> Result<Run> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let row = tx
-            .query_opt(
-                &tx.prepare_cached(sql!("run_get_for_update")).await?,
-                &[&namespace, &id],
-            )
-            .await?
-            .ok_or_else(|| not_found(id))?;
+        let row = lock_run(&tx, namespace, id).await?;
         let status: String = row.get("status");
         let requested: bool = row.get("cancel_requested");
         let now = match status.as_str() {
@@ -292,13 +286,7 @@ impl Store {
     pub async fn pause_run(&self, namespace: &str, id: Uuid, reason: &str) -> Result<Run> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let row = tx
-            .query_opt(
-                &tx.prepare_cached(sql!("run_get_for_update")).await?,
-                &[&namespace, &id],
-            )
-            .await?
-            .ok_or_else(|| not_found(id))?;
+        let row = lock_run(&tx, namespace, id).await?;
         let status: String = row.get("status");
         let requested: bool = row.get("pause_requested");
         let cancelling: bool = row.get("cancel_requested");
@@ -339,13 +327,7 @@ impl Store {
     pub async fn resume_run(&self, namespace: &str, id: Uuid) -> Result<(Run, Option<Duration>)> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let row = tx
-            .query_opt(
-                &tx.prepare_cached(sql!("run_get_for_update")).await?,
-                &[&namespace, &id],
-            )
-            .await?
-            .ok_or_else(|| not_found(id))?;
+        let row = lock_run(&tx, namespace, id).await?;
         let status: String = row.get("status");
         let requested: bool = row.get("pause_requested");
         match status.as_str() {
@@ -371,9 +353,7 @@ impl Store {
         let queued = if status == "paused" {
             let delay = Duration::from_millis(row.get::<_, i64>("delay_ms").max(0) as u64);
             let queue: String = row.get("queue");
-            let payload = crate::wake::ready_payload(namespace, &queue, delay);
-            tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
-                .await?;
+            notify_ready(&tx, vec![crate::wake::ready_payload(namespace, &queue, delay)]).await?;
             Some(delay)
         } else {
             None
@@ -515,29 +495,12 @@ impl Store {
 
     /// Ends up to `limit` expired leases (see `sql/leases_expire.sql`).
     #[instrument(name = "store.leases.expire", skip_all)]
-    pub async fn expire_leases(&self, limit: i64, max_expirations: u32) -> Result<Vec<Expired>> {
+    pub async fn expire_leases(&self, limit: i64, max_expirations: u32) -> Result<Vec<MovedRun>> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let stmt = tx.prepare_cached(sql!("leases_expire")).await?;
         let rows = tx.query(&stmt, &[&limit, &(max_expirations as i32)]).await?;
-        let expired: Vec<Expired> = rows
-            .iter()
-            .map(|r| Expired {
-                namespace: r.get(0),
-                id: r.get(1),
-                queue: r.get(2),
-                status: r.get(3),
-            })
-            .collect();
-        let mut sent: Vec<String> = Vec::new();
-        for e in expired.iter().filter(|e| e.status == "queued") {
-            let payload = crate::wake::ready_payload(&e.namespace, &e.queue, Duration::ZERO);
-            if !sent.contains(&payload) {
-                tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
-                    .await?;
-                sent.push(payload);
-            }
-        }
+        let expired = moved_runs(&tx, &rows).await?;
         tx.commit().await?;
         Ok(expired)
     }
@@ -571,30 +534,12 @@ impl Store {
     /// Wakes up to `limit` suspended runs whose wake time has come (see
     /// `sql/runs_wake_due.sql`), with one NOTIFY per queue that got runs back.
     #[instrument(name = "store.runs.wake_due", skip_all)]
-    pub async fn wake_due(&self, limit: i64) -> Result<Vec<Expired>> {
+    pub async fn wake_due(&self, limit: i64) -> Result<Vec<MovedRun>> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let rows = tx
-            .query(&tx.prepare_cached(sql!("runs_wake_due")).await?, &[&limit])
-            .await?;
-        let woken: Vec<Expired> = rows
-            .iter()
-            .map(|r| Expired {
-                namespace: r.get(0),
-                id: r.get(1),
-                queue: r.get(2),
-                status: r.get(3),
-            })
-            .collect();
-        let mut sent: Vec<String> = Vec::new();
-        for w in woken.iter().filter(|w| w.status == "queued") {
-            let payload = crate::wake::ready_payload(&w.namespace, &w.queue, Duration::ZERO);
-            if !sent.contains(&payload) {
-                tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
-                    .await?;
-                sent.push(payload);
-            }
-        }
+        let stmt = tx.prepare_cached(sql!("runs_wake_due")).await?;
+        let rows = tx.query(&stmt, &[&limit]).await?;
+        let woken = moved_runs(&tx, &rows).await?;
         tx.commit().await?;
         Ok(woken)
     }
@@ -619,9 +564,11 @@ impl Store {
         };
         let run = run_from_row(&row)?;
         if run.status == RunStatus::Queued as i32 {
-            let payload = crate::wake::ready_payload(namespace, &run.queue, Duration::ZERO);
-            tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
-                .await?;
+            notify_ready(
+                &tx,
+                vec![crate::wake::ready_payload(namespace, &run.queue, Duration::ZERO)],
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(run)
@@ -807,10 +754,7 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
     for i in order {
         let r = &runs[i];
         if let Some(run) = created.remove(&r.id) {
-            let payload = crate::wake::ready_payload(&r.namespace, &r.queue, r.delay);
-            if !notify.contains(&payload) {
-                notify.push(payload);
-            }
+            notify.push(crate::wake::ready_payload(&r.namespace, &r.queue, r.delay));
             out[i] = Some(Ok((run, true)));
             continue;
         }
@@ -849,12 +793,7 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
         }
         out[i] = Some(answer);
     }
-    if !notify.is_empty() {
-        let stmt = tx.prepare_cached(sql!("notify_ready")).await?;
-        for payload in &notify {
-            tx.execute(&stmt, &[payload]).await?;
-        }
-    }
+    notify_ready(tx, notify).await?;
     Ok(out
         .into_iter()
         .map(|a| a.unwrap_or_else(|| Err(Error::Internal("run left unanswered".into()))))
@@ -895,13 +834,15 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
         runs.dedup();
         let (ns, ids): (Vec<&str>, Vec<Uuid>) = runs.into_iter().unzip();
         let stmt = tx.prepare_cached(sql!("runs_lock")).await?;
-        let leases: std::collections::HashMap<(String, Uuid), LeaseRow> = tx
+        // Sorted by run, looked up without building an owned key per report.
+        let mut leases: Vec<(String, Uuid, LeaseRow)> = tx
             .query(&stmt, &[&ns, &ids])
             .await?
             .iter()
             .map(|r| {
                 (
-                    (r.get("namespace"), r.get("id")),
+                    r.get("namespace"),
+                    r.get("id"),
                     (
                         r.get::<_, Option<Uuid>>("lease_token")
                             .filter(|_| r.get::<_, bool>("open")),
@@ -911,6 +852,7 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
                 )
             })
             .collect();
+        leases.sort_unstable_by(|a, b| (a.0.as_str(), a.1).cmp(&(b.0.as_str(), b.1)));
         let mut live = Vec::new();
         let (mut ns, mut ids, mut keys, mut names, mut seqs, mut outputs, mut errors, mut attempts, mut owners) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -924,7 +866,10 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
             else {
                 continue;
             };
-            let Some((Some(current), attempt, owner)) = leases.get(&(namespace.clone(), *id)) else {
+            let Ok(at) = leases.binary_search_by(|(n, i, _)| (n.as_str(), *i).cmp(&(namespace.as_str(), *id))) else {
+                continue;
+            };
+            let (Some(current), attempt, owner) = &leases[at].2 else {
                 continue;
             };
             if current != token {
@@ -943,20 +888,25 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
         }
         if !live.is_empty() {
             let stmt = tx.prepare_cached(sql!("tasks_record")).await?;
-            let recorded: std::collections::HashSet<(String, Uuid, String)> = tx
+            let mut recorded: Vec<(Uuid, String, String)> = tx
                 .query(
                     &stmt,
                     &[&ns, &ids, &keys, &names, &seqs, &outputs, &errors, &attempts, &owners],
                 )
                 .await?
                 .iter()
-                .map(|r| (r.get("namespace"), r.get("run_id"), r.get("task_key")))
+                .map(|r| (r.get("run_id"), r.get("task_key"), r.get("namespace")))
                 .collect();
+            recorded.sort_unstable();
             for i in live {
                 if let Report::Record {
                     namespace, id, task, ..
                 } = &reports[i]
-                    && recorded.contains(&(namespace.clone(), *id, task.key.clone()))
+                    && recorded
+                        .binary_search_by(|(r, k, n)| {
+                            (*r, k.as_str(), n.as_str()).cmp(&(*id, task.key.as_str(), namespace.as_str()))
+                        })
+                        .is_ok()
                 {
                     out[i] = Some(Ok(Applied::Recorded(None)));
                 }
@@ -965,34 +915,29 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
     }
 
     // Completions, in run order so that concurrent batches lock rows in one order.
-    let mut completes: Vec<usize> = (0..reports.len())
-        .filter(|&i| matches!(reports[i], Report::Complete { .. }))
-        .collect();
-    if !completes.is_empty() {
-        let key = |i: &usize| match &reports[*i] {
-            Report::Complete { namespace, id, .. } => (namespace.clone(), *id),
-            _ => unreachable!("only completions are sorted here"),
-        };
-        completes.sort_by_key(key);
-        let (mut ns, mut ids, mut tokens, mut outputs) = (vec![], vec![], vec![], vec![]);
-        for &i in &completes {
-            if let Report::Complete {
+    let mut completes: Vec<(usize, &str, Uuid, Uuid, &Json)> = reports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            Report::Complete {
                 namespace,
                 id,
                 token,
                 output,
-            } = &reports[i]
-            {
-                ns.push(namespace.as_str());
-                ids.push(*id);
-                tokens.push(*token);
-                outputs.push(output);
-            }
-        }
+            } => Some((i, namespace.as_str(), *id, *token, output)),
+            _ => None,
+        })
+        .collect();
+    if !completes.is_empty() {
+        completes.sort_unstable_by(|a, b| (a.1, a.2).cmp(&(b.1, b.2)));
+        let ns: Vec<&str> = completes.iter().map(|c| c.1).collect();
+        let ids: Vec<Uuid> = completes.iter().map(|c| c.2).collect();
+        let tokens: Vec<Uuid> = completes.iter().map(|c| c.3).collect();
+        let outputs: Vec<&Json> = completes.iter().map(|c| c.4).collect();
         let stmt = tx.prepare_cached(sql!("runs_complete")).await?;
         for row in tx.query(&stmt, &[&ns, &ids, &tokens, &outputs]).await? {
             let ord: i64 = row.get("ord");
-            out[completes[ord as usize - 1]] = Some(Ok(Applied::Completed(true)));
+            out[completes[ord as usize - 1].0] = Some(Ok(Applied::Completed(true)));
         }
     }
 
@@ -1026,10 +971,7 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
                 if let Ok(Some((run, delay))) = &ended
                     && run.status == RunStatus::Queued as i32
                 {
-                    let payload = crate::wake::ready_payload(namespace, &run.queue, *delay);
-                    if !notify.contains(&payload) {
-                        notify.push(payload);
-                    }
+                    notify.push(crate::wake::ready_payload(namespace, &run.queue, *delay));
                 }
                 ended.map(|e| Applied::Ended(e.map(|(run, delay)| (Box::new(run), delay))))
             }
@@ -1041,10 +983,7 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
             answer => out[i] = Some(answer),
         }
     }
-    for payload in &notify {
-        tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[payload])
-            .await?;
-    }
+    notify_ready(tx, notify).await?;
     Ok(out
         .into_iter()
         .map(|a| a.unwrap_or_else(|| Err(Error::Internal("report left unanswered".into()))))
@@ -1258,6 +1197,51 @@ async fn refusal(
         "lease token {token} is not the current lease of run {id} (the run is {status}); \
          another worker holds or held it, and this report was not applied"
     )))
+}
+
+/// Wakes the pollers of the queues named by `payloads` (see `wake::ready_payload`) when `tx`
+/// commits: one NOTIFY per distinct payload.
+async fn notify_ready(tx: &Transaction<'_>, payloads: Vec<String>) -> Result<()> {
+    let mut sent: Vec<String> = Vec::new();
+    for payload in payloads {
+        if !sent.contains(&payload) {
+            tx.execute(&tx.prepare_cached(sql!("notify_ready")).await?, &[&payload])
+                .await?;
+            sent.push(payload);
+        }
+    }
+    Ok(())
+}
+
+/// The runs a statement moved (the reaper's expiry, the wake-up of sleepers), from its rows
+/// of (namespace, id, queue, status); wakes the pollers of the queues that got runs back.
+async fn moved_runs(tx: &Transaction<'_>, rows: &[tokio_postgres::Row]) -> Result<Vec<MovedRun>> {
+    let moved: Vec<MovedRun> = rows
+        .iter()
+        .map(|r| MovedRun {
+            namespace: r.get(0),
+            id: r.get(1),
+            queue: r.get(2),
+            status: r.get(3),
+        })
+        .collect();
+    let payloads = moved
+        .iter()
+        .filter(|m| m.status == "queued")
+        .map(|m| crate::wake::ready_payload(&m.namespace, &m.queue, Duration::ZERO))
+        .collect();
+    notify_ready(tx, payloads).await?;
+    Ok(moved)
+}
+
+/// Locks run (`namespace`, `id`) until `tx` ends and reads it.
+async fn lock_run(tx: &Transaction<'_>, namespace: &str, id: Uuid) -> Result<tokio_postgres::Row> {
+    tx.query_opt(
+        &tx.prepare_cached(sql!("run_get_for_update")).await?,
+        &[&namespace, &id],
+    )
+    .await?
+    .ok_or_else(|| not_found(id))
 }
 
 fn not_found(id: Uuid) -> Error {
