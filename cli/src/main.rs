@@ -113,8 +113,27 @@ enum RunCmd {
     },
     /// Resume a paused run (queued again).
     Resume(RunRef),
-    /// End a suspended run's sleep now (queued again at once).
+    /// End a suspended run's wait now (queued again at once): a sleep ends, a wait for an event
+    /// times out.
     Wake(RunRef),
+    /// Send an event to a run; it receives it from `ctx.wait_event` (now if it waits for it,
+    /// else when it does).
+    ///
+    /// `aiki run event ID NAME --data JSON`, or `aiki run event --key KEY NAME --data JSON`.
+    Event {
+        /// Run id, then the event's name (with --key: only the event's name).
+        #[arg(value_name = "ID NAME", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        /// Idempotency key of the run (instead of its id).
+        #[arg(long)]
+        key: Option<String>,
+        /// Payload as JSON, or @FILE to read it from a file (@- for stdin).
+        #[arg(long, short, default_value = "null")]
+        data: String,
+        /// Event key: sending the same key again stores nothing.
+        #[arg(long)]
+        event_key: Option<String>,
+    },
     /// Print a run's history.
     History(RunRef),
     /// Follow a run's history live until it ends.
@@ -193,6 +212,9 @@ struct ListArgs {
     /// Continue from a previous page.
     #[arg(long)]
     page_token: Option<String>,
+    /// Only the children of this run.
+    #[arg(long)]
+    parent: Option<String>,
 }
 
 /// An error with its exit code.
@@ -324,7 +346,14 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
                 (None, Some(key)) => client.get_by_key(key).await?,
                 _ => client.get(&r.id(&client).await?).await?,
             };
-            out.run(&run);
+            let children = client
+                .list(&ListFilter {
+                    parent_run_id: Some(run.id.clone()),
+                    page_size: 100,
+                    ..ListFilter::default()
+                })
+                .await?;
+            out.run(&run, &children.runs);
             Ok(())
         }
         RunCmd::Result { run, wait } => wait_and_print(&client, &run.id(&client).await?, *wait, out).await,
@@ -341,6 +370,7 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
                 created_before: None,
                 page_size: a.limit,
                 page_token: a.page_token.clone(),
+                parent_run_id: a.parent.clone(),
             };
             out.runs(&client.list(&filter).await?);
             Ok(())
@@ -359,6 +389,24 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
         }
         RunCmd::Wake(r) => {
             out.resumed(&client.wake(&r.id(&client).await?).await?);
+            Ok(())
+        }
+        RunCmd::Event {
+            args,
+            key,
+            data,
+            event_key,
+        } => {
+            let payload = read_input(data).map_err(|e| anyhow::anyhow!("--data: {e}"))?;
+            let event_key = event_key.as_deref();
+            let sent = match (key, args.as_slice()) {
+                (Some(key), [name]) => client.send_event_by_key(key, name, &payload, event_key).await?,
+                (None, [id, name]) => client.send_event(id, name, &payload, event_key).await?,
+                (Some(_), _) => return Err(Exit(2, anyhow::anyhow!("with --key, give only the event's name"))),
+                (None, _) => return Err(Exit(2, anyhow::anyhow!("give the run id and the event's name"))),
+            };
+            let name = args.last().map(String::as_str).unwrap_or_default();
+            out.event_sent(name, &sent);
             Ok(())
         }
         RunCmd::History(r) => {

@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use aiki::{HistoryEvent, Queue, Run, RunHandle, RunPage, RunStatus, Worker};
+use aiki::{EventSent, HistoryEvent, Queue, Run, RunHandle, RunPage, RunStatus, Worker};
 use aiki_proto::v1::EventType;
 use comfy_table::{Table, presets::NOTHING};
 use serde_json::{Value, json};
@@ -68,6 +68,10 @@ fn run_json(r: &Run) -> Value {
         "visible_at": json_ts(&raw.visible_at),
         "started_at": json_ts(&raw.started_at),
         "finished_at": json_ts(&raw.finished_at),
+        "wake_at": json_ts(&raw.wake_at),
+        "wait_event": (!raw.wait_event.is_empty()).then_some(&raw.wait_event),
+        "wait_child_run_id": (!raw.wait_child_run_id.is_empty()).then_some(&raw.wait_child_run_id),
+        "parent_run_id": r.parent_run_id,
     })
 }
 
@@ -114,9 +118,15 @@ impl Output {
         }
     }
 
-    pub fn run(&self, r: &Run) {
+    /// A run, with its children (the first page of them).
+    pub fn run(&self, r: &Run, children: &[Run]) {
         if self.json {
-            return print_json(&run_json(r));
+            let mut v = run_json(r);
+            v["children"] = children
+                .iter()
+                .map(|c| json!({"id": c.id, "workflow": c.workflow, "status": c.status.as_str()}))
+                .collect();
+            return print_json(&v);
         }
         let raw = &r.raw;
         let mut t = Table::new();
@@ -152,6 +162,26 @@ impl Output {
         }
         row("started", ts(&raw.started_at));
         row("finished", ts(&raw.finished_at));
+        if r.status == RunStatus::Suspended {
+            let waits = if !raw.wait_event.is_empty() {
+                format!("event {:?}", raw.wait_event)
+            } else if !raw.wait_child_run_id.is_empty() {
+                format!("child run {}", raw.wait_child_run_id)
+            } else {
+                "a timer".to_owned()
+            };
+            row("waiting for", waits);
+            row("wakes at", ts(&raw.wake_at));
+        }
+        row("parent", r.parent_run_id.clone().unwrap_or_default());
+        row(
+            "children",
+            children
+                .iter()
+                .map(|c| format!("{} {} {}", c.id, c.workflow, c.status.as_str()))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
         row("input", compact(&r.input, 200));
         row("output", r.output.as_ref().map(|o| compact(o, 200)).unwrap_or_default());
         row("error", r.error.as_ref().map(|e| e.to_string()).unwrap_or_default());
@@ -235,6 +265,24 @@ impl Output {
             return print_json(&run_json(r));
         }
         println!("run {} is {}", r.id, r.status.as_str());
+    }
+
+    pub fn event_sent(&self, name: &str, sent: &EventSent) {
+        if self.json {
+            return print_json(&json!({
+                "stored": sent.stored,
+                "delivered": sent.delivered,
+                "run": sent.run.as_ref().map(run_json),
+            }));
+        }
+        let id = sent.run.as_ref().map(|r| r.id.as_str()).unwrap_or_default();
+        if !sent.stored {
+            println!("run {id} already has an event with this key; nothing sent");
+        } else if sent.delivered {
+            println!("event {name:?} delivered to run {id}; it is queued again");
+        } else {
+            println!("event {name:?} kept for run {id} until it waits for it");
+        }
     }
 
     pub fn history(&self, events: &[HistoryEvent]) {

@@ -88,6 +88,9 @@ impl v1::EventType {
             Self::RunResumed => "run_resumed",
             Self::RunSuspended => "run_suspended",
             Self::RunWoken => "run_woken",
+            Self::EventReceived => "event_received",
+            Self::ChildStarted => "child_started",
+            Self::ChildEnded => "child_ended",
         }
     }
 
@@ -109,6 +112,9 @@ impl v1::EventType {
             "run_resumed" => Self::RunResumed,
             "run_suspended" => Self::RunSuspended,
             "run_woken" => Self::RunWoken,
+            "event_received" => Self::EventReceived,
+            "child_started" => Self::ChildStarted,
+            "child_ended" => Self::ChildEnded,
             _ => return None,
         })
     }

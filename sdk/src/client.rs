@@ -37,6 +37,9 @@ pub struct StartOptions {
     pub delay: Option<Duration>,
     /// Retry policy of the run (server defaults otherwise).
     pub retry: Option<RetryPolicy>,
+    /// Start the run as a child of this run: cancelling the parent cancels it too. Workflow
+    /// code starts children with `Context::start_child`, which sets this.
+    pub parent_run_id: Option<String>,
 }
 
 impl StartOptions {
@@ -87,6 +90,8 @@ pub struct Run {
     pub cancel_requested: bool,
     /// A pause was asked while the run was running; it pauses when its worker releases it.
     pub pause_requested: bool,
+    /// The run that started this one as its child.
+    pub parent_run_id: Option<String>,
     /// The full message, with timestamps and the retry policy.
     pub raw: v1::Run,
 }
@@ -107,6 +112,7 @@ impl From<v1::Run> for Run {
             attempt: r.attempt,
             cancel_requested: r.cancel_requested,
             pause_requested: r.pause_requested,
+            parent_run_id: (!r.parent_run_id.is_empty()).then(|| r.parent_run_id.clone()),
             raw: r,
         }
     }
@@ -124,6 +130,8 @@ pub struct ListFilter {
     pub page_size: u32,
     /// From the previous page.
     pub page_token: Option<String>,
+    /// Only the children of this run.
+    pub parent_run_id: Option<String>,
 }
 
 /// One page of runs.
@@ -162,6 +170,17 @@ impl RunHandle {
     pub async fn cancel(&self) -> Result<Run> {
         self.client.cancel(&self.id, "").await
     }
+}
+
+/// What [`Client::send_event`] did.
+#[derive(Debug, Clone)]
+pub struct EventSent {
+    /// False when the run had received an event with this event key before.
+    pub stored: bool,
+    /// True when the run was waiting for this event and was queued again with it.
+    pub delivered: bool,
+    /// The run as the event left it.
+    pub run: Option<Run>,
 }
 
 /// A connection to an Aiki server. Cheap to clone; all clones share one HTTP/2 connection,
@@ -229,6 +248,7 @@ impl Client {
             delay: opts.delay.map(aiki_proto::duration_to_proto),
             priority: opts.priority,
             retry_policy: opts.retry.as_ref().map(Into::into),
+            parent_run_id: opts.parent_run_id.clone().unwrap_or_default(),
         })
     }
 
@@ -379,6 +399,7 @@ impl Client {
             created_before: f.created_before.map(Into::into),
             page_size: f.page_size,
             page_token: f.page_token.clone().unwrap_or_default(),
+            parent_run_id: f.parent_run_id.clone().unwrap_or_default(),
         };
         let resp = self.call(req, |mut c, r| async move { c.list_runs(r).await }).await?;
         Ok(RunPage {
@@ -398,6 +419,64 @@ impl Client {
             .call(req, |mut c, r| async move { c.cancel_run(r).await })
             .await?
             .into())
+    }
+
+    /// Sends event `name` with `payload` to a run: the run receives it from
+    /// `Context::wait_event` (at once if it waits for it; else it is kept until it does).
+    /// With an `event_key`, sending the same event again stores nothing (`stored` is false).
+    pub async fn send_event<P: Serialize>(
+        &self,
+        run_id: &str,
+        name: &str,
+        payload: &P,
+        event_key: Option<&str>,
+    ) -> Result<EventSent> {
+        self.send_event_to(
+            v1::send_event_request::Ref::RunId(run_id.to_owned()),
+            name,
+            payload,
+            event_key,
+        )
+        .await
+    }
+
+    /// [`Client::send_event`] to the run started with idempotency key `key`.
+    pub async fn send_event_by_key<P: Serialize>(
+        &self,
+        key: &str,
+        name: &str,
+        payload: &P,
+        event_key: Option<&str>,
+    ) -> Result<EventSent> {
+        self.send_event_to(
+            v1::send_event_request::Ref::IdempotencyKey(key.to_owned()),
+            name,
+            payload,
+            event_key,
+        )
+        .await
+    }
+
+    async fn send_event_to<P: Serialize>(
+        &self,
+        target: v1::send_event_request::Ref,
+        name: &str,
+        payload: &P,
+        event_key: Option<&str>,
+    ) -> Result<EventSent> {
+        let req = v1::SendEventRequest {
+            namespace: self.namespace.clone(),
+            r#ref: Some(target),
+            name: name.to_owned(),
+            payload: Some(aiki_proto::json_to_value(&serde_json::to_value(payload)?)),
+            event_key: event_key.unwrap_or_default().to_owned(),
+        };
+        let resp = self.call(req, |mut c, r| async move { c.send_event(r).await }).await?;
+        Ok(EventSent {
+            stored: resp.stored,
+            delivered: resp.delivered,
+            run: resp.run.map(Into::into),
+        })
     }
 
     /// Pauses a run: a queued run at once, a running one when its worker releases it (at its

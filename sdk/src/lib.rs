@@ -25,12 +25,12 @@ pub mod workflow;
 
 pub use aiki_proto::v1::RunStatus;
 pub use client::{
-    Client, HistoryEvent, ListFilter, Queue, RetryPolicy, Run, RunHandle, RunPage, StartOptions, Worker,
+    Client, EventSent, HistoryEvent, ListFilter, Queue, RetryPolicy, Run, RunHandle, RunPage, StartOptions, Worker,
     connect_channel,
 };
 pub use error::{Error, Result, RunError};
 pub use reporter::Reporter;
-pub use workflow::{Context, WorkflowError};
+pub use workflow::{ChildRun, Context, WaitFor, WorkflowError};
 
 /// The generated protocol, for advanced use.
 pub use aiki_proto as proto;

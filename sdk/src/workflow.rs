@@ -20,7 +20,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
-use crate::reporter::Reporter;
+use crate::{Client, RunError, StartOptions, reporter::Reporter};
 
 /// How a workflow (or one of its tasks) failed.
 ///
@@ -41,14 +41,26 @@ pub struct WorkflowError {
     pub(crate) suspension: Option<Box<Suspension>>,
 }
 
-/// Where and how long a run sleeps (see [`Context::sleep`]).
+/// Where a run waits, and for what (see [`Context::sleep`], [`Context::wait_event`],
+/// [`ChildRun::result`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Suspension {
-    /// The sleep's key, name and position among the run's durable steps.
+    /// The wait's key, name and position among the run's durable steps.
     pub key: String,
     pub name: String,
     pub seq: u32,
-    pub sleep: Duration,
+    pub wait: WaitFor,
+}
+
+/// What a suspended run waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitFor {
+    /// The end of a sleep.
+    Sleep(Duration),
+    /// An event of this name, for at most `timeout` (`None`: no limit).
+    Event { name: String, timeout: Option<Duration> },
+    /// The end of this child run.
+    Child { run_id: String },
 }
 
 impl WorkflowError {
@@ -88,8 +100,8 @@ impl WorkflowError {
         self.lease_lost
     }
 
-    /// The sleep this "error" stands for, when a workflow returns from [`Context::sleep`] with
-    /// `?`: the worker suspends the run instead of failing it.
+    /// The wait this "error" stands for, when a workflow returns from [`Context::sleep`] (or
+    /// another wait) with `?`: the worker suspends the run instead of failing it.
     pub fn suspension(&self) -> Option<&Suspension> {
         self.suspension.as_deref()
     }
@@ -128,6 +140,8 @@ pub struct Lease {
     pub lease_token: String,
     pub workflow: String,
     pub attempt: u32,
+    /// The run's queue: its children's, unless they name another.
+    pub queue: String,
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +171,8 @@ pub struct Context {
     lease: Arc<Lease>,
     reporter: Reporter,
     progress: Arc<Mutex<Progress>>,
+    /// Starts child runs.
+    client: Option<Client>,
 }
 
 impl Context {
@@ -171,7 +187,14 @@ impl Context {
                 recorded,
                 ..Progress::default()
             })),
+            client: None,
         }
+    }
+
+    /// The same context, with a client to start child runs through ([`Context::start_child`]).
+    pub fn with_client(mut self, client: Client) -> Self {
+        self.client = Some(client.with_namespace(self.lease.namespace.clone()));
+        self
     }
 
     /// The run's id.
@@ -254,14 +277,100 @@ impl Context {
         if recorded.is_some() {
             return Ok(());
         }
-        Err(WorkflowError {
-            suspension: Some(Box::new(Suspension {
+        Err(suspend(
+            key,
+            name,
+            seq,
+            WaitFor::Sleep(duration),
+            format!("sleeping {name:?} for {duration:?}"),
+        ))
+    }
+
+    /// Waits durably for an event `name` sent to this run (`Client::send_event`,
+    /// `aiki run event`), for at most `timeout` (`None`: no limit). Returns its payload, or
+    /// `None` if the wait timed out (or was ended by `WakeRun`). Events sent before the run
+    /// waits are kept for it; events of one name are received one per wait, in the order sent.
+    ///
+    /// Like [`Context::sleep`], the run gives its worker back while it waits: propagate the
+    /// error with `?`. `name` must be stable across executions.
+    pub async fn wait_event<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        timeout: impl Into<Option<Duration>>,
+    ) -> Result<Option<T>, WorkflowError> {
+        let timeout = timeout.into();
+        let Step { key, seq, recorded, .. } =
+            self.begin_step("event wait", name, (format!("event:{name}"), String::new()), |n| {
+                format!("event:{name}#{n}")
+            })?;
+        let Some(t) = recorded else {
+            return Err(suspend(
                 key,
-                name: name.to_owned(),
+                name,
                 seq,
-                sleep: duration,
-            })),
-            ..WorkflowError::new("Suspended", format!("sleeping {name:?} for {duration:?}"))
+                WaitFor::Event {
+                    name: name.to_owned(),
+                    timeout,
+                },
+                format!("waiting for event {name:?}"),
+            ));
+        };
+        let outcome: serde_json::Value = decode(name, t)?;
+        if outcome.get("timeout").and_then(serde_json::Value::as_bool) == Some(true) {
+            return Ok(None);
+        }
+        let payload = outcome.get("event").cloned().unwrap_or_default();
+        serde_json::from_value(payload).map(Some).map_err(|e| {
+            WorkflowError::new(
+                "Serialization",
+                format!("the payload of event {name:?} does not fit the type asked for: {e}"),
+            )
+            .non_retryable()
+        })
+    }
+
+    /// Starts `workflow` as a child run of this run, and returns at once; wait for its end
+    /// with [`ChildRun::result`]. Its idempotency key is derived from this run and the call's
+    /// occurrence (the n-th child of `workflow` started by this run), so a re-executed run
+    /// gets the child it started before instead of starting another; a key given in `opts`
+    /// replaces the derived one. The child goes to this run's queue unless `opts` names
+    /// another. Cancelling this run cancels the child.
+    pub async fn start_child<I: Serialize>(
+        &self,
+        workflow: &str,
+        input: &I,
+        mut opts: StartOptions,
+    ) -> Result<ChildRun, WorkflowError> {
+        let client = self.client.as_ref().ok_or_else(|| {
+            WorkflowError::new(
+                "NoClient",
+                "this context cannot start child runs: it was built without Context::with_client",
+            )
+            .non_retryable()
+        })?;
+        let n = {
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            let count = p.seen.entry((format!("child:{workflow}"), String::new())).or_insert(0);
+            *count += 1;
+            *count - 1
+        };
+        if opts.idempotency_key.is_none() {
+            opts.idempotency_key = Some(format!("{}/{workflow}#{n}", self.lease.run_id));
+        }
+        opts.return_existing = true;
+        if opts.queue.is_none() && !self.lease.queue.is_empty() {
+            opts.queue = Some(self.lease.queue.clone());
+        }
+        opts.parent_run_id = Some(self.lease.run_id.clone());
+        let handle = client.start_run(workflow, input, opts).await.map_err(|e| {
+            let retryable = matches!(e, crate::Error::Unavailable(_) | crate::Error::Server(_));
+            let e = WorkflowError::new("ChildStart", format!("could not start child {workflow:?}: {e}"));
+            if retryable { e } else { e.non_retryable() }
+        })?;
+        Ok(ChildRun {
+            ctx: self.clone(),
+            run_id: handle.id,
+            workflow: workflow.to_owned(),
         })
     }
 
@@ -327,6 +436,84 @@ impl Context {
                 format!("could not checkpoint task: {}", s.message()),
             )),
         }
+    }
+}
+
+/// A child run started by [`Context::start_child`].
+#[derive(Debug, Clone)]
+pub struct ChildRun {
+    ctx: Context,
+    run_id: String,
+    workflow: String,
+}
+
+impl ChildRun {
+    /// The child's run id.
+    pub fn id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// Waits durably for the child to end: its output, or how it failed (or was cancelled) as
+    /// the inner `Err`. The parent gives its worker back while it waits, like
+    /// [`Context::sleep`]: propagate the outer error with `?`.
+    pub async fn result<T: DeserializeOwned>(&self) -> Result<Result<T, RunError>, WorkflowError> {
+        let id = &self.run_id;
+        let Step { key, seq, recorded, .. } = self.ctx.begin_step(
+            "child wait",
+            &self.workflow,
+            (format!("child:{id}"), String::new()),
+            |n| format!("child:{id}#{n}"),
+        )?;
+        let Some(t) = recorded else {
+            return Err(suspend(
+                key,
+                &self.workflow,
+                seq,
+                WaitFor::Child { run_id: id.clone() },
+                format!("waiting for child run {id}"),
+            ));
+        };
+        let outcome: serde_json::Value = decode(&self.workflow, t)?;
+        let status = outcome.get("status").and_then(serde_json::Value::as_str).unwrap_or("");
+        if status == "completed" {
+            let output = outcome.get("output").cloned().unwrap_or_default();
+            return serde_json::from_value(output).map(Ok).map_err(|e| {
+                WorkflowError::new(
+                    "Serialization",
+                    format!("the output of child run {id} does not fit the type asked for: {e}"),
+                )
+                .non_retryable()
+            });
+        }
+        let error = outcome.get("error").cloned().unwrap_or_default();
+        let text = |k: &str| {
+            error
+                .get(k)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        Ok(Err(RunError {
+            kind: match text("type") {
+                k if k.is_empty() => status.to_owned(),
+                k => k,
+            },
+            message: text("message"),
+            details: error.get("details").filter(|d| !d.is_null()).cloned(),
+        }))
+    }
+}
+
+/// The "error" a wait returns to suspend the run.
+fn suspend(key: String, name: &str, seq: u32, wait: WaitFor, message: String) -> WorkflowError {
+    WorkflowError {
+        suspension: Some(Box::new(Suspension {
+            key,
+            name: name.to_owned(),
+            seq,
+            wait,
+        })),
+        ..WorkflowError::new("Suspended", message)
     }
 }
 

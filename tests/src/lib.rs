@@ -398,3 +398,18 @@ pub async fn history_types(server: &TestServer, run_id: &str) -> Vec<String> {
         }
     }
 }
+
+/// Runs the `aiki` CLI against `server` with `args`; answers (success, stdout, stderr).
+pub async fn aiki_cli(server: &TestServer, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(bin("aiki"))
+        .args(["--server", &server.url()])
+        .args(args)
+        .output()
+        .await
+        .expect("run aiki");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -366,6 +366,23 @@ async fn every_readme_quickstart_command_works() {
     );
     assert!(stdout.contains(r#"charge: "ch_4200""#), "{stdout}");
 
+    // The durable example: a child run, an event, a wait that times out.
+    let trial = std::fs::read_to_string(root.join("sdk/examples/trial.rs")).unwrap();
+    assert!(readme.contains(&trial), "README shows sdk/examples/trial.rs as it is");
+    let out = Command::new(bin_dir.join("examples").join("trial"))
+        .env("AIKI_SERVER", format!("http://{addr}"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "example failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ada: subscribed, paid 900 cents"), "{stdout}");
+    assert!(stdout.contains("bob: trial ended without payment"), "{stdout}");
+
     worker.terminate().await;
     server.terminate().await;
 }

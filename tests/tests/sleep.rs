@@ -17,6 +17,7 @@ fn suspend(run_id: &str, token: &str, sleep: Duration) -> SuspendRunRequest {
         wait_name: "nap".into(),
         wait_seq: 1,
         sleep: Some(aiki_proto::duration_to_proto(sleep)),
+        ..Default::default()
     }
 }
 

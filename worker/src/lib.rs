@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aiki::{Context, WorkflowError, workflow::Lease};
+use aiki::{Context, WaitFor, WorkflowError, workflow::Lease};
 use aiki_proto::v1::{
     self, CompleteRunRequest, FailRunRequest, HeartbeatRequest, LeasedRun, PollTasksRequest, RegisterWorkerRequest,
     ReleaseRunRequest, WorkflowRef, worker_service_client::WorkerServiceClient,
@@ -161,9 +161,11 @@ impl WorkerBuilder {
             self.queues.push("default".into());
         }
         let channel = aiki::connect_channel(self.server.clone()).await?;
+        let runs = aiki::Client::from_channel(channel.clone());
         let client = WorkerServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
         Ok(Worker {
             inner: Arc::new(Inner {
+                runs,
                 client: client.clone(),
                 reporter: aiki::Reporter::new(client),
                 cfg: self,
@@ -207,6 +209,8 @@ struct Held {
 struct Inner {
     cfg: WorkerBuilder,
     client: WorkerServiceClient<Channel>,
+    /// Starts child runs for workflow code (`Context::start_child`).
+    runs: aiki::Client,
     /// Sends task results, completions, failures and releases, many per call.
     reporter: aiki::Reporter,
     worker_id: Mutex<String>,
@@ -459,10 +463,12 @@ impl Inner {
                 lease_token: run.lease_token.clone(),
                 workflow: run.workflow.clone(),
                 attempt: run.attempt,
+                queue: run.queue.clone(),
             },
             self.reporter.clone(),
             run.tasks.clone(),
-        );
+        )
+        .with_client(self.runs.clone());
         let execution = std::panic::AssertUnwindSafe(handler(ctx, input)).catch_unwind();
         let outcome = tokio::select! {
             r = execution => Some(r.unwrap_or_else(|panic| {
@@ -520,16 +526,24 @@ impl Inner {
             }
             Some(Err(e)) => match e.suspension() {
                 Some(s) => {
-                    let req = v1::SuspendRunRequest {
+                    let mut req = v1::SuspendRunRequest {
                         namespace: self.cfg.namespace.clone(),
                         run_id: run.run_id.clone(),
                         lease_token: run.lease_token.clone(),
                         wait_key: s.key.clone(),
                         wait_name: s.name.clone(),
                         wait_seq: s.seq,
-                        sleep: Some(aiki_proto::duration_to_proto(s.sleep)),
+                        ..Default::default()
                     };
-                    tracing::debug!(run_id = %run.run_id, sleep = ?s.sleep, "run sleeps; suspending it");
+                    match &s.wait {
+                        WaitFor::Sleep(d) => req.sleep = Some(aiki_proto::duration_to_proto(*d)),
+                        WaitFor::Event { name, timeout } => {
+                            req.event = name.clone();
+                            req.sleep = timeout.map(aiki_proto::duration_to_proto);
+                        }
+                        WaitFor::Child { run_id } => req.child_run_id = run_id.clone(),
+                    }
+                    tracing::debug!(run_id = %run.run_id, wait = ?s.wait, "run waits; suspending it");
                     let _ = self
                         .report(&run.run_id, &stop, || {
                             let req = req.clone();

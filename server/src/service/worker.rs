@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::{Shared, run_changed};
 use crate::{
     error::{Error, Result},
-    store::{Applied, LeaseEnd, NewTask, Report},
+    store::{Applied, LeaseEnd, NewTask, Report, Wait},
     validate,
 };
 
@@ -327,22 +327,59 @@ impl WorkerSvc {
     async fn suspend(&self, req: SuspendRunRequest) -> Result<SuspendRunResponse> {
         let bytes = req.encoded_len();
         let (ns, id, token) = lease_of(&req.namespace, &req.run_id, &req.lease_token)?;
-        let sleep = validate::duration("sleep", req.sleep.as_ref(), Duration::from_secs(366 * 86_400))?;
+        let limit = Duration::from_secs(366 * 86_400);
+        let wait = match (req.event.as_str(), req.child_run_id.as_str()) {
+            ("", "") => {
+                if req.sleep.is_none() {
+                    return Err(Error::InvalidArgument(
+                        "a suspension needs a sleep, an event or a child_run_id to wait for".into(),
+                    ));
+                }
+                Wait::Sleep(validate::duration("sleep", req.sleep.as_ref(), limit)?)
+            }
+            (event, "") => Wait::Event {
+                name: validate::name("event", event, 255)?,
+                timeout: match &req.sleep {
+                    None => None,
+                    Some(d) => Some(validate::duration("sleep (the event's timeout)", Some(d), limit)?),
+                },
+            },
+            ("", child) => {
+                if req.sleep.is_some() {
+                    return Err(Error::InvalidArgument(
+                        "a wait for a child run has no timeout: leave sleep unset".into(),
+                    ));
+                }
+                let child = validate::uuid("child_run_id", child)?;
+                if child == id {
+                    return Err(Error::InvalidArgument("a run cannot wait for itself".into()));
+                }
+                Wait::Child(child)
+            }
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "a suspension waits for an event or for a child run, not both".into(),
+                ));
+            }
+        };
         if req.wait_seq > i32::MAX as u32 {
             return Err(Error::InvalidArgument(format!(
                 "wait_seq {} is too large",
                 req.wait_seq
             )));
         }
+        let deadline = wait.deadline();
         let end = LeaseEnd::Suspend {
             key: validate::name("wait_key", &req.wait_key, 512)?,
             name: validate::name("wait_name", &req.wait_name, 255)?,
             seq: req.wait_seq,
-            sleep,
+            wait,
         };
         let run = self.end_lease(ns, id, token, end, bytes).await?;
-        if run.status == RunStatus::Suspended as i32 {
-            let _ = self.0.sleepers.send(std::time::Instant::now() + sleep);
+        if run.status == RunStatus::Suspended as i32
+            && let Some(d) = deadline
+        {
+            let _ = self.0.sleepers.send(std::time::Instant::now() + d);
         }
         Ok(SuspendRunResponse {
             status: run.status,

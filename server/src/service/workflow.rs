@@ -5,8 +5,9 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 use aiki_proto::v1::{
     CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunHistoryResponse, GetRunRequest, GetRunResultRequest,
     GetRunResultResponse, HistoryEvent, ListRunsRequest, ListRunsResponse, PauseRunRequest, ResumeRunRequest, Run,
-    RunStatus, StartRunRequest, StartRunResponse, StartRunsRequest, StartRunsResponse, WakeRunRequest, WatchRunRequest,
-    get_run_request, workflow_service_server::WorkflowService,
+    RunStatus, SendEventRequest, SendEventResponse, StartRunRequest, StartRunResponse, StartRunsRequest,
+    StartRunsResponse, WakeRunRequest, WatchRunRequest, get_run_request, send_event_request,
+    workflow_service_server::WorkflowService,
 };
 use futures::Stream;
 use prost::Message;
@@ -17,7 +18,7 @@ use uuid::Uuid;
 use super::{Shared, run_changed};
 use crate::{
     error::{Error, Result},
-    store::{NewRun, RetryPolicy, RunFilter},
+    store::{NewRun, RetryPolicy, RunFilter, RunRef},
     validate,
 };
 
@@ -135,6 +136,10 @@ impl WorkflowSvc {
             return_existing,
             delay,
             retry,
+            parent: match r.parent_run_id.as_str() {
+                "" => None,
+                p => Some(validate::uuid("parent_run_id", p)?),
+            },
         })
     }
 
@@ -326,6 +331,10 @@ impl WorkflowService for WorkflowSvc {
                 t => Some(validate::uuid("page_token", t)?),
             },
             limit: i64::from(limit),
+            parent: match req.parent_run_id.as_str() {
+                "" => None,
+                p => Some(validate::uuid("parent_run_id", p)?),
+            },
         };
         let runs = self.0.store.list_runs(&ns, &filter).await?;
         let next_page_token = if runs.len() == limit as usize {
@@ -367,6 +376,36 @@ impl WorkflowService for WorkflowSvc {
             self.0.wakers.queue_ready((ns, run.queue.clone()), None);
         }
         Ok(Response::new(run))
+    }
+
+    #[instrument(name = "rpc.SendEvent", skip_all)]
+    async fn send_event(&self, req: Request<SendEventRequest>) -> Result<Response<SendEventResponse>, Status> {
+        let req = req.into_inner();
+        let ns = validate::namespace(&req.namespace)?;
+        let target = match &req.r#ref {
+            Some(send_event_request::Ref::RunId(id)) => RunRef::Id(validate::uuid("run_id", id)?),
+            Some(send_event_request::Ref::IdempotencyKey(k)) => RunRef::Key(validate::name("idempotency_key", k, 255)?),
+            None => return Err(Error::InvalidArgument("give run_id or idempotency_key".into()).into()),
+        };
+        let name = validate::name("event name", &req.name, 255)?;
+        let event_key = validate::opt_name("event_key", &req.event_key, 255)?;
+        let payload = validate::payload("payload", req.payload.as_ref(), self.0.config.max_payload_bytes)?;
+        let (stored, delivered, run) = self
+            .0
+            .store
+            .send_event(&ns, &target, &name, &payload, event_key.as_deref())
+            .await?;
+        if let Ok(id) = Uuid::parse_str(&run.id) {
+            run_changed(&self.0, id);
+        }
+        if delivered && run.status == RunStatus::Queued as i32 {
+            self.0.wakers.queue_ready((ns, run.queue.clone()), None);
+        }
+        Ok(Response::new(SendEventResponse {
+            stored,
+            delivered,
+            run: Some(run),
+        }))
     }
 
     #[instrument(name = "rpc.ResumeRun", skip_all)]

@@ -11,6 +11,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "throughput", include_str!("../../../migrations/0002_throughput.sql")),
     (3, "pause", include_str!("../../../migrations/0003_pause.sql")),
     (4, "sleep", include_str!("../../../migrations/0004_sleep.sql")),
+    (5, "waits", include_str!("../../../migrations/0005_waits.sql")),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

@@ -16,7 +16,10 @@ macro_rules! sql {
 mod migrate;
 mod rows;
 
-use std::time::{Duration, SystemTime};
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime},
+};
 
 use aiki_proto::v1::{HistoryEvent, LeasedRun, Queue, Run, RunStatus, TaskResult, Worker};
 use deadpool_postgres::{GenericClient, Pool, Transaction};
@@ -44,6 +47,8 @@ pub struct NewRun {
     pub return_existing: bool,
     pub delay: Duration,
     pub retry: RetryPolicy,
+    /// The run that starts this one as its child.
+    pub parent: Option<Uuid>,
 }
 
 /// A run's retry policy with every default filled in.
@@ -88,6 +93,7 @@ pub struct RunFilter {
     pub created_before: Option<Uuid>,
     pub cursor: Option<Uuid>,
     pub limit: i64,
+    pub parent: Option<Uuid>,
 }
 
 /// What a heartbeat found.
@@ -120,13 +126,35 @@ pub enum LeaseEnd {
     },
     /// The worker gave the run back (`ReleaseRun`).
     Release { reason: String, delay: Duration },
-    /// The run sleeps at step (`key`, `name`, `seq`) for `sleep` (`SuspendRun`).
+    /// The run waits at step (`key`, `name`, `seq`) (`SuspendRun`).
     Suspend {
         key: String,
         name: String,
         seq: u32,
-        sleep: Duration,
+        wait: Wait,
     },
+}
+
+/// What a suspended run waits for.
+#[derive(Debug, Clone)]
+pub enum Wait {
+    /// The end of a sleep.
+    Sleep(Duration),
+    /// An event of this name, for at most `timeout` (`None`: no limit).
+    Event { name: String, timeout: Option<Duration> },
+    /// The end of this child run.
+    Child(Uuid),
+}
+
+impl Wait {
+    /// How long until the run wakes by itself, if ever.
+    pub fn deadline(&self) -> Option<Duration> {
+        match self {
+            Wait::Sleep(d) => Some(*d),
+            Wait::Event { timeout, .. } => *timeout,
+            Wait::Child(_) => None,
+        }
+    }
 }
 
 /// The store over a connection pool.
@@ -237,47 +265,36 @@ impl Store {
                     &f.created_before,
                     &f.cursor,
                     &f.limit,
+                    &f.parent,
                 ],
             )
             .await?;
         rows.iter().map(run_from_row).collect()
     }
 
-    /// Cancels a run: at once if queued or suspended, by request if running. Idempotent.
+    /// Cancels a run: at once if queued, suspended or paused, by request if running; and, in
+    /// the same transaction, every run it started (children, grandchildren...) that has not
+    /// ended. Idempotent.
     #[instrument(name = "store.run.cancel", skip_all)]
     pub async fn cancel_run(&self, namespace: &str, id: Uuid, reason: &str) -> Result<Run> {
         let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let row = lock_run(&tx, namespace, id).await?;
-        let status: String = row.get("status");
-        let requested: bool = row.get("cancel_requested");
-        let now = match status.as_str() {
-            "queued" | "suspended" | "paused" => true,
-            "running" if !requested => false,
-            "running" | "cancelled" => return run_from_row(&row),
-            done => {
-                return Err(Error::FailedPrecondition(format!(
-                    "run {id} already {done}; only a queued, suspended, paused or running run can be cancelled"
-                )));
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let tx = client.transaction().await?;
+            match cancel_tree(&tx, namespace, id, reason).await {
+                Ok(run) => {
+                    tx.commit().await?;
+                    return Ok(run);
+                }
+                // A deadlock with a child ending at the same moment (it locks the child, then
+                // its parent): rolled back, so do it again.
+                Err(Error::Unavailable(why)) if tries < 3 => {
+                    tracing::debug!(why, tries, "cancellation rolled back; doing it again");
+                }
+                Err(e) => return Err(e),
             }
-        };
-        let error = json!({"type": "Cancelled", "message": if reason.is_empty() { "cancelled" } else { reason }});
-        let row = tx
-            .query_one(
-                &tx.prepare_cached(sql!("run_cancel")).await?,
-                &[&namespace, &id, &now, &error],
-            )
-            .await?;
-        let kind = if now { "run_cancelled" } else { "cancel_requested" };
-        let attempt: i32 = row.get("attempt");
-        let details = json!({"reason": reason});
-        tx.execute(
-            &tx.prepare_cached(sql!("event_insert")).await?,
-            &[&namespace, &id, &kind, &attempt, &None::<Uuid>, &details],
-        )
-        .await?;
-        tx.commit().await?;
-        run_from_row(&row)
+        }
     }
 
     /// Pauses a run: a queued one at once, a running one once its worker releases it (it is
@@ -544,34 +561,111 @@ impl Store {
         Ok(woken)
     }
 
-    /// Ends a suspended run's sleep now (`WakeRun`).
+    /// Ends a suspended run's wait now (`WakeRun`): a sleep ends, a wait for an event times
+    /// out. A wait for a child cannot be ended so.
     #[instrument(name = "store.run.wake", skip_all)]
     pub async fn wake_run(&self, namespace: &str, id: Uuid) -> Result<Run> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let Some(row) = tx
-            .query_opt(&tx.prepare_cached(sql!("run_wake")).await?, &[&namespace, &id])
-            .await?
-        else {
-            drop(tx);
-            drop(client);
-            let run = self.get_run(namespace, id).await?.ok_or_else(|| not_found(id))?;
-            let status = RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified);
+        let row = lock_run(&tx, namespace, id).await?;
+        let status: String = row.get("status");
+        if status != "suspended" {
             return Err(Error::FailedPrecondition(format!(
-                "run {id} is {}; only a suspended run can be woken",
-                status.as_str()
+                "run {id} is {status}; only a suspended run can be woken"
             )));
+        }
+        if let Some(child) = row.get::<_, Option<Uuid>>("wait_child") {
+            return Err(Error::FailedPrecondition(format!(
+                "run {id} waits for its child run {child} and wakes when that run ends; cancel the child to end the wait"
+            )));
+        }
+        let (output, details) = match row.get::<_, Option<String>>("wait_event") {
+            Some(event) => (
+                json!({"timeout": true, "early": true}),
+                json!({"event": event, "timeout": true, "early": true}),
+            ),
+            None => (json!({"woke": true, "early": true}), json!({"early": true})),
         };
-        let run = run_from_row(&row)?;
-        if run.status == RunStatus::Queued as i32 {
-            notify_ready(
-                &tx,
-                vec![crate::wake::ready_payload(namespace, &run.queue, Duration::ZERO)],
+        let row = end_wait(&tx, namespace, id, &output, &details).await?;
+        tx.commit().await?;
+        run_from_row(&row)
+    }
+
+    /// Sends an event to a run (by id or idempotency key): stored in its inbox (unless its
+    /// event key was sent before), and handed to the run at once if it waits for an event of
+    /// that name. Answers (stored, delivered, the run as it is now).
+    #[instrument(name = "store.run.send_event", skip_all)]
+    pub async fn send_event(
+        &self,
+        namespace: &str,
+        target: &RunRef,
+        name: &str,
+        payload: &Json,
+        event_key: Option<&str>,
+    ) -> Result<(bool, bool, Run)> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = match target {
+            RunRef::Id(id) => lock_run(&tx, namespace, *id).await?,
+            RunRef::Key(key) => tx
+                .query_opt(
+                    &tx.prepare_cached(sql!("run_get_by_key_for_update")).await?,
+                    &[&namespace, key],
+                )
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("no run has idempotency key {key:?}")))?,
+        };
+        let id: Uuid = row.get("id");
+        let status: String = row.get("status");
+        let duplicate = match event_key {
+            Some(key) => tx
+                .query_one(
+                    &tx.prepare_cached(sql!("inbox_has_key")).await?,
+                    &[&namespace, &id, &key],
+                )
+                .await?
+                .get::<_, bool>(0),
+            None => false,
+        };
+        if duplicate {
+            return Ok((false, false, run_from_row(&row)?));
+        }
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            return Err(Error::FailedPrecondition(format!(
+                "run {id} is {status}; events can only be sent to a run that has not ended"
+            )));
+        }
+        let seq: i64 = tx
+            .query_one(
+                &tx.prepare_cached(sql!("inbox_insert")).await?,
+                &[&namespace, &id, &name, payload, &event_key],
             )
-            .await?;
+            .await?
+            .get(0);
+        let attempt: i32 = row.get("attempt");
+        tx.execute(
+            &tx.prepare_cached(sql!("event_insert")).await?,
+            &[
+                &namespace,
+                &id,
+                &"event_received",
+                &attempt,
+                &None::<Uuid>,
+                &json!({"name": name, "key": event_key, "seq": seq}),
+            ],
+        )
+        .await?;
+        let waiting = status == "suspended" && row.get::<_, Option<String>>("wait_event").as_deref() == Some(name);
+        let mut run = row;
+        if waiting {
+            let key: String = run.get("wait_key");
+            let (output, details) = take_event(&tx, namespace, id, name, &key)
+                .await?
+                .ok_or_else(|| Error::Internal("the event just stored is not pending".into()))?;
+            run = end_wait(&tx, namespace, id, &output, &details).await?;
         }
         tx.commit().await?;
-        Ok(run)
+        Ok((true, waiting, run_from_row(&run)?))
     }
 
     /// How long until the earliest wake time of a suspended run (zero if overdue), if any.
@@ -635,6 +729,13 @@ pub mod session {
     }
 }
 
+/// A run named by id or by idempotency key.
+#[derive(Debug, Clone)]
+pub enum RunRef {
+    Id(Uuid),
+    Key(String),
+}
+
 /// A validated worker report, for [`Store::apply_reports`].
 #[derive(Debug, Clone)]
 pub enum Report {
@@ -683,6 +784,12 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
         let key = |r: &NewRun| (r.idempotency_key.clone(), r.request_id.clone());
         key(&runs[*a]).cmp(&key(&runs[*b]))
     });
+    let (mut refused, parents) = lock_parents(tx, runs).await?;
+    if atomic && let Some(i) = order.iter().find(|i| refused.contains_key(i)) {
+        return Ok(vec![Err(refused
+            .remove(i)
+            .unwrap_or_else(|| Error::Internal("no error".into())))]);
+    }
     let n = runs.len();
     let (mut ns, mut ids, mut workflows, mut versions, mut queues, mut priorities, mut inputs) = (
         Vec::with_capacity(n),
@@ -703,8 +810,13 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
+    let mut parent_ids = Vec::with_capacity(n);
     for &i in &order {
+        if refused.contains_key(&i) {
+            continue;
+        }
         let r = &runs[i];
+        parent_ids.push(r.parent);
         ns.push(r.namespace.as_str());
         ids.push(r.id);
         workflows.push(r.workflow.as_str());
@@ -741,6 +853,7 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
                 &coefficients,
                 &types,
                 &delays,
+                &parent_ids,
             ],
         )
         .await?;
@@ -753,8 +866,28 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
     let mut notify: Vec<String> = Vec::new();
     for i in order {
         let r = &runs[i];
+        if let Some(e) = refused.remove(&i) {
+            out[i] = Some(Err(e));
+            continue;
+        }
         if let Some(run) = created.remove(&r.id) {
             notify.push(crate::wake::ready_payload(&r.namespace, &r.queue, r.delay));
+            if let Some(parent) = r.parent {
+                let attempt = parents.get(&(r.namespace.clone(), parent)).copied().unwrap_or(0);
+                let details = json!({"child": r.id, "workflow": r.workflow});
+                tx.execute(
+                    &tx.prepare_cached(sql!("event_insert")).await?,
+                    &[
+                        &r.namespace,
+                        &parent,
+                        &"child_started",
+                        &attempt,
+                        &None::<Uuid>,
+                        &details,
+                    ],
+                )
+                .await?;
+            }
             out[i] = Some(Ok((run, true)));
             continue;
         }
@@ -798,6 +931,62 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
         .into_iter()
         .map(|a| a.unwrap_or_else(|| Err(Error::Internal("run left unanswered".into()))))
         .collect())
+}
+
+/// Locks the parents of the runs that have one (see `sql/runs_parents_lock.sql`). Answers the
+/// refusal of each run (by position) whose parent is missing or cannot take children, and
+/// each parent's current attempt.
+async fn lock_parents(
+    tx: &Transaction<'_>,
+    runs: &[NewRun],
+) -> Result<(HashMap<usize, Error>, HashMap<(String, Uuid), i32>)> {
+    let mut refused = HashMap::new();
+    let mut wanted: Vec<(&str, Uuid)> = runs
+        .iter()
+        .filter_map(|r| r.parent.map(|p| (r.namespace.as_str(), p)))
+        .collect();
+    if wanted.is_empty() {
+        return Ok((refused, HashMap::new()));
+    }
+    wanted.sort_unstable();
+    wanted.dedup();
+    let (pns, pids): (Vec<&str>, Vec<Uuid>) = wanted.into_iter().unzip();
+    let rows = tx
+        .query(&tx.prepare_cached(sql!("runs_parents_lock")).await?, &[&pns, &pids])
+        .await?;
+    let mut open = HashMap::new();
+    let mut state = HashMap::new();
+    for row in &rows {
+        let key: (String, Uuid) = (row.get("namespace"), row.get("id"));
+        let status: String = row.get("status");
+        let cancelling: bool = row.get("cancel_requested");
+        open.insert(key.clone(), row.get::<_, i32>("attempt"));
+        state.insert(key, (status, cancelling));
+    }
+    for (i, r) in runs.iter().enumerate() {
+        let Some(p) = r.parent else { continue };
+        match state.get(&(r.namespace.clone(), p)) {
+            None => {
+                refused.insert(i, Error::NotFound(format!("parent run {p} not found")));
+            }
+            Some((status, _)) if matches!(status.as_str(), "completed" | "failed" | "cancelled") => {
+                refused.insert(
+                    i,
+                    Error::FailedPrecondition(format!(
+                        "parent run {p} is {status}; a run that has ended cannot start children"
+                    )),
+                );
+            }
+            Some((_, true)) => {
+                refused.insert(
+                    i,
+                    Error::FailedPrecondition(format!("parent run {p} is being cancelled; it cannot start children")),
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    Ok((refused, open))
 }
 
 /// A locked run's (open lease's token, attempt, lease owner).
@@ -1061,9 +1250,37 @@ async fn end_one(
     let cancel_requested: bool = row.get("cancel_requested");
     let pause_requested: bool = row.get("pause_requested");
     let policy = retry_from_row(&row);
+    // A wait for a child: the child must be this run's. Checked before anything is written.
+    let child = match end {
+        LeaseEnd::Suspend {
+            wait: Wait::Child(child),
+            ..
+        } => {
+            let row = tx
+                .query_opt(&tx.prepare_cached(sql!("run_get")).await?, &[&namespace, child])
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("child run {child} not found")))?;
+            if row.get::<_, Option<Uuid>>("parent_id") != Some(id) {
+                return Err(Error::FailedPrecondition(format!(
+                    "run {child} is not a child of run {id}; a run can only wait for its own children"
+                )));
+            }
+            Some(row)
+        }
+        _ => None,
+    };
+    let reason = if cancel_requested {
+        tx.query_opt(&tx.prepare_cached(sql!("cancel_reason")).await?, &[&namespace, &id])
+            .await?
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .filter(|r| !r.is_empty())
+    } else {
+        None
+    };
     let (next, error, next_attempt, delay, event, details) = match end {
         _ if cancel_requested => {
-            let error = json!({"type": "Cancelled", "message": "cancelled at the request of a client"});
+            let message = reason.unwrap_or_else(|| "cancelled at the request of a client".to_owned());
+            let error = json!({"type": "Cancelled", "message": message});
             (
                 "cancelled",
                 Some(error.clone()),
@@ -1115,15 +1332,24 @@ async fn end_one(
                 json!({"reason": reason, "delay_ms": ms(*delay)}),
             )
         }
-        LeaseEnd::Suspend { key, name, sleep, .. } => {
+        LeaseEnd::Suspend { key, name, wait, .. } => {
             let previous: Option<Json> = row.get("error");
+            let mut details = json!({"key": key, "step": name});
+            match wait {
+                Wait::Sleep(d) => details["sleep_ms"] = json!(ms(*d)),
+                Wait::Event { name, timeout } => {
+                    details["event"] = json!(name);
+                    details["timeout_ms"] = json!(timeout.map(ms));
+                }
+                Wait::Child(child) => details["child"] = json!(child),
+            }
             (
                 "suspended",
                 previous,
                 attempt,
-                *sleep,
+                wait.deadline().unwrap_or_default(),
                 "run_suspended",
-                json!({"key": key, "step": name, "sleep_ms": ms(*sleep)}),
+                details,
             )
         }
     };
@@ -1149,16 +1375,162 @@ async fn end_one(
         )
         .await?;
     }
-    if let (LeaseEnd::Suspend { key, name, seq, sleep }, "suspended") = (end, next) {
+    if let (LeaseEnd::Suspend { key, name, seq, wait }, "suspended") = (end, next) {
+        let (event, child_id) = match wait {
+            Wait::Sleep(_) => (None, None),
+            Wait::Event { name, .. } => (Some(name.as_str()), None),
+            Wait::Child(c) => (None, Some(*c)),
+        };
         let updated = tx
             .query_one(
                 &tx.prepare_cached(sql!("run_suspend")).await?,
-                &[&namespace, &id, &ms(*sleep), key, name, &(*seq as i32)],
+                &[
+                    &namespace,
+                    &id,
+                    &wait.deadline().map(ms),
+                    key,
+                    name,
+                    &(*seq as i32),
+                    &event,
+                    &child_id,
+                ],
             )
             .await?;
-        return Ok(Some((run_from_row(&updated)?, *sleep)));
+        // What the run waits for may be here already: a buffered event, a child that ended.
+        let ready = match (event, &child) {
+            (Some(event), _) => take_event(tx, namespace, id, event, key).await?,
+            (None, Some(child)) => child_outcome(child),
+            _ => None,
+        };
+        if let Some((output, details)) = ready {
+            let woke = end_wait(tx, namespace, id, &output, &details).await?;
+            return Ok(Some((run_from_row(&woke)?, Duration::ZERO)));
+        }
+        return Ok(Some((run_from_row(&updated)?, wait.deadline().unwrap_or_default())));
     }
     Ok(Some((run_from_row(&updated)?, delay)))
+}
+
+/// Cancels run `id` and then its descendants, level by level (see [`Store::cancel_run`]).
+async fn cancel_tree(tx: &Transaction<'_>, namespace: &str, id: Uuid, reason: &str) -> Result<Run> {
+    let root = cancel_in(tx, namespace, id, reason).await?;
+    let why = format!("its parent run {id} was cancelled");
+    let stmt = tx.prepare_cached(sql!("runs_children")).await?;
+    let mut level = vec![id];
+    while !level.is_empty() {
+        let children: Vec<Uuid> = tx
+            .query(&stmt, &[&namespace, &level])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for &child in &children {
+            match cancel_in(tx, namespace, child, &why).await {
+                // Ended already: nothing to cancel.
+                Ok(_) | Err(Error::FailedPrecondition(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        level = children;
+    }
+    run_from_row(&root)
+}
+
+/// Cancels one run: at once if queued, suspended or paused, by request if running.
+async fn cancel_in(tx: &Transaction<'_>, namespace: &str, id: Uuid, reason: &str) -> Result<tokio_postgres::Row> {
+    let row = lock_run(tx, namespace, id).await?;
+    let status: String = row.get("status");
+    let requested: bool = row.get("cancel_requested");
+    let now = match status.as_str() {
+        "queued" | "suspended" | "paused" => true,
+        "running" if !requested => false,
+        "running" | "cancelled" => return Ok(row),
+        done => {
+            return Err(Error::FailedPrecondition(format!(
+                "run {id} already {done}; only a queued, suspended, paused or running run can be cancelled"
+            )));
+        }
+    };
+    let error = json!({"type": "Cancelled", "message": if reason.is_empty() { "cancelled" } else { reason }});
+    let row = tx
+        .query_one(
+            &tx.prepare_cached(sql!("run_cancel")).await?,
+            &[&namespace, &id, &now, &error],
+        )
+        .await?;
+    let kind = if now { "run_cancelled" } else { "cancel_requested" };
+    let attempt: i32 = row.get("attempt");
+    let details = json!({"reason": reason});
+    tx.execute(
+        &tx.prepare_cached(sql!("event_insert")).await?,
+        &[&namespace, &id, &kind, &attempt, &None::<Uuid>, &details],
+    )
+    .await?;
+    Ok(row)
+}
+
+/// Hands the oldest pending event `event` of a run to its wait step `key`: the step's recorded
+/// output and the `run_woken` details, if one was pending.
+async fn take_event(
+    tx: &Transaction<'_>,
+    namespace: &str,
+    id: Uuid,
+    event: &str,
+    key: &str,
+) -> Result<Option<(Json, Json)>> {
+    let row = tx
+        .query_opt(
+            &tx.prepare_cached(sql!("inbox_take")).await?,
+            &[&namespace, &id, &event, &key],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let seq: i64 = r.get("seq");
+        let payload: Json = r.get("payload");
+        (
+            json!({"event": payload, "seq": seq}),
+            json!({"event": event, "seq": seq}),
+        )
+    }))
+}
+
+/// A child run's outcome as its parent's wait step records it, if the child has ended.
+fn child_outcome(child: &tokio_postgres::Row) -> Option<(Json, Json)> {
+    let status: String = child.get("status");
+    if !matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+        return None;
+    }
+    let id: Uuid = child.get("id");
+    let output: Option<Json> = child.get("output");
+    let error: Option<Json> = child.get("error");
+    Some((
+        json!({"child": id, "status": status, "output": output, "error": error}),
+        json!({"child": id, "status": status}),
+    ))
+}
+
+/// Ends the wait of suspended run `id` (see `sql/run_wake.sql`): its step is recorded with
+/// `output`, and it is queued again. Answers the run's row.
+async fn end_wait(
+    tx: &Transaction<'_>,
+    namespace: &str,
+    id: Uuid,
+    output: &Json,
+    details: &Json,
+) -> Result<tokio_postgres::Row> {
+    let row = tx
+        .query_opt(
+            &tx.prepare_cached(sql!("run_wake")).await?,
+            &[&namespace, &id, output, details],
+        )
+        .await?
+        .ok_or_else(|| Error::Internal(format!("run {id} was not suspended")))?;
+    let status: String = row.get("status");
+    if status == "queued" {
+        let queue: String = row.get("queue");
+        notify_ready(tx, vec![crate::wake::ready_payload(namespace, &queue, Duration::ZERO)]).await?;
+    }
+    Ok(row)
 }
 
 /// Called when a report under `token` did not apply: `Ok(())` if it duplicates the report

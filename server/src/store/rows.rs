@@ -85,7 +85,23 @@ pub fn run_from_row(row: &Row) -> Result<Run> {
             .ok()
             .flatten()
             .map(Into::into),
+        parent_run_id: opt_uuid(row, "parent_id"),
+        wait_event: row
+            .try_get::<_, Option<String>>("wait_event")
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
+        wait_child_run_id: opt_uuid(row, "wait_child"),
     })
+}
+
+/// An optional uuid column as text ("" when NULL or not selected).
+fn opt_uuid(row: &Row, col: &str) -> String {
+    row.try_get::<_, Option<Uuid>>(col)
+        .ok()
+        .flatten()
+        .map(|u| u.to_string())
+        .unwrap_or_default()
 }
 
 pub fn leased_from_row(row: &Row) -> Result<LeasedRun> {

@@ -8,5 +8,6 @@ WHERE namespace = $1
   AND ($5::uuid IS NULL OR id >= $5)
   AND ($6::uuid IS NULL OR id < $6)
   AND ($7::uuid IS NULL OR id < $7)
+  AND ($9::uuid IS NULL OR parent_id = $9)
 ORDER BY id DESC
 LIMIT $8

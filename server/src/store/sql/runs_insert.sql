@@ -4,25 +4,26 @@
 -- ($1 namespace, $2 id, $3 workflow, $4 version, $5 queue, $6 priority, $7 input,
 -- $8 idempotency key, $9 request id, $10 max attempts, $11 initial interval ms,
 -- $12 max interval ms, $13 backoff coefficient, $14 non-retryable error types (a JSON array),
--- $15 delay ms), inserted in the order given (the caller sorts them by key, so that batches
+-- $15 delay ms, $16 parent run id), inserted in the order given (the caller sorts them by key, so that batches
 -- sharing keys wait for each other in one order and cannot deadlock).
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int[],
                          $7::jsonb[], $8::text[], $9::text[], $10::int[], $11::bigint[],
-                         $12::bigint[], $13::float8[], $14::jsonb[], $15::bigint[])
+                         $12::bigint[], $13::float8[], $14::jsonb[], $15::bigint[], $16::uuid[])
         WITH ORDINALITY AS i (namespace, id, workflow, version, queue, priority, input,
                               idempotency_key, request_id, max_attempts, initial_interval_ms,
-                              max_interval_ms, backoff_coefficient, non_retryable, delay_ms, ord)
+                              max_interval_ms, backoff_coefficient, non_retryable, delay_ms, parent_id, ord)
 ), inserted AS (
     INSERT INTO runs (namespace, id, workflow, version, queue, priority, status, input,
                       idempotency_key, request_id, max_attempts, initial_interval_ms,
-                      max_interval_ms, backoff_coefficient, non_retryable_error_types, visible_at)
+                      max_interval_ms, backoff_coefficient, non_retryable_error_types, visible_at,
+                      parent_id)
     SELECT namespace, id, workflow, version, queue, priority, 'queued', input,
            idempotency_key, request_id, max_attempts, initial_interval_ms,
            max_interval_ms, backoff_coefficient,
            CASE WHEN non_retryable = '[]' THEN '{}'
                 ELSE ARRAY(SELECT jsonb_array_elements_text(non_retryable)) END,
-           now() + delay_ms * interval '1 millisecond'
+           now() + delay_ms * interval '1 millisecond', parent_id
     FROM input ORDER BY ord
     ON CONFLICT DO NOTHING
     -- What the answer needs; not the input, which the caller sent (nor output and error,
@@ -31,6 +32,7 @@ WITH input AS (
               NULL::jsonb AS output, NULL::jsonb AS error, idempotency_key, attempt,
               max_attempts, initial_interval_ms, max_interval_ms, backoff_coefficient,
               non_retryable_error_types, lease_expirations, cancel_requested, lease_owner,
-              created_at, updated_at, visible_at, started_at, finished_at, lease_expires_at
+              created_at, updated_at, visible_at, started_at, finished_at, lease_expires_at,
+              parent_id
 )
 SELECT * FROM inserted
