@@ -59,8 +59,10 @@ enum Command {
     Run(RunCmd),
     /// Registered workers, their last heartbeat and the leases they hold.
     Workers,
-    /// Queue depths per state and the age of the oldest ready run.
+    /// Queue depths per state, the age of the oldest ready run, and why runs wait.
     Queues,
+    /// Registered workflow versions and the live workers serving each.
+    Workflows,
     /// Apply database migrations.
     Migrate {
         /// PostgreSQL URL.
@@ -178,6 +180,9 @@ struct StartArgs {
     /// Queue.
     #[arg(long)]
     queue: Option<String>,
+    /// Workflow version (one a worker registered); default: the newest registered.
+    #[arg(long = "workflow-version", value_name = "VERSION")]
+    workflow_version: Option<String>,
     /// Priority, -1000 to 1000 (higher first).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     priority: i32,
@@ -235,7 +240,7 @@ async fn main() -> ExitCode {
         .is_some_and(|s| s != ValueSource::DefaultValue);
     let quiet = matches!(
         cli.command,
-        Command::Run(_) | Command::Workers | Command::Queues | Command::Bench(_)
+        Command::Run(_) | Command::Workers | Command::Queues | Command::Workflows | Command::Bench(_)
     );
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -302,6 +307,10 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             out.queues(&connect(&cli).await?.queues().await?);
             Ok(())
         }
+        Command::Workflows => {
+            out.workflows(&connect(&cli).await?.workflows().await?);
+            Ok(())
+        }
         Command::Run(cmd) => run_cmd(&cli, cmd, &out).await,
     }
 }
@@ -315,6 +324,7 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
                 idempotency_key: a.key.clone(),
                 return_existing: a.return_existing,
                 queue: a.queue.clone(),
+                version: a.workflow_version.clone(),
                 priority: a.priority,
                 delay: a.delay,
                 retry: a.max_attempts.map(|n| aiki::RetryPolicy {

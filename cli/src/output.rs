@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use aiki::{EventSent, HistoryEvent, Queue, Run, RunHandle, RunPage, RunStatus, Worker};
+use aiki::{EventSent, HistoryEvent, Queue, Run, RunHandle, RunPage, RunStatus, Worker, WorkflowVersion};
 use aiki_proto::v1::EventType;
 use comfy_table::{Table, presets::NOTHING};
 use serde_json::{Value, json};
@@ -389,7 +389,10 @@ impl Output {
                         json!({
                             "name": q.name, "ready": q.ready, "delayed": q.delayed, "running": q.running,
                             "suspended": q.suspended, "completed": q.completed, "failed": q.failed,
-                            "cancelled": q.cancelled,
+                            "cancelled": q.cancelled, "paused": q.paused,
+                            "unserved": q.unserved.iter().map(|u| json!({
+                                "workflow": u.workflow, "version": u.version, "count": u.count, "reason": u.reason,
+                            })).collect::<Vec<_>>(),
                             "oldest_ready_age_ms": q.oldest_ready_age.as_ref().and_then(aiki_proto::duration_from_proto).map(|d| d.as_millis() as u64),
                         })
                     })
@@ -405,6 +408,7 @@ impl Output {
             "COMPLETED",
             "FAILED",
             "CANCELLED",
+            "PAUSED",
             "OLDEST READY",
         ]);
         for q in queues {
@@ -417,7 +421,49 @@ impl Output {
                 q.completed.to_string(),
                 q.failed.to_string(),
                 q.cancelled.to_string(),
+                q.paused.to_string(),
                 oldest(q).unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        println!("{t}");
+        for q in queues {
+            for u in &q.unserved {
+                println!("{} queued run(s) wait: {}", u.count, u.reason);
+            }
+        }
+    }
+
+    pub fn workflows(&self, workflows: &[WorkflowVersion]) {
+        if self.json {
+            return print_json(&Value::Array(
+                workflows
+                    .iter()
+                    .map(|w| {
+                        json!({
+                            "workflow": w.workflow, "version": w.version, "latest": w.latest,
+                            "registered_at": json_ts(&w.registered_at), "last_seen_at": json_ts(&w.last_seen_at),
+                            "worker_ids": w.worker_ids, "workers": w.worker_identities,
+                        })
+                    })
+                    .collect(),
+            ));
+        }
+        let mut t = table(&["WORKFLOW", "VERSION", "LATEST", "WORKERS", "REGISTERED"]);
+        for w in workflows {
+            t.add_row(vec![
+                w.workflow.clone(),
+                if w.version.is_empty() {
+                    "-".into()
+                } else {
+                    w.version.clone()
+                },
+                if w.latest { "yes".into() } else { String::new() },
+                if w.worker_identities.is_empty() {
+                    "none live".into()
+                } else {
+                    w.worker_identities.join(", ")
+                },
+                age(&w.registered_at),
             ]);
         }
         println!("{t}");

@@ -17,7 +17,7 @@ use crate::{
     error::{Error, Result, RunError},
 };
 
-pub use aiki_proto::v1::{HistoryEvent, Queue, Worker};
+pub use aiki_proto::v1::{HistoryEvent, Queue, Worker, WorkflowVersion};
 
 /// How a start is deduplicated and scheduled. `Default` is a plain start on queue "default".
 #[derive(Debug, Clone, Default)]
@@ -561,6 +561,14 @@ impl Client {
             namespace: self.namespace.clone(),
         };
         Ok(self.admin.clone().list_queues(req).await?.into_inner().queues)
+    }
+
+    /// Registered workflow versions in this namespace, and the live workers serving each.
+    pub async fn workflows(&self) -> Result<Vec<WorkflowVersion>> {
+        let req = v1::ListWorkflowsRequest {
+            namespace: self.namespace.clone(),
+        };
+        Ok(self.admin.clone().list_workflows(req).await?.into_inner().workflows)
     }
 }
 

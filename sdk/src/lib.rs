@@ -26,7 +26,7 @@ pub mod workflow;
 pub use aiki_proto::v1::RunStatus;
 pub use client::{
     Client, EventSent, HistoryEvent, ListFilter, Queue, RetryPolicy, Run, RunHandle, RunPage, StartOptions, Worker,
-    connect_channel,
+    WorkflowVersion, connect_channel,
 };
 pub use error::{Error, Result, RunError};
 pub use reporter::Reporter;

@@ -264,7 +264,7 @@ impl RawWorker {
                 identity: "raw-test-worker".into(),
                 host: "test".into(),
                 workflows: vec![WorkflowRef {
-                    name: "any".into(),
+                    name: "*".into(),
                     version: String::new(),
                 }],
                 queues: queues.iter().map(|q| q.to_string()).collect(),

@@ -274,7 +274,18 @@ async fn the_claim_walks_its_partial_index_without_sorting_the_queue() {
     let explain = format!("EXPLAIN (FORMAT TEXT) {claim}");
     let worker = uuid::Uuid::now_v7();
     let rows = pg
-        .query(&explain, &[&"default", &"default", &10i64, &worker, &30_000i64])
+        .query(
+            &explain,
+            &[
+                &"default",
+                &"default",
+                &10i64,
+                &worker,
+                &30_000i64,
+                &vec!["bulk"],
+                &vec![""],
+            ],
+        )
         .await
         .unwrap();
     let plan: String = rows

@@ -33,6 +33,10 @@ pub struct Config {
     /// How long shutdown lets running commands finish before releasing them [default: 30s].
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The version of the workflows this worker serves [default: none]; see
+    /// `WorkerBuilder::version`.
+    #[serde(default)]
+    pub version: Option<String>,
     /// Workflow name → command.
     pub workflows: BTreeMap<String, CommandSpec>,
 }

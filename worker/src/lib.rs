@@ -54,6 +54,7 @@ pub struct WorkerBuilder {
     poll_wait: Duration,
     shutdown_grace: Duration,
     workflows: HashMap<String, Handler>,
+    version: String,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -82,6 +83,7 @@ impl WorkerBuilder {
             poll_wait: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             workflows: HashMap::new(),
+            version: String::new(),
         }
     }
 
@@ -118,6 +120,15 @@ impl WorkerBuilder {
     /// How long one poll waits for work (capped by the server).
     pub fn poll_wait(mut self, d: Duration) -> Self {
         self.poll_wait = d;
+        self
+    }
+
+    /// The version of the workflow code this worker runs (default: none). Every workflow it
+    /// registers is registered with it: the worker leases runs pinned to this version, and
+    /// unpinned ones. Runs started without a version are pinned to the newest version
+    /// registered, so a new version rolls out while runs of the old one finish on old workers.
+    pub fn version(mut self, v: impl Into<String>) -> Self {
+        self.version = v.into();
         self
     }
 
@@ -365,7 +376,7 @@ impl Inner {
                 .keys()
                 .map(|n| WorkflowRef {
                     name: n.clone(),
-                    version: String::new(),
+                    version: self.cfg.version.clone(),
                 })
                 .collect(),
             queues: self.cfg.queues.clone(),

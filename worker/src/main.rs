@@ -55,6 +55,9 @@ async fn run() -> anyhow::Result<()> {
     if let Some(identity) = &config.identity {
         builder = builder.identity(identity);
     }
+    if let Some(version) = &config.version {
+        builder = builder.version(version);
+    }
     for q in &config.queues {
         builder = builder.queue(q);
     }

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use aiki_proto::v1::{
-    ListQueuesRequest, ListQueuesResponse, ListWorkersRequest, ListWorkersResponse, admin_service_server::AdminService,
+    ListQueuesRequest, ListQueuesResponse, ListWorkersRequest, ListWorkersResponse, ListWorkflowsRequest,
+    ListWorkflowsResponse, admin_service_server::AdminService,
 };
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -28,7 +29,18 @@ impl AdminService for AdminSvc {
     async fn list_queues(&self, req: Request<ListQueuesRequest>) -> Result<Response<ListQueuesResponse>, Status> {
         let ns = validate::namespace(&req.get_ref().namespace)?;
         Ok(Response::new(ListQueuesResponse {
-            queues: self.0.store.list_queues(&ns).await?,
+            queues: self.0.store.list_queues(&ns, self.0.config.lease_ttl).await?,
+        }))
+    }
+
+    #[instrument(name = "rpc.ListWorkflows", skip_all)]
+    async fn list_workflows(
+        &self,
+        req: Request<ListWorkflowsRequest>,
+    ) -> Result<Response<ListWorkflowsResponse>, Status> {
+        let ns = validate::namespace(&req.get_ref().namespace)?;
+        Ok(Response::new(ListWorkflowsResponse {
+            workflows: self.0.store.list_workflows(&ns, self.0.config.lease_ttl).await?,
         }))
     }
 }

@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::{Shared, run_changed};
 use crate::{
     error::{Error, Result},
-    store::{Applied, LeaseEnd, NewTask, Report, Wait},
+    store::{Applied, LeaseEnd, NewTask, Registration, Report, Wait},
     validate,
 };
 
@@ -54,7 +54,14 @@ fn error_json(e: Option<&aiki_proto::v1::RunError>, max: usize) -> Result<serde_
 }
 
 impl WorkerSvc {
-    async fn claim_any(&self, ns: &str, queues: &[String], max: u32, worker: Uuid) -> Result<Vec<LeasedRun>> {
+    async fn claim_any(
+        &self,
+        ns: &str,
+        queues: &[String],
+        max: u32,
+        worker: Uuid,
+        served: &Registration,
+    ) -> Result<Vec<LeasedRun>> {
         let mut out = Vec::new();
         // Start at a different queue each time so that one busy queue does not starve the rest.
         let start = if queues.len() > 1 {
@@ -77,7 +84,12 @@ impl WorkerSvc {
                 if want == 0 || size >= REPLY_BUDGET {
                     break 'queues;
                 }
-                match self.0.store.claim(ns, q, want, worker, self.0.config.lease_ttl).await {
+                match self
+                    .0
+                    .store
+                    .claim(ns, q, want, worker, self.0.config.lease_ttl, served)
+                    .await
+                {
                     Ok(runs) => {
                         let got = runs.len() as u32;
                         size += runs.iter().map(prost::Message::encoded_len).sum::<usize>();
@@ -132,7 +144,13 @@ impl WorkerService for WorkerSvc {
         for w in &req.workflows {
             let name = validate::name("workflow", &w.name, 128)?;
             let version = validate::opt_name("version", &w.version, 64)?.unwrap_or_default();
-            workflows.push(json!({"name": name, "version": version}));
+            if name == "*" && !version.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "workflow \"*\" (every workflow) serves unpinned runs only: give it no version".into(),
+                )
+                .into());
+            }
+            workflows.push((name, version));
         }
         if req.slots == 0 || req.slots > 100_000 {
             return Err(Error::InvalidArgument(format!("slots must be 1 to 100000, got {}", req.slots)).into());
@@ -140,14 +158,7 @@ impl WorkerService for WorkerSvc {
         let id = self
             .0
             .store
-            .register_worker(
-                &ns,
-                &identity,
-                &host,
-                &serde_json::Value::Array(workflows),
-                &queues,
-                req.slots,
-            )
+            .register_worker(&ns, &identity, &host, &workflows, &queues, req.slots)
             .await?;
         tracing::info!(worker_id = %id, identity, "worker registered");
         let c = &self.0.config;
@@ -174,16 +185,16 @@ impl WorkerService for WorkerSvc {
         let wait =
             validate::duration("wait", req.wait.as_ref(), Duration::from_secs(3600))?.min(self.0.config.max_poll_wait);
         let registered =
-            self.0.store.worker_queues(&ns, worker).await?.ok_or_else(|| {
+            self.0.store.worker_registration(&ns, worker).await?.ok_or_else(|| {
                 Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"))
             })?;
         let queues = if req.queues.is_empty() {
-            registered
+            registered.queues.clone()
         } else {
-            if let Some(q) = req.queues.iter().find(|q| !registered.contains(q)) {
+            if let Some(q) = req.queues.iter().find(|q| !registered.queues.contains(q)) {
                 return Err(Error::InvalidArgument(format!(
                     "queue {q:?} was not given at registration; a worker polls only queues it registered ({})",
-                    registered.join(", ")
+                    registered.queues.join(", ")
                 ))
                 .into());
             }
@@ -200,7 +211,7 @@ impl WorkerService for WorkerSvc {
             for w in &mut waits {
                 w.as_mut().enable();
             }
-            let runs = self.claim_any(&ns, &queues, req.max_runs, worker).await?;
+            let runs = self.claim_any(&ns, &queues, req.max_runs, worker, &registered).await?;
             if !runs.is_empty() || tokio::time::Instant::now() >= deadline || self.0.shutdown.is_cancelled() {
                 return Ok(Response::new(PollTasksResponse { runs }));
             }

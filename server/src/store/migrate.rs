@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "pause", include_str!("../../../migrations/0003_pause.sql")),
     (4, "sleep", include_str!("../../../migrations/0004_sleep.sql")),
     (5, "waits", include_str!("../../../migrations/0005_waits.sql")),
+    (6, "versions", include_str!("../../../migrations/0006_versions.sql")),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

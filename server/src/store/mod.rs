@@ -21,7 +21,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aiki_proto::v1::{HistoryEvent, LeasedRun, Queue, Run, RunStatus, TaskResult, Worker};
+use aiki_proto::v1::{
+    HistoryEvent, LeasedRun, Queue, Run, RunStatus, TaskResult, UnservedRuns, Worker, WorkflowVersion,
+};
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use serde_json::{Value as Json, json};
 use tracing::instrument;
@@ -388,35 +390,91 @@ impl Store {
         rows.iter().map(event_from_row).collect()
     }
 
-    /// Registers a worker and returns its id.
+    /// Registers a worker serving `workflows` (name, version) on `queues`, records the
+    /// versions it brings, and returns its id.
     #[instrument(name = "store.worker.register", skip_all)]
     pub async fn register_worker(
         &self,
         namespace: &str,
         identity: &str,
         host: &str,
-        workflows: &Json,
+        workflows: &[(String, String)],
         queues: &[String],
         slots: u32,
     ) -> Result<Uuid> {
         let id = Uuid::now_v7();
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(sql!("worker_register")).await?;
-        client
-            .execute(
-                &stmt,
-                &[&namespace, &id, &identity, &host, workflows, &queues, &(slots as i32)],
-            )
-            .await?;
+        let json = Json::Array(
+            workflows
+                .iter()
+                .map(|(name, version)| json!({"name": name, "version": version}))
+                .collect(),
+        );
+        let (names, versions): (Vec<&str>, Vec<&str>) = workflows
+            .iter()
+            .filter(|(name, _)| name != "*")
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .unzip();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            &tx.prepare_cached(sql!("worker_register")).await?,
+            &[&namespace, &id, &identity, &host, &json, &queues, &(slots as i32)],
+        )
+        .await?;
+        tx.execute(
+            &tx.prepare_cached(sql!("versions_register")).await?,
+            &[&namespace, &names, &versions],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(id)
     }
 
-    /// A worker's registered queues, or `None` if it is unknown.
-    #[instrument(name = "store.worker.queues", skip_all)]
-    pub async fn worker_queues(&self, namespace: &str, id: Uuid) -> Result<Option<Vec<String>>> {
+    /// What a worker registered, or `None` if it is unknown.
+    #[instrument(name = "store.worker.registration", skip_all)]
+    pub async fn worker_registration(&self, namespace: &str, id: Uuid) -> Result<Option<Registration>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("worker_queues")).await?;
-        Ok(client.query_opt(&stmt, &[&namespace, &id]).await?.map(|r| r.get(0)))
+        let Some(row) = client.query_opt(&stmt, &[&namespace, &id]).await? else {
+            return Ok(None);
+        };
+        let workflows: Json = row.get("workflows");
+        let (mut names, mut versions) = (Vec::new(), Vec::new());
+        for w in workflows.as_array().into_iter().flatten() {
+            names.push(w.get("name").and_then(Json::as_str).unwrap_or_default().to_owned());
+            versions.push(w.get("version").and_then(Json::as_str).unwrap_or_default().to_owned());
+        }
+        Ok(Some(Registration {
+            queues: row.get("queues"),
+            workflows: names,
+            versions,
+        }))
+    }
+
+    /// Registered workflow versions, with the workers that heartbeat within `live` serving
+    /// each; the newest version of each workflow is marked `latest`.
+    #[instrument(name = "store.workflows.list", skip_all)]
+    pub async fn list_workflows(&self, namespace: &str, live: Duration) -> Result<Vec<WorkflowVersion>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("workflows_list")).await?;
+        let mut out: Vec<WorkflowVersion> = Vec::new();
+        for row in client.query(&stmt, &[&namespace, &ms(live)]).await? {
+            let workflow: String = row.get("workflow");
+            let version: String = row.get("version");
+            // Rows come newest first within a workflow: the first pinned version is the latest.
+            let latest = !version.is_empty() && !out.iter().any(|w| w.workflow == workflow && !w.version.is_empty());
+            let ids: Vec<Uuid> = row.get("worker_ids");
+            out.push(WorkflowVersion {
+                workflow,
+                version,
+                latest,
+                registered_at: Some(row.get::<_, SystemTime>("registered_at").into()),
+                last_seen_at: Some(row.get::<_, SystemTime>("last_seen_at").into()),
+                worker_ids: ids.iter().map(Uuid::to_string).collect(),
+                worker_identities: row.get("identities"),
+            });
+        }
+        Ok(out)
     }
 
     /// Leases up to `max` ready runs of one queue to `worker` for `ttl`, with the task results
@@ -429,11 +487,23 @@ impl Store {
         max: u32,
         worker: Uuid,
         ttl: Duration,
+        served: &Registration,
     ) -> Result<Vec<LeasedRun>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("claim")).await?;
         let rows = client
-            .query(&stmt, &[&namespace, &queue, &(max as i64), &worker, &ms(ttl)])
+            .query(
+                &stmt,
+                &[
+                    &namespace,
+                    &queue,
+                    &(max as i64),
+                    &worker,
+                    &ms(ttl),
+                    &served.workflows,
+                    &served.versions,
+                ],
+            )
             .await?;
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -535,17 +605,43 @@ impl Store {
             .collect()
     }
 
-    /// Depth per state of every queue of a namespace.
+    /// Depth per state of every queue of a namespace, and which queued runs no worker that
+    /// heartbeat within `live` can lease.
     #[instrument(name = "store.queues.list", skip_all)]
-    pub async fn list_queues(&self, namespace: &str) -> Result<Vec<Queue>> {
+    pub async fn list_queues(&self, namespace: &str, live: Duration) -> Result<Vec<Queue>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("queues_list")).await?;
-        Ok(client
+        let mut queues: Vec<Queue> = client
             .query(&stmt, &[&namespace])
             .await?
             .iter()
             .map(queue_from_row)
-            .collect())
+            .collect();
+        let stmt = client.prepare_cached(sql!("queues_unserved")).await?;
+        for row in client.query(&stmt, &[&namespace, &ms(live)]).await? {
+            let queue: String = row.get("queue");
+            let workflow: String = row.get("workflow");
+            let version: String = row.get("version");
+            let reason = match (version.as_str(), row.get::<_, bool>("other_versions")) {
+                ("", _) => format!("no live worker serves workflow {workflow:?} on queue {queue:?}"),
+                (v, true) => format!(
+                    "no live worker serves version {v:?} of workflow {workflow:?} on queue {queue:?} \
+                     (live workers serve other versions)"
+                ),
+                (v, false) => {
+                    format!("no live worker serves workflow {workflow:?} (version {v:?}) on queue {queue:?}")
+                }
+            };
+            if let Some(q) = queues.iter_mut().find(|q| q.name == queue) {
+                q.unserved.push(UnservedRuns {
+                    workflow,
+                    version,
+                    count: row.get::<_, i64>("n").max(0) as u64,
+                    reason,
+                });
+            }
+        }
+        Ok(queues)
     }
 
     /// Wakes up to `limit` suspended runs whose wake time has come (see
@@ -729,6 +825,14 @@ pub mod session {
     }
 }
 
+/// What a worker registered: its queues, and the (workflow, version) pairs it serves.
+#[derive(Debug, Clone, Default)]
+pub struct Registration {
+    pub queues: Vec<String>,
+    pub workflows: Vec<String>,
+    pub versions: Vec<String>,
+}
+
 /// A run named by id or by idempotency key.
 #[derive(Debug, Clone)]
 pub enum RunRef {
@@ -785,6 +889,7 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
         key(&runs[*a]).cmp(&key(&runs[*b]))
     });
     let (mut refused, parents) = lock_parents(tx, runs).await?;
+    let pinned = pin_versions(tx, runs, &mut refused).await?;
     if atomic && let Some(i) = order.iter().find(|i| refused.contains_key(i)) {
         return Ok(vec![Err(refused
             .remove(i)
@@ -820,7 +925,7 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
         ns.push(r.namespace.as_str());
         ids.push(r.id);
         workflows.push(r.workflow.as_str());
-        versions.push(r.version.as_str());
+        versions.push(pinned[i].as_str());
         queues.push(r.queue.as_str());
         priorities.push(r.priority);
         inputs.push(&r.input);
@@ -931,6 +1036,57 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
         .into_iter()
         .map(|a| a.unwrap_or_else(|| Err(Error::Internal("run left unanswered".into()))))
         .collect())
+}
+
+/// The version each run is pinned to: the one it names, which must be registered, or its
+/// workflow's newest registered version, or none (''). Runs naming an unknown version are
+/// refused (in `refused`, by position).
+async fn pin_versions(
+    tx: &Transaction<'_>,
+    runs: &[NewRun],
+    refused: &mut HashMap<usize, Error>,
+) -> Result<Vec<String>> {
+    let mut wanted: HashMap<&str, Vec<&str>> = HashMap::new();
+    for r in runs {
+        let w = wanted.entry(r.namespace.as_str()).or_default();
+        if !w.contains(&r.workflow.as_str()) {
+            w.push(r.workflow.as_str());
+        }
+    }
+    let stmt = tx.prepare_cached(sql!("versions_of")).await?;
+    // Newest first, per (namespace, workflow).
+    let mut known: HashMap<(&str, String), Vec<String>> = HashMap::new();
+    for (ns, workflows) in &wanted {
+        for row in tx.query(&stmt, &[ns, workflows]).await? {
+            known
+                .entry((*ns, row.get("workflow")))
+                .or_default()
+                .push(row.get("version"));
+        }
+    }
+    let mut pinned = Vec::with_capacity(runs.len());
+    for (i, r) in runs.iter().enumerate() {
+        let versions = known.get(&(r.namespace.as_str(), r.workflow.clone()));
+        if r.version.is_empty() {
+            pinned.push(versions.and_then(|v| v.first()).cloned().unwrap_or_default());
+        } else if versions.is_some_and(|v| v.contains(&r.version)) {
+            pinned.push(r.version.clone());
+        } else {
+            let known = match versions {
+                Some(v) => format!("registered: {}", v.join(", ")),
+                None => "it has no registered version".to_owned(),
+            };
+            refused.insert(
+                i,
+                Error::NotFound(format!(
+                    "version {:?} of workflow {:?} is not registered: no worker has served it ({known})",
+                    r.version, r.workflow
+                )),
+            );
+            pinned.push(String::new());
+        }
+    }
+    Ok(pinned)
 }
 
 /// Locks the parents of the runs that have one (see `sql/runs_parents_lock.sql`). Answers the

@@ -194,5 +194,6 @@ pub fn queue_from_row(row: &Row) -> Queue {
         oldest_ready_age: row
             .get::<_, Option<f64>>("oldest_ready_secs")
             .map(|s| aiki_proto::duration_to_proto(Duration::from_secs_f64(s.max(0.0)))),
+        unserved: Vec::new(),
     }
 }
