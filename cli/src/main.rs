@@ -192,6 +192,18 @@ struct StartArgs {
     /// Attempts in all (retry policy).
     #[arg(long)]
     max_attempts: Option<u32>,
+    /// End the run (failed) if it has not ended this long after its start, e.g. 1h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    execution_timeout: Option<Duration>,
+    /// Fail an attempt (retried by policy) that lasts longer than this.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    attempt_timeout: Option<Duration>,
+    /// End the run (failed) if it waits ready in its queue longer than this.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    schedule_to_start_timeout: Option<Duration>,
+    /// Fail an attempt (retried by policy) whose worker does not heartbeat within this.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat_timeout: Option<Duration>,
     /// Wait for the run to end and print its output (up to SECS, default 60).
     #[arg(long, num_args = 0..=1, default_missing_value = "60")]
     wait: Option<u64>,
@@ -325,6 +337,12 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
                 return_existing: a.return_existing,
                 queue: a.queue.clone(),
                 version: a.workflow_version.clone(),
+                timeouts: aiki::Timeouts {
+                    execution: a.execution_timeout,
+                    attempt: a.attempt_timeout,
+                    schedule_to_start: a.schedule_to_start_timeout,
+                    heartbeat: a.heartbeat_timeout,
+                },
                 priority: a.priority,
                 delay: a.delay,
                 retry: a.max_attempts.map(|n| aiki::RetryPolicy {

@@ -72,7 +72,19 @@ fn run_json(r: &Run) -> Value {
         "wait_event": (!raw.wait_event.is_empty()).then_some(&raw.wait_event),
         "wait_child_run_id": (!raw.wait_child_run_id.is_empty()).then_some(&raw.wait_child_run_id),
         "parent_run_id": r.parent_run_id,
+        "timeouts": {
+            "execution_ms": ms(&raw.execution_timeout),
+            "attempt_ms": ms(&raw.attempt_timeout),
+            "schedule_to_start_ms": ms(&raw.schedule_to_start_timeout),
+            "heartbeat_ms": ms(&raw.heartbeat_timeout),
+        },
     })
+}
+
+fn ms(d: &Option<prost_types::Duration>) -> Option<u64> {
+    d.as_ref()
+        .and_then(aiki_proto::duration_from_proto)
+        .map(|d| d.as_millis() as u64)
 }
 
 fn event_json(e: &HistoryEvent) -> Value {
@@ -174,6 +186,19 @@ impl Output {
             row("wakes at", ts(&raw.wake_at));
         }
         row("parent", r.parent_run_id.clone().unwrap_or_default());
+        let timeouts: Vec<String> = [
+            ("execution", &raw.execution_timeout),
+            ("attempt", &raw.attempt_timeout),
+            ("schedule-to-start", &raw.schedule_to_start_timeout),
+            ("heartbeat", &raw.heartbeat_timeout),
+        ]
+        .iter()
+        .filter_map(|(what, d)| {
+            let d = d.as_ref().and_then(aiki_proto::duration_from_proto)?;
+            Some(format!("{what} {}", humantime::format_duration(d)))
+        })
+        .collect();
+        row("timeouts", timeouts.join(", "));
         row(
             "children",
             children

@@ -91,6 +91,7 @@ impl v1::EventType {
             Self::EventReceived => "event_received",
             Self::ChildStarted => "child_started",
             Self::ChildEnded => "child_ended",
+            Self::TimedOut => "timed_out",
         }
     }
 
@@ -115,6 +116,7 @@ impl v1::EventType {
             "event_received" => Self::EventReceived,
             "child_started" => Self::ChildStarted,
             "child_ended" => Self::ChildEnded,
+            "timed_out" => Self::TimedOut,
             _ => return None,
         })
     }

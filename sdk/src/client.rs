@@ -40,6 +40,25 @@ pub struct StartOptions {
     /// Start the run as a child of this run: cancelling the parent cancels it too. Workflow
     /// code starts children with `Context::start_child`, which sets this.
     pub parent_run_id: Option<String>,
+    /// Timeouts of the run (none by default).
+    pub timeouts: Timeouts,
+}
+
+/// A run's timeouts; `None` is no limit. Each one that passes is recorded in the run's history
+/// (`timed_out`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The whole run, from its start: it then ends failed (`ExecutionTimeout`).
+    pub execution: Option<Duration>,
+    /// One attempt, from its lease: the attempt fails (`AttemptTimeout`), and is retried by
+    /// the retry policy.
+    pub attempt: Option<Duration>,
+    /// Waiting ready in the queue without being leased: the run ends failed
+    /// (`ScheduleToStartTimeout`).
+    pub schedule_to_start: Option<Duration>,
+    /// Between two heartbeats of its worker: the attempt fails (`HeartbeatTimeout`), and is
+    /// retried by the retry policy. At least twice the server's heartbeat interval.
+    pub heartbeat: Option<Duration>,
 }
 
 impl StartOptions {
@@ -249,6 +268,10 @@ impl Client {
             priority: opts.priority,
             retry_policy: opts.retry.as_ref().map(Into::into),
             parent_run_id: opts.parent_run_id.clone().unwrap_or_default(),
+            execution_timeout: opts.timeouts.execution.map(aiki_proto::duration_to_proto),
+            attempt_timeout: opts.timeouts.attempt.map(aiki_proto::duration_to_proto),
+            schedule_to_start_timeout: opts.timeouts.schedule_to_start.map(aiki_proto::duration_to_proto),
+            heartbeat_timeout: opts.timeouts.heartbeat.map(aiki_proto::duration_to_proto),
         })
     }
 

@@ -25,12 +25,12 @@ pub mod workflow;
 
 pub use aiki_proto::v1::RunStatus;
 pub use client::{
-    Client, EventSent, HistoryEvent, ListFilter, Queue, RetryPolicy, Run, RunHandle, RunPage, StartOptions, Worker,
-    WorkflowVersion, connect_channel,
+    Client, EventSent, HistoryEvent, ListFilter, Queue, RetryPolicy, Run, RunHandle, RunPage, StartOptions, Timeouts,
+    Worker, WorkflowVersion, connect_channel,
 };
 pub use error::{Error, Result, RunError};
 pub use reporter::Reporter;
-pub use workflow::{ChildRun, Context, WaitFor, WorkflowError};
+pub use workflow::{ChildRun, Context, TaskOptions, WaitFor, WorkflowError};
 
 /// The generated protocol, for advanced use.
 pub use aiki_proto as proto;

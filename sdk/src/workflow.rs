@@ -20,7 +20,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
-use crate::{Client, RunError, StartOptions, reporter::Reporter};
+use crate::{Client, RetryPolicy, RunError, StartOptions, reporter::Reporter};
 
 /// How a workflow (or one of its tasks) failed.
 ///
@@ -265,6 +265,113 @@ impl Context {
         decode(name, recorded)
     }
 
+    /// [`Context::task`] with a retry policy of its own: a failing `f` is called again after
+    /// the policy's backoff, up to its attempts. A delay up to `opts.inline_retry_limit` is
+    /// waited inline (the run keeps its worker); a longer one suspends the run like
+    /// [`Context::sleep`] (propagate the error with `?`), and the retry happens when it wakes,
+    /// on any worker. Once the attempts are spent, or for a non-retryable error, the failure
+    /// is checkpointed like an output: a re-executed run gets the same error back without
+    /// calling `f`, and the error ends the run rather than being retried by the run's policy.
+    pub async fn task_with<I, O, E, F, Fut>(
+        &self,
+        name: &str,
+        input: I,
+        opts: TaskOptions,
+        f: F,
+    ) -> Result<O, WorkflowError>
+    where
+        I: Serialize + Clone,
+        O: Serialize + DeserializeOwned,
+        E: Into<WorkflowError>,
+        F: Fn(I) -> Fut,
+        Fut: Future<Output = Result<O, E>>,
+    {
+        let hash = input_hash(&input)
+            .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?} input: {e}")).non_retryable())?;
+        let Step { key, seq, recorded, .. } = self.begin_step("task", name, (name.to_owned(), hash.clone()), |n| {
+            format!("{name}#{hash}#{n}")
+        })?;
+        if let Some(t) = recorded {
+            return decode(name, t);
+        }
+        let policy = opts.resolved();
+        let retry_step = |attempt: u32| (format!("retry:{key}"), attempt.to_string());
+        let mut attempt = 1;
+        loop {
+            // An earlier execution slept before attempt `m`: go past that sleep.
+            if let Some(m) = self.slept_before(&key, attempt) {
+                self.begin_step("retry sleep", name, retry_step(m), |_| retry_key(&key, m))?;
+                attempt = m;
+                continue;
+            }
+            let e: WorkflowError = match f(input.clone()).await {
+                Ok(output) => {
+                    let value = serde_json::to_value(&output).map_err(|e| {
+                        WorkflowError::new("Serialization", format!("task {name:?} output: {e}")).non_retryable()
+                    })?;
+                    let task = TaskResult {
+                        key: key.clone(),
+                        name: name.to_owned(),
+                        seq,
+                        result: Some(task_result::Result::Output(aiki_proto::json_to_value(&value))),
+                    };
+                    let recorded = self.record(task).await?;
+                    return decode(name, recorded);
+                }
+                Err(e) => e.into(),
+            };
+            if e.is_lease_lost() || e.suspension().is_some() {
+                return Err(e);
+            }
+            let give_up =
+                e.non_retryable || attempt >= policy.max_attempts || policy.non_retryable_error_types.contains(&e.kind);
+            if give_up {
+                let task = TaskResult {
+                    key: key.clone(),
+                    name: name.to_owned(),
+                    seq,
+                    result: Some(task_result::Result::Error(aiki_proto::v1::RunError {
+                        r#type: e.kind.clone(),
+                        message: e.message.clone(),
+                        details: e.details.as_ref().map(aiki_proto::json_to_value),
+                    })),
+                };
+                self.record(task).await?;
+                return Err(e.non_retryable());
+            }
+            let delay = e.retry_after.unwrap_or_else(|| policy.backoff(attempt));
+            attempt += 1;
+            if delay <= opts.inline_retry_limit {
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            let Step {
+                key: sleep_key,
+                seq: sleep_seq,
+                ..
+            } = self.begin_step("retry sleep", name, retry_step(attempt), |_| retry_key(&key, attempt))?;
+            return Err(suspend(
+                sleep_key,
+                name,
+                sleep_seq,
+                WaitFor::Sleep(delay),
+                format!("task {name:?} failed ({e}); attempt {attempt} in {delay:?}"),
+            ));
+        }
+    }
+
+    /// The attempt of task `key` after `attempt` that an earlier execution slept before, if
+    /// any (its retry sleep is recorded).
+    fn slept_before(&self, key: &str, attempt: u32) -> Option<u32> {
+        let prefix = format!("retry:{key}@");
+        let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.recorded
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix)?.parse::<u32>().ok())
+            .filter(|m| *m > attempt)
+            .min()
+    }
+
     /// Sleeps durably for `duration`: the run gives its lease (and its worker slot) back and
     /// is executed again when the sleep ends, on any worker; there this call returns at once,
     /// like a completed task. Propagate its error with `?`: it is how the run suspends.
@@ -406,6 +513,9 @@ impl Context {
                 .non_retryable());
             }
             p.last_replayed = Some(t.seq);
+            // Later steps go after it, even if this execution skipped steps an earlier one
+            // made (the retry sleeps of a task that has since been recorded).
+            p.next_seq = p.next_seq.max(t.seq + 1);
         }
         Ok(Step { key, n, seq, recorded })
     }
@@ -436,6 +546,67 @@ impl Context {
                 format!("could not checkpoint task: {}", s.message()),
             )),
         }
+    }
+}
+
+/// The key of the sleep before attempt `attempt` of task `key`.
+fn retry_key(key: &str, attempt: u32) -> String {
+    format!("retry:{key}@{attempt}")
+}
+
+/// How [`Context::task_with`] runs a task.
+#[derive(Debug, Clone)]
+pub struct TaskOptions {
+    /// Unset fields: 3 attempts, 1 s first delay, doubling, at most 60 s.
+    pub retry: RetryPolicy,
+    /// Retry delays up to this are waited inline; longer ones suspend the run (default 5 s).
+    pub inline_retry_limit: Duration,
+}
+
+impl Default for TaskOptions {
+    fn default() -> Self {
+        Self {
+            retry: RetryPolicy::default(),
+            inline_retry_limit: Duration::from_secs(5),
+        }
+    }
+}
+
+impl TaskOptions {
+    /// Options with this retry policy.
+    pub fn retry(retry: RetryPolicy) -> Self {
+        Self {
+            retry,
+            ..Self::default()
+        }
+    }
+
+    fn resolved(&self) -> ResolvedRetry {
+        let r = &self.retry;
+        ResolvedRetry {
+            max_attempts: r.max_attempts.unwrap_or(3).max(1),
+            initial: r.initial_interval.unwrap_or(Duration::from_secs(1)),
+            max: r.max_interval.unwrap_or(Duration::from_secs(60)),
+            coefficient: r.backoff_coefficient.unwrap_or(2.0).max(1.0),
+            non_retryable_error_types: r.non_retryable_error_types.clone(),
+        }
+    }
+}
+
+struct ResolvedRetry {
+    max_attempts: u32,
+    initial: Duration,
+    max: Duration,
+    coefficient: f64,
+    non_retryable_error_types: Vec<String>,
+}
+
+impl ResolvedRetry {
+    /// The delay after failed attempt `attempt`: initial × coefficient^(attempt−1), capped.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = f64::from(attempt.saturating_sub(1).min(64));
+        let secs = self.initial.as_secs_f64() * self.coefficient.powf(exp);
+        Duration::from_secs_f64(secs.min(self.max.as_secs_f64()).max(0.0))
     }
 }
 
@@ -530,9 +701,10 @@ fn decode<O: DeserializeOwned>(name: &str, t: TaskResult) -> Result<O, WorkflowE
                 .non_retryable()
             })
         }
+        // A recorded failure is final: retrying the run would only get it back again.
         Some(task_result::Result::Error(e)) => Err(WorkflowError {
             details: e.details.as_ref().and_then(|d| aiki_proto::value_to_json(d).ok()),
-            ..WorkflowError::new(e.r#type, e.message)
+            ..WorkflowError::new(e.r#type, e.message).non_retryable()
         }),
         None => Err(WorkflowError::new(
             "Protocol",

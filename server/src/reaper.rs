@@ -78,6 +78,18 @@ async fn lead(shared: &Shared, pg: &tokio_postgres::Config, shutdown: &Cancellat
                 }
             }
         }
+        match shared.store.time_out_runs(BATCH).await {
+            Ok(moved) => {
+                for m in &moved {
+                    tracing::info!(run_id = %m.id, status = %m.status, "run timed out");
+                    shared.wakers.runs.wake(&m.id);
+                    if m.status == "queued" {
+                        shared.wakers.queue_ready((m.namespace.clone(), m.queue.clone()), None);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "applying timeouts failed"),
+        }
         // Sleeping runs whose timer was on a server that went away.
         crate::wake::wake_due(&shared.store, &shared.wakers).await;
     }

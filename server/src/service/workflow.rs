@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::{Shared, run_changed};
 use crate::{
     error::{Error, Result},
-    store::{NewRun, RetryPolicy, RunFilter, RunRef},
+    store::{NewRun, RetryPolicy, RunFilter, RunRef, Timeouts},
     validate,
 };
 
@@ -140,7 +140,32 @@ impl WorkflowSvc {
                 "" => None,
                 p => Some(validate::uuid("parent_run_id", p)?),
             },
+            timeouts: self.timeouts(r)?,
         })
+    }
+
+    /// A start's timeouts: each optional (unset or zero: none), at most a year; a heartbeat
+    /// timeout leaves room for two heartbeats.
+    fn timeouts(&self, r: &StartRunRequest) -> Result<Timeouts> {
+        let year = Duration::from_secs(366 * 86_400);
+        let one = |what: &str, d: Option<&prost_types::Duration>| -> Result<Option<Duration>> {
+            Ok(Some(validate::duration(what, d, year)?).filter(|d| !d.is_zero()))
+        };
+        let t = Timeouts {
+            execution: one("execution_timeout", r.execution_timeout.as_ref())?,
+            attempt: one("attempt_timeout", r.attempt_timeout.as_ref())?,
+            schedule_to_start: one("schedule_to_start_timeout", r.schedule_to_start_timeout.as_ref())?,
+            heartbeat: one("heartbeat_timeout", r.heartbeat_timeout.as_ref())?,
+        };
+        let floor = self.0.config.heartbeat_interval * 2;
+        if let Some(h) = t.heartbeat
+            && h < floor
+        {
+            return Err(Error::InvalidArgument(format!(
+                "heartbeat_timeout must be at least {floor:?}, twice the server's heartbeat interval, got {h:?}"
+            )));
+        }
+        Ok(t)
     }
 
     /// Starts the runs of one `StartRuns` call: all of them, or none.

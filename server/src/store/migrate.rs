@@ -13,6 +13,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "sleep", include_str!("../../../migrations/0004_sleep.sql")),
     (5, "waits", include_str!("../../../migrations/0005_waits.sql")),
     (6, "versions", include_str!("../../../migrations/0006_versions.sql")),
+    (7, "timeouts", include_str!("../../../migrations/0007_timeouts.sql")),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

@@ -51,6 +51,16 @@ pub struct NewRun {
     pub retry: RetryPolicy,
     /// The run that starts this one as its child.
     pub parent: Option<Uuid>,
+    pub timeouts: Timeouts,
+}
+
+/// A run's timeouts (see `StartRunRequest`); `None`: no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub execution: Option<Duration>,
+    pub attempt: Option<Duration>,
+    pub schedule_to_start: Option<Duration>,
+    pub heartbeat: Option<Duration>,
 }
 
 /// A run's retry policy with every default filled in.
@@ -128,6 +138,9 @@ pub enum LeaseEnd {
     },
     /// The worker gave the run back (`ReleaseRun`).
     Release { reason: String, delay: Duration },
+    /// A timeout of the attempt passed (its lease, or the time between heartbeats): a failure
+    /// the retry policy may retry.
+    Timeout { error: Json },
     /// The run waits at step (`key`, `name`, `seq`) (`SuspendRun`).
     Suspend {
         key: String,
@@ -644,6 +657,88 @@ impl Store {
         Ok(queues)
     }
 
+    /// Applies the run timeouts that have passed, up to `limit` runs of each kind, in one
+    /// transaction: execution and schedule-to-start timeouts end the run `failed`; attempt and
+    /// heartbeat timeouts fail the attempt, which the retry policy may retry. Each writes a
+    /// `timed_out` event. Answers the runs moved.
+    #[instrument(name = "store.runs.time_out", skip_all)]
+    pub async fn time_out_runs(&self, limit: i64) -> Result<Vec<MovedRun>> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let mut moved = Vec::new();
+        for (kind, stmt, error_type) in [
+            ("execution", sql!("runs_execution_timeout"), "ExecutionTimeout"),
+            (
+                "schedule_to_start",
+                sql!("runs_schedule_timeout"),
+                "ScheduleToStartTimeout",
+            ),
+        ] {
+            for row in tx.query(&tx.prepare_cached(stmt).await?, &[&limit]).await? {
+                let (ns, id): (String, Uuid) = (row.get("namespace"), row.get("id"));
+                let error = json!({"type": error_type, "message": timeout_message(kind)});
+                let Some(run) = tx
+                    .query_opt(&tx.prepare_cached(sql!("run_time_out")).await?, &[&ns, &id, &error])
+                    .await?
+                else {
+                    continue;
+                };
+                let attempt: i32 = run.get("attempt");
+                let owner: Option<Uuid> = run.get("lease_owner");
+                let insert = tx.prepare_cached(sql!("event_insert")).await?;
+                tx.execute(
+                    &insert,
+                    &[&ns, &id, &"timed_out", &attempt, &owner, &json!({"timeout": kind})],
+                )
+                .await?;
+                tx.execute(&insert, &[&ns, &id, &"run_failed", &attempt, &owner, &error])
+                    .await?;
+                moved.push(MovedRun {
+                    namespace: ns,
+                    id,
+                    queue: run.get("queue"),
+                    status: "failed".into(),
+                });
+            }
+        }
+        for (kind, stmt, error_type) in [
+            ("attempt", sql!("runs_attempt_timeout"), "AttemptTimeout"),
+            ("heartbeat", sql!("runs_heartbeat_timeout"), "HeartbeatTimeout"),
+        ] {
+            for row in tx.query(&tx.prepare_cached(stmt).await?, &[&limit]).await? {
+                let (ns, id, token): (String, Uuid, Uuid) =
+                    (row.get("namespace"), row.get("id"), row.get("lease_token"));
+                let error = json!({"type": error_type, "message": timeout_message(kind)});
+                let locked = tx
+                    .query_opt(&tx.prepare_cached(sql!("run_get")).await?, &[&ns, &id])
+                    .await?;
+                let (attempt, owner) = match &locked {
+                    Some(r) => (r.get::<_, i32>("attempt"), r.get::<_, Option<Uuid>>("lease_owner")),
+                    None => continue,
+                };
+                tx.execute(
+                    &tx.prepare_cached(sql!("event_insert")).await?,
+                    &[&ns, &id, &"timed_out", &attempt, &owner, &json!({"timeout": kind})],
+                )
+                .await?;
+                if let Some((run, delay)) = end_one(&tx, &ns, id, token, &LeaseEnd::Timeout { error }).await? {
+                    let status = status_of_run(&run);
+                    if status == "queued" {
+                        notify_ready(&tx, vec![crate::wake::ready_payload(&ns, &run.queue, delay)]).await?;
+                    }
+                    moved.push(MovedRun {
+                        namespace: ns,
+                        id,
+                        queue: run.queue,
+                        status: status.into(),
+                    });
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(moved)
+    }
+
     /// Wakes up to `limit` suspended runs whose wake time has come (see
     /// `sql/runs_wake_due.sql`), with one NOTIFY per queue that got runs back.
     #[instrument(name = "store.runs.wake_due", skip_all)]
@@ -916,12 +1011,22 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
         Vec::with_capacity(n),
     );
     let mut parent_ids = Vec::with_capacity(n);
+    let (mut execution, mut attempt, mut schedule, mut heartbeat) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for &i in &order {
         if refused.contains_key(&i) {
             continue;
         }
         let r = &runs[i];
         parent_ids.push(r.parent);
+        execution.push(r.timeouts.execution.map(ms));
+        attempt.push(r.timeouts.attempt.map(ms));
+        schedule.push(r.timeouts.schedule_to_start.map(ms));
+        heartbeat.push(r.timeouts.heartbeat.map(ms));
         ns.push(r.namespace.as_str());
         ids.push(r.id);
         workflows.push(r.workflow.as_str());
@@ -959,6 +1064,10 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
                 &types,
                 &delays,
                 &parent_ids,
+                &execution,
+                &attempt,
+                &schedule,
+                &heartbeat,
             ],
         )
         .await?;
@@ -1389,6 +1498,7 @@ async fn end_one(
 ) -> Result<Option<(Run, Duration)>> {
     let kind = match end {
         LeaseEnd::Fail { .. } => "fail",
+        LeaseEnd::Timeout { .. } => "timeout",
         LeaseEnd::Release { .. } => "release",
         LeaseEnd::Suspend { .. } => "suspend",
     };
@@ -1446,13 +1556,18 @@ async fn end_one(
                 error,
             )
         }
-        LeaseEnd::Fail {
-            error,
-            non_retryable,
-            retry_after,
-        } => {
+        LeaseEnd::Fail { .. } | LeaseEnd::Timeout { .. } => {
+            let (error, non_retryable, retry_after) = match end {
+                LeaseEnd::Fail {
+                    error,
+                    non_retryable,
+                    retry_after,
+                } => (error, *non_retryable, *retry_after),
+                LeaseEnd::Timeout { error } => (error, false, None),
+                _ => return Err(Error::Internal("not a failure".into())),
+            };
             let etype = error.get("type").and_then(Json::as_str).unwrap_or("");
-            let give_up = *non_retryable
+            let give_up = non_retryable
                 || attempt as u32 >= policy.max_attempts
                 || policy.non_retryable_error_types.iter().any(|t| t == etype);
             if give_up {
@@ -1774,6 +1889,23 @@ async fn lock_run(tx: &Transaction<'_>, namespace: &str, id: Uuid) -> Result<tok
 
 fn not_found(id: Uuid) -> Error {
     Error::NotFound(format!("run {id} not found"))
+}
+
+/// What a timeout of `kind` did, for the run's error.
+fn timeout_message(kind: &str) -> &'static str {
+    match kind {
+        "execution" => "the run did not end within its execution timeout",
+        "schedule_to_start" => "the run waited in its queue longer than its schedule-to-start timeout",
+        "attempt" => "the attempt did not end within its attempt timeout",
+        _ => "the worker did not heartbeat within the run's heartbeat timeout",
+    }
+}
+
+/// A run's status as stored ("queued", ...).
+fn status_of_run(run: &Run) -> &'static str {
+    RunStatus::try_from(run.status)
+        .unwrap_or(RunStatus::Unspecified)
+        .as_str()
 }
 
 /// The run's status as the enum.

@@ -92,7 +92,27 @@ pub fn run_from_row(row: &Row) -> Result<Run> {
             .flatten()
             .unwrap_or_default(),
         wait_child_run_id: opt_uuid(row, "wait_child"),
+        execution_timeout: match (
+            row.try_get::<_, Option<SystemTime>>("execution_deadline")
+                .ok()
+                .flatten(),
+            row.try_get::<_, Option<SystemTime>>("created_at").ok().flatten(),
+        ) {
+            (Some(deadline), Some(created)) => deadline.duration_since(created).ok().map(aiki_proto::duration_to_proto),
+            _ => None,
+        },
+        attempt_timeout: opt_ms(row, "attempt_timeout_ms"),
+        schedule_to_start_timeout: opt_ms(row, "schedule_timeout_ms"),
+        heartbeat_timeout: opt_ms(row, "heartbeat_timeout_ms"),
     })
+}
+
+/// An optional bigint column of milliseconds as a duration.
+fn opt_ms(row: &Row, col: &str) -> Option<prost_types::Duration> {
+    row.try_get::<_, Option<i64>>(col)
+        .ok()
+        .flatten()
+        .map(|ms| aiki_proto::duration_to_proto(Duration::from_millis(ms.max(0) as u64)))
 }
 
 /// An optional uuid column as text ("" when NULL or not selected).

@@ -15,7 +15,9 @@ WITH ready AS (
 ), leased AS (
     UPDATE runs r
     SET status = 'running', lease_owner = $4, lease_token = gen_random_uuid(),
-        lease_expires_at = now() + $5::bigint * interval '1 millisecond', lease_end = NULL,
+        lease_expires_at = now() + least($5::bigint, coalesce(r.heartbeat_timeout_ms, $5::bigint))
+                                   * interval '1 millisecond',
+        attempt_deadline = now() + r.attempt_timeout_ms * interval '1 millisecond', lease_end = NULL,
         started_at = coalesce(r.started_at, now()), updated_at = now()
     FROM ready
     WHERE r.namespace = ready.namespace AND r.id = ready.id

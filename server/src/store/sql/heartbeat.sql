@@ -6,7 +6,8 @@ WITH leases AS (
     SELECT * FROM unnest($3::uuid[], $4::uuid[]) AS l(id, token)
 ), extended AS (
     UPDATE runs r
-    SET lease_expires_at = now() + $5::bigint * interval '1 millisecond'
+    SET lease_expires_at = now() + least($5::bigint, coalesce(r.heartbeat_timeout_ms, $5::bigint))
+                                   * interval '1 millisecond'
     FROM leases l
     WHERE r.namespace = $1 AND r.id = l.id AND r.lease_token = l.token
       AND r.lease_end IS NULL AND r.lease_owner = $2

@@ -1,9 +1,10 @@
 -- Ends up to $1 expired leases: the run is queued again (or paused, if that was asked), or
 -- ends `failed` once its lease has expired more than $2 times, or `cancelled` if that was
--- requested. Records the events.
+-- requested. Records the events. Runs with a heartbeat timeout are left to the timeouts
+-- (`runs_heartbeat_timeout.sql`): for them an expired lease is a failed attempt.
 WITH expired AS (
     SELECT namespace, id FROM runs
-    WHERE status = 'running' AND lease_expires_at < now()
+    WHERE status = 'running' AND lease_expires_at < now() AND heartbeat_timeout_ms IS NULL
     ORDER BY lease_expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED

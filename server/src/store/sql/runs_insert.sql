@@ -4,26 +4,31 @@
 -- ($1 namespace, $2 id, $3 workflow, $4 version, $5 queue, $6 priority, $7 input,
 -- $8 idempotency key, $9 request id, $10 max attempts, $11 initial interval ms,
 -- $12 max interval ms, $13 backoff coefficient, $14 non-retryable error types (a JSON array),
--- $15 delay ms, $16 parent run id), inserted in the order given (the caller sorts them by key, so that batches
+-- $15 delay ms, $16 parent run id, $17 execution timeout ms, $18 attempt timeout ms,
+-- $19 schedule-to-start timeout ms, $20 heartbeat timeout ms), inserted in the order given (the caller sorts them by key, so that batches
 -- sharing keys wait for each other in one order and cannot deadlock).
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int[],
                          $7::jsonb[], $8::text[], $9::text[], $10::int[], $11::bigint[],
-                         $12::bigint[], $13::float8[], $14::jsonb[], $15::bigint[], $16::uuid[])
+                         $12::bigint[], $13::float8[], $14::jsonb[], $15::bigint[], $16::uuid[],
+                         $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[])
         WITH ORDINALITY AS i (namespace, id, workflow, version, queue, priority, input,
                               idempotency_key, request_id, max_attempts, initial_interval_ms,
-                              max_interval_ms, backoff_coefficient, non_retryable, delay_ms, parent_id, ord)
+                              max_interval_ms, backoff_coefficient, non_retryable, delay_ms, parent_id,
+                              execution_ms, attempt_ms, schedule_ms, heartbeat_ms, ord)
 ), inserted AS (
     INSERT INTO runs (namespace, id, workflow, version, queue, priority, status, input,
                       idempotency_key, request_id, max_attempts, initial_interval_ms,
                       max_interval_ms, backoff_coefficient, non_retryable_error_types, visible_at,
-                      parent_id)
+                      parent_id, execution_deadline, attempt_timeout_ms, schedule_timeout_ms,
+                      heartbeat_timeout_ms)
     SELECT namespace, id, workflow, version, queue, priority, 'queued', input,
            idempotency_key, request_id, max_attempts, initial_interval_ms,
            max_interval_ms, backoff_coefficient,
            CASE WHEN non_retryable = '[]' THEN '{}'
                 ELSE ARRAY(SELECT jsonb_array_elements_text(non_retryable)) END,
-           now() + delay_ms * interval '1 millisecond', parent_id
+           now() + delay_ms * interval '1 millisecond', parent_id,
+           now() + execution_ms * interval '1 millisecond', attempt_ms, schedule_ms, heartbeat_ms
     FROM input ORDER BY ord
     ON CONFLICT DO NOTHING
     -- What the answer needs; not the input, which the caller sent (nor output and error,
@@ -33,6 +38,7 @@ WITH input AS (
               max_attempts, initial_interval_ms, max_interval_ms, backoff_coefficient,
               non_retryable_error_types, lease_expirations, cancel_requested, lease_owner,
               created_at, updated_at, visible_at, started_at, finished_at, lease_expires_at,
-              parent_id
+              parent_id, execution_deadline, attempt_timeout_ms, schedule_timeout_ms,
+              heartbeat_timeout_ms
 )
 SELECT * FROM inserted

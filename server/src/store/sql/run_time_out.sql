@@ -1,0 +1,8 @@
+-- Ends run ($1, $2) `failed` with error $3 because a timeout of the whole run passed, whatever
+-- its state; an open lease ends with it. The caller holds the row lock.
+UPDATE runs
+SET status = 'failed', error = $3, finished_at = now(), updated_at = now(),
+    lease_end = CASE WHEN status = 'running' THEN 'timeout' ELSE lease_end END,
+    lease_expires_at = NULL, wake_at = NULL, pause_requested = false
+WHERE namespace = $1 AND id = $2 AND status IN ('queued', 'running', 'suspended', 'paused')
+RETURNING *
