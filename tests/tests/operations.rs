@@ -283,7 +283,7 @@ async fn the_claim_walks_its_partial_index_without_sorting_the_queue() {
                 &worker,
                 &30_000i64,
                 &vec!["bulk"],
-                &vec![""],
+                &Vec::<String>::new(),
             ],
         )
         .await

@@ -18,6 +18,7 @@ mod rows;
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -176,6 +177,48 @@ impl Wait {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    versions: Arc<VersionCache>,
+}
+
+/// How long the versions of a workflow are taken from memory before the database is asked
+/// again. A version registered through another server is the newest for this server's starts
+/// at most this late; registrations through this server are seen at once, and a start naming
+/// a version not in memory always asks the database.
+const VERSION_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// A workflow's registered versions, newest first, and when they were read.
+type Versions = (std::time::Instant, Vec<String>);
+
+/// Registered versions by (namespace, workflow).
+#[derive(Debug, Default)]
+struct VersionCache {
+    entries: std::sync::Mutex<HashMap<(String, String), Versions>>,
+}
+
+impl VersionCache {
+    fn get(&self, namespace: &str, workflow: &str) -> Option<Vec<String>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(&(namespace.to_owned(), workflow.to_owned()))
+            .filter(|(at, _)| at.elapsed() < VERSION_CACHE_TTL)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, namespace: &str, workflow: &str, versions: Vec<String>) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() > 10_000 {
+            entries.retain(|_, (at, _)| at.elapsed() < VERSION_CACHE_TTL);
+        }
+        entries.insert(
+            (namespace.to_owned(), workflow.to_owned()),
+            (std::time::Instant::now(), versions),
+        );
+    }
+
+    fn forget(&self, namespace: &str, workflow: &str) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.remove(&(namespace.to_owned(), workflow.to_owned()));
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -208,7 +251,10 @@ impl Store {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| Error::Internal(format!("cannot build the connection pool: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            versions: Arc::default(),
+        })
     }
 
     /// Applies pending migrations.
@@ -226,7 +272,7 @@ impl Store {
     pub async fn start_runs(&self, runs: &[NewRun], atomic: bool) -> Result<Vec<Result<(Run, bool)>>> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let mut out = start_in(&tx, runs, atomic).await?;
+        let mut out = start_in(&tx, runs, atomic, &self.versions).await?;
         if atomic && let Some(i) = out.iter().position(Result::is_err) {
             return Err(out
                 .swap_remove(i)
@@ -440,6 +486,9 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
+        for (name, _) in workflows {
+            self.versions.forget(namespace, name);
+        }
         Ok(id)
     }
 
@@ -452,15 +501,21 @@ impl Store {
             return Ok(None);
         };
         let workflows: Json = row.get("workflows");
-        let (mut names, mut versions) = (Vec::new(), Vec::new());
+        let (mut names, mut pinned) = (Vec::new(), Vec::new());
         for w in workflows.as_array().into_iter().flatten() {
-            names.push(w.get("name").and_then(Json::as_str).unwrap_or_default().to_owned());
-            versions.push(w.get("version").and_then(Json::as_str).unwrap_or_default().to_owned());
+            let name = w.get("name").and_then(Json::as_str).unwrap_or_default();
+            let version = w.get("version").and_then(Json::as_str).unwrap_or_default();
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_owned());
+            }
+            if !version.is_empty() {
+                pinned.push(format!("{name}\n{version}"));
+            }
         }
         Ok(Some(Registration {
             queues: row.get("queues"),
             workflows: names,
-            versions,
+            versions: pinned,
         }))
     }
 
@@ -920,7 +975,8 @@ pub mod session {
     }
 }
 
-/// What a worker registered: its queues, and the (workflow, version) pairs it serves.
+/// What a worker registered: its queues, the workflows whose unpinned runs it serves (`*`:
+/// all), and the versions whose pinned runs it serves ("workflow\nversion").
 #[derive(Debug, Clone, Default)]
 pub struct Registration {
     pub queues: Vec<String>,
@@ -975,7 +1031,12 @@ pub enum Applied {
 
 /// The body of [`Store::start_runs`]: one statement inserts every run whose key is free, then
 /// each run whose key is taken is answered with the run holding it (or refused).
-async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result<Vec<Result<(Run, bool)>>> {
+async fn start_in(
+    tx: &Transaction<'_>,
+    runs: &[NewRun],
+    atomic: bool,
+    cache: &VersionCache,
+) -> Result<Vec<Result<(Run, bool)>>> {
     // Insert in key order, so that two batches sharing keys take their locks in the same
     // order and cannot deadlock; answer in request order.
     let mut order: Vec<usize> = (0..runs.len()).collect();
@@ -984,7 +1045,7 @@ async fn start_in(tx: &Transaction<'_>, runs: &[NewRun], atomic: bool) -> Result
         key(&runs[*a]).cmp(&key(&runs[*b]))
     });
     let (mut refused, parents) = lock_parents(tx, runs).await?;
-    let pinned = pin_versions(tx, runs, &mut refused).await?;
+    let pinned = pin_versions(tx, runs, &mut refused, cache).await?;
     if atomic && let Some(i) = order.iter().find(|i| refused.contains_key(i)) {
         return Ok(vec![Err(refused
             .remove(i)
@@ -1154,36 +1215,52 @@ async fn pin_versions(
     tx: &Transaction<'_>,
     runs: &[NewRun],
     refused: &mut HashMap<usize, Error>,
+    cache: &VersionCache,
 ) -> Result<Vec<String>> {
-    let mut wanted: HashMap<&str, Vec<&str>> = HashMap::new();
+    // Newest first, per (namespace, workflow): from memory when fresh and enough (a named
+    // version missing from memory may have just been registered elsewhere: ask).
+    let mut known: HashMap<(&str, &str), Vec<String>> = HashMap::new();
+    let mut ask: HashMap<&str, Vec<&str>> = HashMap::new();
     for r in runs {
-        let w = wanted.entry(r.namespace.as_str()).or_default();
-        if !w.contains(&r.workflow.as_str()) {
-            w.push(r.workflow.as_str());
+        let key = (r.namespace.as_str(), r.workflow.as_str());
+        if known.contains_key(&key) || ask.get(key.0).is_some_and(|w| w.contains(&key.1)) {
+            continue;
+        }
+        match cache.get(key.0, key.1) {
+            Some(v) if r.version.is_empty() || v.contains(&r.version) => {
+                known.insert(key, v);
+            }
+            _ => ask.entry(key.0).or_default().push(key.1),
         }
     }
-    let stmt = tx.prepare_cached(sql!("versions_of")).await?;
-    // Newest first, per (namespace, workflow).
-    let mut known: HashMap<(&str, String), Vec<String>> = HashMap::new();
-    for (ns, workflows) in &wanted {
-        for row in tx.query(&stmt, &[ns, workflows]).await? {
-            known
-                .entry((*ns, row.get("workflow")))
-                .or_default()
-                .push(row.get("version"));
+    if !ask.is_empty() {
+        let stmt = tx.prepare_cached(sql!("versions_of")).await?;
+        for (ns, workflows) in &ask {
+            let mut found: HashMap<String, Vec<String>> = HashMap::new();
+            for row in tx.query(&stmt, &[ns, workflows]).await? {
+                found.entry(row.get("workflow")).or_default().push(row.get("version"));
+            }
+            for w in workflows {
+                let versions = found.remove(*w).unwrap_or_default();
+                cache.put(ns, w, versions.clone());
+                known.insert((ns, w), versions);
+            }
         }
     }
     let mut pinned = Vec::with_capacity(runs.len());
     for (i, r) in runs.iter().enumerate() {
-        let versions = known.get(&(r.namespace.as_str(), r.workflow.clone()));
+        let versions = known
+            .get(&(r.namespace.as_str(), r.workflow.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         if r.version.is_empty() {
-            pinned.push(versions.and_then(|v| v.first()).cloned().unwrap_or_default());
-        } else if versions.is_some_and(|v| v.contains(&r.version)) {
+            pinned.push(versions.first().cloned().unwrap_or_default());
+        } else if versions.contains(&r.version) {
             pinned.push(r.version.clone());
         } else {
             let known = match versions {
-                Some(v) => format!("registered: {}", v.join(", ")),
-                None => "it has no registered version".to_owned(),
+                [] => "it has no registered version".to_owned(),
+                v => format!("registered: {}", v.join(", ")),
             };
             refused.insert(
                 i,

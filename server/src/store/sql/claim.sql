@@ -1,14 +1,14 @@
 -- Leases up to $3 ready runs of one queue to worker $4 for $5 ms, in priority then age order,
 -- skipping rows other pollers hold; records a `run_leased` event for each. `fresh` says the
 -- run was never leased before, so it has no recorded task to fetch. Only runs the worker
--- serves: pairs ($6 workflow, $7 version) it registered, where workflow '*' stands for any
--- workflow, and an unpinned run (version '') is served by any version of its workflow.
+-- serves: an unpinned run (version '') if the worker serves its workflow in any version ($6,
+-- workflow names, where '*' stands for every workflow); a pinned one if the worker registered
+-- that version ($7, "workflow\nversion" pairs).
 WITH ready AS (
     SELECT namespace, id, started_at FROM runs
     WHERE namespace = $1 AND queue = $2 AND status = 'queued' AND visible_at <= now()
-      AND EXISTS (SELECT 1 FROM unnest($6::text[], $7::text[]) AS s (workflow, version)
-                  WHERE (s.workflow = runs.workflow OR s.workflow = '*')
-                    AND (runs.version = '' OR s.version = runs.version))
+      AND CASE WHEN version = '' THEN workflow = ANY($6::text[]) OR '*' = ANY($6::text[])
+               ELSE workflow || E'\n' || version = ANY($7::text[]) END
     ORDER BY priority DESC, visible_at, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED
