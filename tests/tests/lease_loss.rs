@@ -112,7 +112,7 @@ async fn a_silent_worker_loses_its_lease_and_its_reports_are_refused() {
     assert_eq!(run.lease_expirations, 1);
     let pg = db.connect().await;
     let completed: i64 = pg
-        .query_one("SELECT count(*) FROM run_events WHERE type = 'run_completed'", &[])
+        .query_one("SELECT count(*) FROM run_history WHERE type = 'run_completed'", &[])
         .await
         .unwrap()
         .get(0);

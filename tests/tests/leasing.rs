@@ -71,7 +71,7 @@ async fn four_workers_complete_two_thousand_runs_exactly_once() {
     let rows = pg
         .query(
             "SELECT run_id, array_agg(type ORDER BY seq), array_agg(worker_id ORDER BY seq) \
-             FROM run_events WHERE type IN ('run_leased', 'run_completed') GROUP BY run_id",
+             FROM run_history WHERE type IN ('run_leased', 'run_completed') GROUP BY run_id",
             &[],
         )
         .await

@@ -280,7 +280,7 @@ async fn concurrent_reports_of_many_runs_are_committed_together_without_mixing_a
             "SELECT count(*) FILTER (WHERE status = 'completed'),
                     count(*) FILTER (WHERE output = input->'i'),
                     (SELECT count(*) FROM run_tasks),
-                    (SELECT count(*) FROM run_events WHERE type = 'run_completed')
+                    (SELECT count(*) FROM run_history WHERE type = 'run_completed')
              FROM runs",
             &[],
         )

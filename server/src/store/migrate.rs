@@ -14,6 +14,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "waits", include_str!("../../../migrations/0005_waits.sql")),
     (6, "versions", include_str!("../../../migrations/0006_versions.sql")),
     (7, "timeouts", include_str!("../../../migrations/0007_timeouts.sql")),
+    (
+        8,
+        "lease_events",
+        include_str!("../../../migrations/0008_lease_events.sql"),
+    ),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

@@ -1,5 +1,6 @@
 -- Leases up to $3 ready runs of one queue to worker $4 for $5 ms, in priority then age order,
--- skipping rows other pollers hold; records a `run_leased` event for each. `fresh` says the
+-- skipping rows other pollers hold. Each lease's `run_leased` event is the row itself (its seq
+-- drawn into `leased_seq`; see the migration `lease_events`). `fresh` says the
 -- run was never leased before, so it has no recorded task to fetch. Only runs the worker
 -- serves: an unpinned run (version '') if the worker serves its workflow in any version ($6,
 -- workflow names, where '*' stands for every workflow); a pinned one if the worker registered
@@ -18,14 +19,10 @@ WITH ready AS (
         lease_expires_at = now() + least($5::bigint, coalesce(r.heartbeat_timeout_ms, $5::bigint))
                                    * interval '1 millisecond',
         attempt_deadline = now() + r.attempt_timeout_ms * interval '1 millisecond', lease_end = NULL,
-        started_at = coalesce(r.started_at, now()), updated_at = now()
+        started_at = coalesce(r.started_at, now()), updated_at = now(),
+        leased_seq = nextval('run_events_seq_seq'), leased_at = now()
     FROM ready
     WHERE r.namespace = ready.namespace AND r.id = ready.id
     RETURNING r.*, ready.started_at IS NULL AS fresh
-), events AS (
-    INSERT INTO run_events (namespace, run_id, type, attempt, worker_id, details)
-    SELECT namespace, id, 'run_leased', attempt, lease_owner,
-           jsonb_build_object('lease_expires_at', lease_expires_at)
-    FROM leased
 )
 SELECT * FROM leased

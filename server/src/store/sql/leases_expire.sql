@@ -3,7 +3,7 @@
 -- requested. Records the events. Runs with a heartbeat timeout are left to the timeouts
 -- (`runs_heartbeat_timeout.sql`): for them an expired lease is a failed attempt.
 WITH expired AS (
-    SELECT namespace, id FROM runs
+    SELECT namespace, id, leased_seq, leased_at, attempt, lease_owner FROM runs
     WHERE status = 'running' AND lease_expires_at < now() AND heartbeat_timeout_ms IS NULL
     ORDER BY lease_expires_at
     LIMIT $1
@@ -25,10 +25,17 @@ WITH expired AS (
             ELSE r.error END,
         finished_at = CASE WHEN r.cancel_requested OR r.lease_expirations + 1 > $2
                            THEN now() END,
-        lease_end = 'expire', lease_expires_at = NULL, visible_at = now(), updated_at = now()
+        lease_end = 'expire', lease_expires_at = NULL, visible_at = now(), updated_at = now(),
+        leased_seq = NULL, leased_at = NULL
     FROM expired
     WHERE r.namespace = expired.namespace AND r.id = expired.id
     RETURNING r.*
+), lease AS (
+    -- The expired lease's `run_leased` event, kept on the row while it lasted.
+    INSERT INTO run_events (namespace, run_id, seq, type, at, attempt, worker_id)
+    OVERRIDING SYSTEM VALUE
+    SELECT namespace, id, leased_seq, 'run_leased', leased_at, attempt, lease_owner
+    FROM expired WHERE leased_seq IS NOT NULL
 ), events AS (
     INSERT INTO run_events (namespace, run_id, type, attempt, worker_id, details)
     SELECT namespace, id, 'lease_expired', attempt, lease_owner,

@@ -1,8 +1,18 @@
 -- Ends run ($1, $2) `failed` with error $3 because a timeout of the whole run passed, whatever
--- its state; an open lease ends with it. The caller holds the row lock.
+-- its state; an open lease ends with it (its `run_leased` event written out, as in
+-- `run_end_lease.sql`). The caller holds the row lock.
+WITH lease AS (
+    INSERT INTO run_events (namespace, run_id, seq, type, at, attempt, worker_id)
+    OVERRIDING SYSTEM VALUE
+    SELECT namespace, id, leased_seq, 'run_leased', leased_at, attempt, lease_owner
+    FROM runs
+    WHERE namespace = $1 AND id = $2 AND leased_seq IS NOT NULL
+      AND status IN ('queued', 'running', 'suspended', 'paused')
+)
 UPDATE runs
 SET status = 'failed', error = $3, finished_at = now(), updated_at = now(),
     lease_end = CASE WHEN status = 'running' THEN 'timeout' ELSE lease_end END,
-    lease_expires_at = NULL, wake_at = NULL, pause_requested = false
+    lease_expires_at = NULL, wake_at = NULL, pause_requested = false,
+    leased_seq = NULL, leased_at = NULL
 WHERE namespace = $1 AND id = $2 AND status IN ('queued', 'running', 'suspended', 'paused')
 RETURNING *

@@ -3,20 +3,19 @@
 -- concurrent batches lock rows in one order. A run is completed only under its current, open
 -- lease (`lease_end IS NULL` rather than a status test: see `runs_running_iff_leased`).
 -- Answers the input positions (`ord`, from 1) that completed a run; the others are sorted out
--- one report at a time (a duplicate of the report that completed it, or a refusal).
+-- one report at a time (a duplicate of the report that completed it, or a refusal). The
+-- `run_completed` event is the row itself (`completed_seq`), with its lease's `run_leased`.
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::jsonb[])
         WITH ORDINALITY AS i (namespace, id, token, output, ord)
 ), done AS (
     UPDATE runs r
     SET status = 'completed', output = i.output, error = NULL, lease_end = 'complete',
-        lease_expires_at = NULL, finished_at = now(), updated_at = now()
+        lease_expires_at = NULL, finished_at = now(), updated_at = now(),
+        completed_seq = nextval('run_events_seq_seq')
     FROM input i
     WHERE r.namespace = i.namespace AND r.id = i.id AND r.lease_token = i.token
       AND r.lease_end IS NULL
-    RETURNING r.namespace, r.id, r.attempt, r.lease_owner, i.ord
-), events AS (
-    INSERT INTO run_events (namespace, run_id, type, attempt, worker_id, details)
-    SELECT namespace, id, 'run_completed', attempt, lease_owner, NULL FROM done ORDER BY ord
+    RETURNING i.ord
 )
 SELECT ord FROM done
