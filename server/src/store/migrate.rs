@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "lease_events",
         include_str!("../../../migrations/0008_lease_events.sql"),
     ),
+    (9, "child_wake", include_str!("../../../migrations/0009_child_wake.sql")),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

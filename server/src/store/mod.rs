@@ -411,7 +411,11 @@ impl Store {
         match status.as_str() {
             "paused" => {}
             "running" if requested => {}
-            "queued" | "running" | "suspended" => return Ok((run_from_row(&row)?, None)),
+            "queued" | "running" | "suspended" => {
+                wake_if_queued(&tx, &row).await?;
+                tx.commit().await?;
+                return Ok((run_from_row(&row)?, None));
+            }
             other => {
                 return Err(Error::FailedPrecondition(format!(
                     "run {id} is {other}; only a paused run (or one asked to pause) can be resumed"
@@ -816,6 +820,8 @@ impl Store {
         let row = lock_run(&tx, namespace, id).await?;
         let status: String = row.get("status");
         if status != "suspended" {
+            wake_if_queued(&tx, &row).await?;
+            tx.commit().await?;
             return Err(Error::FailedPrecondition(format!(
                 "run {id} is {status}; only a suspended run can be woken"
             )));
@@ -874,6 +880,8 @@ impl Store {
             None => false,
         };
         if duplicate {
+            wake_if_queued(&tx, &row).await?;
+            tx.commit().await?;
             return Ok((false, false, run_from_row(&row)?));
         }
         if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
@@ -909,6 +917,8 @@ impl Store {
                 .await?
                 .ok_or_else(|| Error::Internal("the event just stored is not pending".into()))?;
             run = end_wait(&tx, namespace, id, &output, &details).await?;
+        } else {
+            wake_if_queued(&tx, &run).await?;
         }
         tx.commit().await?;
         Ok((true, waiting, run_from_row(&run)?))
@@ -1299,6 +1309,7 @@ async fn lock_parents(
     let mut open = HashMap::new();
     let mut state = HashMap::new();
     for row in &rows {
+        wake_if_queued(tx, row).await?;
         let key: (String, Uuid) = (row.get("namespace"), row.get("id"));
         let status: String = row.get("status");
         let cancelling: bool = row.get("cancel_requested");
@@ -1917,6 +1928,17 @@ async fn refusal(
         "lease token {token} is not the current lease of run {id} (the run is {status}); \
          another worker holds or held it, and this report was not applied"
     )))
+}
+
+/// Called when a statement locked a run's row without moving the run: if it is queued, claims
+/// that ran meanwhile skipped it (`SKIP LOCKED`), so its queue's pollers are woken when `tx`
+/// commits, to look again.
+async fn wake_if_queued(tx: &Transaction<'_>, row: &tokio_postgres::Row) -> Result<()> {
+    if row.get::<_, String>("status") == "queued" {
+        let (namespace, queue): (String, String) = (row.get("namespace"), row.get("queue"));
+        notify_ready(tx, vec![crate::wake::ready_payload(&namespace, &queue, Duration::ZERO)]).await?;
+    }
+    Ok(())
 }
 
 /// Wakes the pollers of the queues named by `payloads` (see `wake::ready_payload`) when `tx`

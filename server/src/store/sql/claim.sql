@@ -23,6 +23,8 @@ WITH ready AS (
         leased_seq = nextval('run_events_seq_seq'), leased_at = now()
     FROM ready
     WHERE r.namespace = ready.namespace AND r.id = ready.id
-    RETURNING r.*, ready.started_at IS NULL AS fresh
+    -- Only what the worker gets: every column sent back costs the database an output call.
+    RETURNING r.id, r.workflow, r.version, r.queue, r.input, r.attempt, r.lease_token,
+              r.lease_expires_at, ready.started_at IS NULL AS fresh
 )
 SELECT * FROM leased
