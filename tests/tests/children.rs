@@ -340,3 +340,35 @@ async fn bad_child_starts_and_waits_are_refused_and_change_nothing() {
     assert_eq!(v["status"], json!("cancelled"));
     assert_eq!(v["error"]["message"], json!("stop"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_queued_while_its_children_end_is_not_left_waiting() {
+    // A child's end locks its parent's row (to write the parent's history). A parent queued
+    // again at that moment (its first child had already ended) is skipped by a claim running
+    // meanwhile; unless the child's end wakes the pollers again, the parent waits for the
+    // worker's next poll, 30 s later. One family at a time, so that nothing else wakes them;
+    // without that wake-up about one family in five was left waiting.
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.client().await;
+    let shutdown = CancellationToken::new();
+    let worker = family_worker(&server, Arc::new(AtomicU32::new(0)))
+        .poll_wait(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    for i in 0..10 {
+        let parent = client
+            .start_run("family", &json!({"i": i}), StartOptions::default())
+            .await
+            .unwrap();
+        let seen: Vec<Value> = parent
+            .result(Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("family {i} was left waiting: {e}"));
+        assert_eq!(seen.len(), 3);
+    }
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+}
