@@ -1,5 +1,6 @@
 //! The workflow API that worker code uses: [`Context::task`] runs a step at most once per run
-//! by checkpointing its result on the server before the workflow goes on.
+//! by checkpointing its result on the server before the workflow's next step (see
+//! [`Context::flush`]).
 //!
 //! A task's key is its name, a hash of its input, and how many times that (name, input) pair
 //! has already occurred in this execution, so loops work (a failed task gives its occurrence
@@ -154,6 +155,9 @@ struct Progress {
     next_seq: u32,
     /// The recorded position of the last task replayed in this execution.
     last_replayed: Option<u32>,
+    /// Results of tasks this execution ran that are not yet checkpointed, in the order they
+    /// ran (see [`Context::flush`]).
+    unsent: Vec<TaskResult>,
 }
 
 /// A durable step begun by [`Context::begin_step`].
@@ -214,7 +218,10 @@ impl Context {
 
     /// Runs `f(input)` once per run: if this task already completed in an earlier execution,
     /// returns its recorded output without calling `f`; otherwise calls `f` and checkpoints its
-    /// output on the server before returning it. A failing `f` is not recorded: the error goes
+    /// output on the server before the workflow's next step can have an effect (before the
+    /// next task runs, a child starts, the run waits, or with the run's completion: see
+    /// [`Context::flush`]). It returns the output as recorded, so the first execution and a
+    /// re-execution see the same value. A failing `f` is not recorded: the error goes
     /// back to the workflow (and, with `?`, fails the attempt, to be retried by policy).
     pub async fn task<I, O, E, F, Fut>(&self, name: &str, input: I, f: F) -> Result<O, WorkflowError>
     where
@@ -232,6 +239,7 @@ impl Context {
         if let Some(t) = recorded {
             return decode(name, t);
         }
+        self.flush().await?;
         let output = match f(input).await {
             Ok(output) => output,
             Err(e) => {
@@ -250,19 +258,14 @@ impl Context {
         };
         let value = serde_json::to_value(&output)
             .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?} output: {e}")).non_retryable())?;
-        let task = TaskResult {
-            key: key.clone(),
+        self.defer(TaskResult {
+            key,
             name: name.to_owned(),
             seq,
             result: Some(task_result::Result::Output(aiki_proto::json_to_value(&value))),
-        };
-        let recorded = self.record(task).await?;
-        self.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .recorded
-            .insert(key, recorded.clone());
-        decode(name, recorded)
+        });
+        // What a re-execution will get back: the output as recorded.
+        from_recorded(name, value)
     }
 
     /// [`Context::task`] with a retry policy of its own: a failing `f` is called again after
@@ -294,6 +297,7 @@ impl Context {
         if let Some(t) = recorded {
             return decode(name, t);
         }
+        self.flush().await?;
         let policy = opts.resolved();
         let retry_step = |attempt: u32| (format!("retry:{key}"), attempt.to_string());
         let mut attempt = 1;
@@ -309,14 +313,13 @@ impl Context {
                     let value = serde_json::to_value(&output).map_err(|e| {
                         WorkflowError::new("Serialization", format!("task {name:?} output: {e}")).non_retryable()
                     })?;
-                    let task = TaskResult {
+                    self.defer(TaskResult {
                         key: key.clone(),
                         name: name.to_owned(),
                         seq,
                         result: Some(task_result::Result::Output(aiki_proto::json_to_value(&value))),
-                    };
-                    let recorded = self.record(task).await?;
-                    return decode(name, recorded);
+                    });
+                    return from_recorded(name, value);
                 }
                 Err(e) => e.into(),
             };
@@ -326,7 +329,7 @@ impl Context {
             let give_up =
                 e.non_retryable || attempt >= policy.max_attempts || policy.non_retryable_error_types.contains(&e.kind);
             if give_up {
-                let task = TaskResult {
+                self.defer(TaskResult {
                     key: key.clone(),
                     name: name.to_owned(),
                     seq,
@@ -335,8 +338,7 @@ impl Context {
                         message: e.message.clone(),
                         details: e.details.as_ref().map(aiki_proto::json_to_value),
                     })),
-                };
-                self.record(task).await?;
+                });
                 return Err(e.non_retryable());
             }
             let delay = e.retry_after.unwrap_or_else(|| policy.backoff(attempt));
@@ -469,6 +471,7 @@ impl Context {
             opts.queue = Some(self.lease.queue.clone());
         }
         opts.parent_run_id = Some(self.lease.run_id.clone());
+        self.flush().await?;
         let handle = client.start_run(workflow, input, opts).await.map_err(|e| {
             let retryable = matches!(e, crate::Error::Unavailable(_) | crate::Error::Server(_));
             let e = WorkflowError::new("ChildStart", format!("could not start child {workflow:?}: {e}"));
@@ -520,12 +523,54 @@ impl Context {
         Ok(Step { key, n, seq, recorded })
     }
 
-    async fn record(&self, task: TaskResult) -> Result<TaskResult, WorkflowError> {
+    /// Keeps the result of a task this execution ran, to be checkpointed by the next
+    /// [`Context::flush`] or with the run's completion.
+    fn defer(&self, task: TaskResult) {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.recorded.insert(task.key.clone(), task.clone());
+        p.unsent.push(task);
+    }
+
+    /// Checkpoints the results of the tasks this execution ran that are not checkpointed yet.
+    ///
+    /// A task's result is kept in the execution until the next step could have an effect the
+    /// task must not be repeated after: the next task runs, a child run starts, or the run
+    /// suspends, fails or is released (the worker runtime flushes before those reports). The
+    /// results left at the end travel with `CompleteRun` ([`Context::take_unsent`]) and are
+    /// committed in the completion's transaction: a one-task run costs one transaction after
+    /// its lease instead of two. What runs between a task and the next step is workflow code,
+    /// deterministic by the model, so a crash in between only makes the re-execution run the
+    /// task again, as a crash just before its checkpoint would. An `Err` is the reason the
+    /// execution must stop (the lease is lost, or the server refused a result).
+    pub async fn flush(&self) -> Result<(), WorkflowError> {
+        loop {
+            let next = {
+                let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+                match p.unsent.first() {
+                    Some(t) => t.clone(),
+                    None => return Ok(()),
+                }
+            };
+            self.record(next).await?;
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            if !p.unsent.is_empty() {
+                p.unsent.remove(0);
+            }
+        }
+    }
+
+    /// Takes the task results that are not checkpointed yet, for the runtime to send with the
+    /// run's completion (`CompleteRunRequest.tasks`).
+    pub fn take_unsent(&self) -> Vec<TaskResult> {
+        std::mem::take(&mut self.progress.lock().unwrap_or_else(|e| e.into_inner()).unsent)
+    }
+
+    async fn record(&self, task: TaskResult) -> Result<(), WorkflowError> {
         let req = RecordTaskRequest {
             namespace: self.lease.namespace.clone(),
             run_id: self.lease.run_id.clone(),
             lease_token: self.lease.lease_token.clone(),
-            task: Some(task.clone()),
+            task: Some(task),
         };
         let policy = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
@@ -537,7 +582,7 @@ impl Context {
             .when(|s| matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled))
             .await;
         match resp {
-            Ok(r) => Ok(r.task.unwrap_or(task)),
+            Ok(_) => Ok(()),
             Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
                 Err(WorkflowError::lease_lost(s.message().to_owned()))
             }
@@ -693,13 +738,7 @@ fn decode<O: DeserializeOwned>(name: &str, t: TaskResult) -> Result<O, WorkflowE
         Some(task_result::Result::Output(v)) => {
             let json = aiki_proto::value_to_json(&v)
                 .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?}: {e}")))?;
-            serde_json::from_value(json).map_err(|e| {
-                WorkflowError::new(
-                    "Serialization",
-                    format!("recorded output of task {name:?} does not fit: {e}"),
-                )
-                .non_retryable()
-            })
+            from_recorded(name, json)
         }
         // A recorded failure is final: retrying the run would only get it back again.
         Some(task_result::Result::Error(e)) => Err(WorkflowError {
@@ -711,6 +750,17 @@ fn decode<O: DeserializeOwned>(name: &str, t: TaskResult) -> Result<O, WorkflowE
             format!("task {name:?} has no recorded result"),
         )),
     }
+}
+
+/// A task's output from its recorded JSON.
+fn from_recorded<O: DeserializeOwned>(name: &str, json: serde_json::Value) -> Result<O, WorkflowError> {
+    serde_json::from_value(json).map_err(|e| {
+        WorkflowError::new(
+            "Serialization",
+            format!("recorded output of task {name:?} does not fit: {e}"),
+        )
+        .non_retryable()
+    })
 }
 
 /// The hash of a task's input in its key: of its JSON through `serde_json::Value`, whose maps

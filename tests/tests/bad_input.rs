@@ -263,6 +263,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         run_id: run.into(),
         lease_token: token.into(),
         output,
+        ..Default::default()
     };
     check(
         "complete under a wrong token",

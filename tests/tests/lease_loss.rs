@@ -3,7 +3,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use aiki_proto::v1::{CompleteRunRequest, GetRunResultRequest, HeartbeatRequest, Lease, RecordTaskRequest, RunStatus};
+use aiki_proto::v1::{
+    CompleteRunRequest, EventType, GetRunResultRequest, HeartbeatRequest, Lease, RecordTaskRequest, RunStatus,
+};
 use aiki_tests::{Counts, RawWorker, TestDb, TestServer, start_req};
 use aiki_worker::WorkerBuilder;
 use serde_json::json;
@@ -56,6 +58,7 @@ async fn a_silent_worker_loses_its_lease_and_its_reports_are_refused() {
             run_id: id.clone(),
             lease_token: leased_a.lease_token.clone(),
             output: value(json!("from A")),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -86,6 +89,7 @@ async fn a_silent_worker_loses_its_lease_and_its_reports_are_refused() {
         run_id: id.clone(),
         lease_token: leased_b.lease_token.clone(),
         output: value(json!("from B")),
+        ..Default::default()
     };
     b.client.clone().complete_run(complete.clone()).await.unwrap();
     b.client
@@ -153,7 +157,8 @@ async fn a_run_that_keeps_losing_its_lease_ends_failed() {
     assert_eq!(run.lease_expirations, 3);
 }
 
-/// A run of three tasks whose worker dies after task 2 is recorded: the next worker runs only
+/// A run of three tasks whose worker dies while task 3 runs, so after task 2 is checkpointed
+/// (a task's result is checkpointed before the next task starts): the next worker runs only
 /// task 3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_executed_run_skips_recorded_tasks() {
@@ -166,29 +171,30 @@ async fn a_re_executed_run_skips_recorded_tasks() {
         .unwrap();
 
     let effects: Counts = Arc::default();
-    let (after_two_tx, mut after_two) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let make_worker = |die_after_two: bool| {
+    let (in_three_tx, mut in_three) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let make_worker = |die_in_three: bool| {
         let effects = effects.clone();
-        let after_two_tx = after_two_tx.clone();
+        let in_three_tx = in_three_tx.clone();
         WorkerBuilder::new(server.url()).register("three", move |ctx: aiki::Context, input: serde_json::Value| {
             let effects = effects.clone();
-            let after_two_tx = after_two_tx.clone();
+            let in_three_tx = in_three_tx.clone();
             async move {
                 let mut acc = Vec::new();
                 for step in ["one", "two", "three"] {
                     let e = effects.clone();
+                    let in_three_tx = in_three_tx.clone();
                     let out: String = ctx
                         .task(step, &input, |_| async move {
+                            if step == "three" && die_in_three {
+                                let _ = in_three_tx.send(());
+                                // The worker dies here: task three never ends.
+                                std::future::pending::<()>().await;
+                            }
                             *e.lock().unwrap().entry(step.to_owned()).or_default() += 1;
                             Ok::<_, aiki::WorkflowError>(format!("{step} done"))
                         })
                         .await?;
                     acc.push(out);
-                    if step == "two" && die_after_two {
-                        let _ = after_two_tx.send(());
-                        // The worker dies here: it never gets further.
-                        std::future::pending::<()>().await;
-                    }
                 }
                 Ok(acc)
             }
@@ -197,7 +203,17 @@ async fn a_re_executed_run_skips_recorded_tasks() {
 
     let first = make_worker(true).build().await.unwrap();
     let first = tokio::spawn(first.run(CancellationToken::new()));
-    after_two.recv().await.expect("task two recorded");
+    in_three.recv().await.expect("task three started");
+    let history = client.history(&run.id).await.unwrap();
+    let recorded: Vec<_> = history
+        .iter()
+        .filter(|e| e.r#type == EventType::TaskRecorded as i32)
+        .collect();
+    assert_eq!(
+        recorded.len(),
+        2,
+        "tasks one and two were checkpointed before task three started"
+    );
     first.abort(); // the process is gone: no more heartbeats, no reports
     let _ = first.await;
 

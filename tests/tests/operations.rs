@@ -114,6 +114,7 @@ async fn watch_streams_events_live_until_the_run_ends() {
             run_id: run.id.clone(),
             lease_token: lease.lease_token,
             output: None,
+            ..Default::default()
         })
         .await
         .unwrap();

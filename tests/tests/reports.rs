@@ -26,6 +26,7 @@ fn complete(run_id: &str, token: &str, out: serde_json::Value) -> run_report::Re
         run_id: run_id.into(),
         lease_token: token.into(),
         output: Some(aiki_proto::json_to_value(&out)),
+        ..Default::default()
     })
 }
 
@@ -267,6 +268,7 @@ async fn concurrent_reports_of_many_runs_are_committed_together_without_mixing_a
                     run_id: id,
                     lease_token: token,
                     output: Some(aiki_proto::json_to_value(&json!(i))),
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -302,4 +304,141 @@ async fn concurrent_reports_of_many_runs_are_committed_together_without_mixing_a
         .unwrap()
         .get(0);
     assert_eq!(mismatched, 0);
+}
+
+fn complete_with(
+    run_id: &str,
+    token: &str,
+    out: serde_json::Value,
+    tasks: Vec<aiki_proto::v1::TaskResult>,
+) -> CompleteRunRequest {
+    CompleteRunRequest {
+        namespace: String::new(),
+        run_id: run_id.into(),
+        lease_token: token.into(),
+        output: Some(aiki_proto::json_to_value(&out)),
+        tasks,
+    }
+}
+
+/// The recorded (task key, output) of a run, by key.
+async fn recorded_tasks(db: &TestDb, run_id: &str) -> Vec<(String, serde_json::Value)> {
+    let id: uuid::Uuid = run_id.parse().unwrap();
+    db.connect()
+        .await
+        .query(
+            "SELECT task_key, output FROM run_tasks WHERE run_id = $1 ORDER BY task_key",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// A completion that carries task results records them in its own transaction, before the
+/// completion in the history; a duplicate of it applies nothing more; under a stale lease it
+/// records nothing; a bad task result refuses the whole completion and changes nothing.
+#[tokio::test]
+async fn a_completion_checkpoints_the_task_results_it_carries() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    let runs = (0..3).map(|i| start_req("carry", json!({"i": i}))).collect();
+    wf.start_runs(StartRunsRequest { runs }).await.unwrap();
+    let w = RawWorker::register(&server, &["default"]).await;
+    let leased = w.poll(3, Duration::from_secs(5)).await;
+    assert_eq!(leased.len(), 3);
+    let (a, b, c) = (&leased[0], &leased[1], &leased[2]);
+    let mut client = w.client.clone();
+
+    // A: one task recorded on its own, then two more carried by the completion; the carried
+    // copy of the first keeps the result recorded first.
+    client
+        .record_task(RecordTaskRequest {
+            namespace: String::new(),
+            run_id: a.run_id.clone(),
+            lease_token: a.lease_token.clone(),
+            task: Some(task_output("one#h#0", "one", 0, json!("first"))),
+        })
+        .await
+        .unwrap();
+    let carried = vec![
+        task_output("one#h#0", "one", 0, json!("again")),
+        task_output("two#h#0", "two", 1, json!(2)),
+        task_output("three#h#0", "three", 2, json!({"n": 3})),
+    ];
+    let done = complete_with(&a.run_id, &a.lease_token, json!("a done"), carried);
+    client.complete_run(done.clone()).await.unwrap();
+    let expected = vec![
+        ("one#h#0".to_owned(), json!("first")),
+        ("three#h#0".to_owned(), json!({"n": 3})),
+        ("two#h#0".to_owned(), json!(2)),
+    ];
+    assert_eq!(recorded_tasks(&db, &a.run_id).await, expected);
+    let history = [
+        "run_created",
+        "run_leased",
+        "task_recorded",
+        "task_recorded",
+        "task_recorded",
+        "run_completed",
+    ];
+    assert_eq!(history_types(&server, &a.run_id).await, history);
+    // The same completion again (a retry after a lost answer): acknowledged, nothing applied.
+    client.complete_run(done).await.unwrap();
+    assert_eq!(recorded_tasks(&db, &a.run_id).await, expected);
+    assert_eq!(history_types(&server, &a.run_id).await, history);
+
+    // B: a token that is not the lease records nothing and completes nothing.
+    let stale = complete_with(
+        &b.run_id,
+        &uuid::Uuid::new_v4().to_string(),
+        json!(null),
+        vec![task_output("x#h#0", "x", 0, json!(1))],
+    );
+    let err = client.complete_run(stale).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(recorded_tasks(&db, &b.run_id).await.is_empty());
+
+    // C: a task result without a key refuses the completion as a whole.
+    let bad = complete_with(
+        &c.run_id,
+        &c.lease_token,
+        json!(null),
+        vec![
+            task_output("ok#h#0", "ok", 0, json!(1)),
+            task_output("", "nameless", 1, json!(2)),
+        ],
+    );
+    let err = client.complete_run(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("tasks[1]: task.key"), "{}", err.message());
+    assert!(recorded_tasks(&db, &c.run_id).await.is_empty());
+    for run in [b, c] {
+        let got = wf
+            .get_run(aiki_proto::v1::GetRunRequest {
+                namespace: String::new(),
+                r#ref: Some(aiki_proto::v1::get_run_request::Ref::RunId(run.run_id.clone())),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.status, RunStatus::Running as i32, "run {} still leased", run.run_id);
+    }
+    // C's lease still holds: a good completion goes through.
+    client
+        .complete_run(complete_with(
+            &c.run_id,
+            &c.lease_token,
+            json!("c done"),
+            vec![task_output("ok#h#0", "ok", 0, json!(1))],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded_tasks(&db, &c.run_id).await,
+        vec![("ok#h#0".to_owned(), json!(1))]
+    );
 }

@@ -266,6 +266,7 @@ async fn duplicate_reports_succeed_and_apply_once() {
         run_id: id.clone(),
         lease_token: lease.lease_token.clone(),
         output: None,
+        ..Default::default()
     };
     let err = w.client.clone().complete_run(complete).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);

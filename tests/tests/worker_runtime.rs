@@ -391,3 +391,105 @@ async fn a_panicking_workflow_fails_its_attempt_and_frees_its_slot() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// When each task of a run is checkpointed, as `(task key, recorded in the transaction that
+/// completed the run)`, in the order the tasks ran: `now()` is the transaction's start, so a
+/// task recorded with the completion has the run's finish time.
+async fn checkpoints(db: &TestDb, run_id: &str) -> Vec<(String, bool)> {
+    let id: uuid::Uuid = run_id.parse().unwrap();
+    db.connect()
+        .await
+        .query(
+            "SELECT t.name, t.recorded_at = r.finished_at FROM run_tasks t JOIN runs r ON r.id = t.run_id \
+             WHERE t.run_id = $1 ORDER BY t.seq",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// A task's result is checkpointed before the next task starts, and the last one travels with
+/// the completion, committed in its transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_task_is_checkpointed_with_the_completion() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.client().await;
+    let shutdown = CancellationToken::new();
+    let worker = WorkerBuilder::new(server.url())
+        .register("two-steps", |ctx: Context, x: u64| async move {
+            let a: u64 = ctx
+                .task("one", x, |x| async move { Ok::<_, WorkflowError>(x + 1) })
+                .await?;
+            let b: u64 = ctx
+                .task("two", a, |a| async move { Ok::<_, WorkflowError>(a * 10) })
+                .await?;
+            Ok(b)
+        })
+        .build()
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    let run = client
+        .start_run("two-steps", &json!(4), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    let out: u64 = run.result(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(out, 50);
+    assert_eq!(
+        checkpoints(&db, &run.id).await,
+        [("one".to_owned(), false), ("two".to_owned(), true)]
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// The tasks that ran before an attempt failed are checkpointed before the failure is
+/// reported: the retry does not run them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_before_a_failed_attempt_are_not_run_again() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.client().await;
+    let effects: Counts = Arc::default();
+    let e = effects.clone();
+    let shutdown = CancellationToken::new();
+    let worker = WorkerBuilder::new(server.url())
+        .register("flaky", move |ctx: Context, (): ()| {
+            let e = e.clone();
+            async move {
+                let n: u32 = ctx
+                    .task("count", (), |()| async move {
+                        *e.lock().unwrap().entry("count".to_owned()).or_default() += 1;
+                        Ok::<_, WorkflowError>(7)
+                    })
+                    .await?;
+                if ctx.attempt() == 1 {
+                    return Err(WorkflowError::new("Flaky", "first attempt fails"));
+                }
+                Ok(n)
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    let options = aiki::StartOptions {
+        retry: Some(aiki::RetryPolicy {
+            max_attempts: Some(2),
+            initial_interval: Some(Duration::from_millis(10)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let run = client.start_run("flaky", &(), options).await.unwrap();
+    let out: u32 = run.result(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(out, 7);
+    assert_eq!(run.get().await.unwrap().attempt, 2);
+    assert_eq!(effects.lock().unwrap().get("count"), Some(&1), "the task ran once");
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -480,6 +480,7 @@ impl Inner {
             run.tasks.clone(),
         )
         .with_client(self.runs.clone());
+        let progress = ctx.clone();
         let execution = std::panic::AssertUnwindSafe(handler(ctx, input)).catch_unwind();
         let outcome = tokio::select! {
             r = execution => Some(r.unwrap_or_else(|panic| {
@@ -495,6 +496,11 @@ impl Inner {
         match outcome {
             None if cancel.load(std::sync::atomic::Ordering::SeqCst) => {
                 tracing::info!(run_id = %run.run_id, "run cancelled or paused; releasing it");
+                // Tasks that ran before the stop are kept, so that a resumed run does not
+                // repeat them.
+                if let Err(e) = progress.flush().await {
+                    tracing::warn!(run_id = %run.run_id, error = %e, "could not checkpoint the tasks run so far");
+                }
                 self.release(
                     &run.run_id,
                     &run.lease_token,
@@ -515,6 +521,8 @@ impl Inner {
                     run_id: run.run_id.clone(),
                     lease_token: run.lease_token.clone(),
                     output: Some(aiki_proto::json_to_value(&output)),
+                    // The last checkpoints, committed with the completion.
+                    tasks: progress.take_unsent(),
                 };
                 let sent = self
                     .report(&run.run_id, &stop, || {
@@ -535,8 +543,15 @@ impl Inner {
                     self.fail(&run, &stop, &e).await;
                 }
             }
-            Some(Err(e)) => match e.suspension() {
-                Some(s) => {
+            Some(Err(e)) => match (e.suspension(), progress.flush().await) {
+                (_, Err(lost)) if lost.is_lease_lost() => {
+                    tracing::warn!(run_id = %run.run_id, error = %lost.message, "lease lost; run stopped and not reported")
+                }
+                (_, Err(refused)) => {
+                    tracing::info!(run_id = %run.run_id, error = %refused, "a task result was refused; the attempt fails");
+                    self.fail(&run, &stop, &refused).await;
+                }
+                (Some(s), Ok(())) => {
                     let mut req = v1::SuspendRunRequest {
                         namespace: self.cfg.namespace.clone(),
                         run_id: run.run_id.clone(),
@@ -562,7 +577,7 @@ impl Inner {
                         })
                         .await;
                 }
-                None => {
+                (None, Ok(())) => {
                     tracing::info!(run_id = %run.run_id, error = %e, "run attempt failed");
                     self.fail(&run, &stop, &e).await;
                 }

@@ -6,7 +6,7 @@ use aiki_proto::v1::{
     CompleteRunRequest, CompleteRunResponse, FailRunRequest, FailRunResponse, HeartbeatRequest, HeartbeatResponse,
     LeasedRun, PollTasksRequest, PollTasksResponse, RecordTaskRequest, RecordTaskResponse, RegisterWorkerRequest,
     RegisterWorkerResponse, ReleaseRunRequest, ReleaseRunResponse, ReportError, ReportRequest, ReportResponse,
-    ReportResult, RunStatus, SuspendRunRequest, SuspendRunResponse, report_result, run_report, task_result,
+    ReportResult, RunStatus, SuspendRunRequest, SuspendRunResponse, TaskResult, report_result, run_report, task_result,
     worker_service_server::WorkerService,
 };
 use futures::future::select_all;
@@ -334,6 +334,36 @@ fn lease_of(namespace: &str, run_id: &str, token: &str) -> Result<(String, Uuid,
     ))
 }
 
+/// `e`, about the `i`-th of a completion's task results.
+fn in_tasks(i: usize, e: Error) -> Error {
+    match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(format!("tasks[{i}]: {m}")),
+        Error::ResourceExhausted(m) => Error::ResourceExhausted(format!("tasks[{i}]: {m}")),
+        e => e,
+    }
+}
+
+/// A task result to record, checked.
+fn new_task(task: &TaskResult, max_payload: usize) -> Result<NewTask> {
+    let (output, error) = match &task.result {
+        Some(task_result::Result::Output(v)) => (Some(validate::payload("task.output", Some(v), max_payload)?), None),
+        Some(task_result::Result::Error(e)) => (None, Some(error_json(Some(e), max_payload)?)),
+        None => {
+            return Err(Error::InvalidArgument("task.output or task.error is required".into()));
+        }
+    };
+    if task.seq > i32::MAX as u32 {
+        return Err(Error::InvalidArgument(format!("task.seq {} is too large", task.seq)));
+    }
+    Ok(NewTask {
+        key: validate::name("task.key", &task.key, 512)?,
+        name: validate::name("task.name", &task.name, 255)?,
+        seq: task.seq,
+        output,
+        error,
+    })
+}
+
 impl WorkerSvc {
     async fn suspend(&self, req: SuspendRunRequest) -> Result<SuspendRunResponse> {
         let bytes = req.encoded_len();
@@ -404,24 +434,7 @@ impl WorkerSvc {
         let task = req
             .task
             .ok_or_else(|| Error::InvalidArgument("task is required".into()))?;
-        let max = self.0.config.max_payload_bytes;
-        let (output, error) = match &task.result {
-            Some(task_result::Result::Output(v)) => (Some(validate::payload("task.output", Some(v), max)?), None),
-            Some(task_result::Result::Error(e)) => (None, Some(error_json(Some(e), max)?)),
-            None => {
-                return Err(Error::InvalidArgument("task.output or task.error is required".into()));
-            }
-        };
-        if task.seq > i32::MAX as u32 {
-            return Err(Error::InvalidArgument(format!("task.seq {} is too large", task.seq)));
-        }
-        let new = NewTask {
-            key: validate::name("task.key", &task.key, 512)?,
-            name: validate::name("task.name", &task.name, 255)?,
-            seq: task.seq,
-            output,
-            error,
-        };
+        let new = new_task(&task, self.0.config.max_payload_bytes)?;
         let report = Report::Record {
             namespace,
             id,
@@ -445,12 +458,26 @@ impl WorkerSvc {
     async fn complete(&self, req: CompleteRunRequest) -> Result<CompleteRunResponse> {
         let bytes = req.encoded_len();
         let (namespace, id, token) = lease_of(&req.namespace, &req.run_id, &req.lease_token)?;
-        let output = validate::payload("output", req.output.as_ref(), self.0.config.max_payload_bytes)?;
+        let max = self.0.config.max_payload_bytes;
+        let output = validate::payload("output", req.output.as_ref(), max)?;
+        if req.tasks.len() > MAX_REPORTS {
+            return Err(Error::InvalidArgument(format!(
+                "a completion carries at most {MAX_REPORTS} task results, got {}",
+                req.tasks.len()
+            )));
+        }
+        let tasks = req
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| new_task(t, max).map_err(|e| in_tasks(i, e)))
+            .collect::<Result<Vec<_>>>()?;
         let report = Report::Complete {
             namespace,
             id,
             token,
             output,
+            tasks,
         };
         match self.0.committer.apply(report, bytes).await? {
             Applied::Completed(true) => run_changed(&self.0, id),

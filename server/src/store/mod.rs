@@ -1011,12 +1011,13 @@ pub enum Report {
         token: Uuid,
         task: NewTask,
     },
-    /// `CompleteRun`.
+    /// `CompleteRun`, with the task results it checkpoints.
     Complete {
         namespace: String,
         id: Uuid,
         token: Uuid,
         output: Json,
+        tasks: Vec<NewTask>,
     },
     /// `FailRun` or `ReleaseRun`.
     End {
@@ -1345,6 +1346,87 @@ async fn lock_parents(
 /// A locked run's (open lease's token, attempt, lease owner).
 type LeaseRow = (Option<Uuid>, i32, Option<Uuid>);
 
+/// A `CompleteRun` report of a batch.
+struct Completion<'a> {
+    report: usize,
+    namespace: &'a str,
+    id: Uuid,
+    token: Uuid,
+    output: &'a Json,
+    tasks: &'a [NewTask],
+}
+
+/// Task results to record in one statement (`sql/tasks_record.sql`), as its column arrays.
+#[derive(Default)]
+struct TaskRows<'a> {
+    ns: Vec<&'a str>,
+    ids: Vec<Uuid>,
+    keys: Vec<&'a str>,
+    names: Vec<&'a str>,
+    seqs: Vec<i32>,
+    outputs: Vec<Option<&'a Json>>,
+    errors: Vec<Option<&'a Json>>,
+    attempts: Vec<i32>,
+    owners: Vec<Option<Uuid>>,
+    event_seqs: Vec<Option<i64>>,
+}
+
+impl<'a> TaskRows<'a> {
+    /// Adds the result of `task` of run `id`, recorded under `attempt` by worker `owner`, as
+    /// the history event `event_seq` (`None`: drawn by the insert).
+    fn push(
+        &mut self,
+        ns: &'a str,
+        id: Uuid,
+        task: &'a NewTask,
+        attempt: i32,
+        owner: Option<Uuid>,
+        event_seq: Option<i64>,
+    ) {
+        self.ns.push(ns);
+        self.ids.push(id);
+        self.keys.push(&task.key);
+        self.names.push(&task.name);
+        self.seqs.push(task.seq as i32);
+        self.outputs.push(task.output.as_ref());
+        self.errors.push(task.error.as_ref());
+        self.attempts.push(attempt);
+        self.owners.push(owner);
+        self.event_seqs.push(event_seq);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Inserts the rows (a task already recorded is kept): answers the (run, key, namespace)
+    /// of each one recorded now.
+    async fn insert(&self, tx: &Transaction<'_>) -> Result<Vec<(Uuid, String, String)>> {
+        let stmt = tx.prepare_cached(sql!("tasks_record")).await?;
+        let rows = tx
+            .query(
+                &stmt,
+                &[
+                    &self.ns,
+                    &self.ids,
+                    &self.keys,
+                    &self.names,
+                    &self.seqs,
+                    &self.outputs,
+                    &self.errors,
+                    &self.attempts,
+                    &self.owners,
+                    &self.event_seqs,
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("run_id"), r.get("task_key"), r.get("namespace")))
+            .collect())
+    }
+}
+
 /// The body of [`Store::apply_reports`]: set-based statements first (their answers tell which
 /// reports applied), then every other report one by one, then one NOTIFY per queue woken.
 async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result<Applied>>> {
@@ -1396,8 +1478,7 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
             .collect();
         leases.sort_unstable_by(|a, b| (a.0.as_str(), a.1).cmp(&(b.0.as_str(), b.1)));
         let mut live = Vec::new();
-        let (mut ns, mut ids, mut keys, mut names, mut seqs, mut outputs, mut errors, mut attempts, mut owners) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut rows = TaskRows::default();
         for &i in &records {
             let Report::Record {
                 namespace,
@@ -1418,27 +1499,10 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
                 continue;
             }
             live.push(i);
-            ns.push(namespace.as_str());
-            ids.push(*id);
-            keys.push(task.key.as_str());
-            names.push(task.name.as_str());
-            seqs.push(task.seq as i32);
-            outputs.push(task.output.as_ref());
-            errors.push(task.error.as_ref());
-            attempts.push(*attempt);
-            owners.push(*owner);
+            rows.push(namespace, *id, task, *attempt, *owner, None);
         }
         if !live.is_empty() {
-            let stmt = tx.prepare_cached(sql!("tasks_record")).await?;
-            let mut recorded: Vec<(Uuid, String, String)> = tx
-                .query(
-                    &stmt,
-                    &[&ns, &ids, &keys, &names, &seqs, &outputs, &errors, &attempts, &owners],
-                )
-                .await?
-                .iter()
-                .map(|r| (r.get("run_id"), r.get("task_key"), r.get("namespace")))
-                .collect();
+            let mut recorded = rows.insert(tx).await?;
             recorded.sort_unstable();
             for i in live {
                 if let Report::Record {
@@ -1456,8 +1520,9 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
         }
     }
 
-    // Completions, in run order so that concurrent batches lock rows in one order.
-    let mut completes: Vec<(usize, &str, Uuid, Uuid, &Json)> = reports
+    // Completions, in run order so that concurrent batches lock rows in one order; then the
+    // task results they carry, of the runs they completed, under those row locks.
+    let mut completes: Vec<Completion<'_>> = reports
         .iter()
         .enumerate()
         .filter_map(|(i, r)| match r {
@@ -1466,20 +1531,41 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
                 id,
                 token,
                 output,
-            } => Some((i, namespace.as_str(), *id, *token, output)),
+                tasks,
+            } => Some(Completion {
+                report: i,
+                namespace,
+                id: *id,
+                token: *token,
+                output,
+                tasks,
+            }),
             _ => None,
         })
         .collect();
     if !completes.is_empty() {
-        completes.sort_unstable_by(|a, b| (a.1, a.2).cmp(&(b.1, b.2)));
-        let ns: Vec<&str> = completes.iter().map(|c| c.1).collect();
-        let ids: Vec<Uuid> = completes.iter().map(|c| c.2).collect();
-        let tokens: Vec<Uuid> = completes.iter().map(|c| c.3).collect();
-        let outputs: Vec<&Json> = completes.iter().map(|c| c.4).collect();
+        completes.sort_unstable_by(|a, b| (a.namespace, a.id).cmp(&(b.namespace, b.id)));
+        let ns: Vec<&str> = completes.iter().map(|c| c.namespace).collect();
+        let ids: Vec<Uuid> = completes.iter().map(|c| c.id).collect();
+        let tokens: Vec<Uuid> = completes.iter().map(|c| c.token).collect();
+        let outputs: Vec<&Json> = completes.iter().map(|c| c.output).collect();
+        let ntasks: Vec<i32> = completes.iter().map(|c| c.tasks.len() as i32).collect();
         let stmt = tx.prepare_cached(sql!("runs_complete")).await?;
-        for row in tx.query(&stmt, &[&ns, &ids, &tokens, &outputs]).await? {
+        let mut rows = TaskRows::default();
+        for row in tx.query(&stmt, &[&ns, &ids, &tokens, &outputs, &ntasks]).await? {
             let ord: i64 = row.get("ord");
-            out[completes[ord as usize - 1].0] = Some(Ok(Applied::Completed(true)));
+            let c = &completes[ord as usize - 1];
+            out[c.report] = Some(Ok(Applied::Completed(true)));
+            if !c.tasks.is_empty() {
+                let seqs: Vec<i64> = row.get("task_seqs");
+                let (attempt, owner) = (row.get("attempt"), row.get("lease_owner"));
+                for (task, seq) in c.tasks.iter().zip(seqs) {
+                    rows.push(c.namespace, c.id, task, attempt, owner, Some(seq));
+                }
+            }
+        }
+        if !rows.is_empty() {
+            rows.insert(tx).await?;
         }
     }
 
