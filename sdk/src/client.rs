@@ -260,9 +260,9 @@ impl Client {
             } else {
                 ConflictPolicy::Fail
             } as i32,
-            // Makes this call's own retries safe when no idempotency key is given. Time-ordered
-            // (v7), so the server's unique index on it grows at its right edge instead of taking
-            // inserts at random pages.
+            // Makes this call's own retries safe when no idempotency key is given. A UUIDv7:
+            // the server makes it the run's id, so that the primary key dedupes the retries
+            // (and, time-ordered, grows at its right edge).
             request_id: uuid::Uuid::now_v7().to_string(),
             delay: opts.delay.map(aiki_proto::duration_to_proto),
             priority: opts.priority,

@@ -105,6 +105,62 @@ async fn a_retried_start_without_key_is_deduplicated_by_request_id() {
     );
 }
 
+/// A request id that is a UUIDv7, as the SDK sends, is the run's id: retries of the start
+/// (single or batched, and racing each other) make one run, and the same request id with
+/// another input is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_uuid_v7_request_id_is_the_run_id_and_dedupes_racing_retries() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.workflows().await;
+    let request = uuid::Uuid::now_v7().to_string();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(100));
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let mut c = client.clone();
+        let barrier = barrier.clone();
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut req = start_req("email", json!({"to": "a@example.com"}));
+            req.request_id = request;
+            barrier.wait().await;
+            if i % 2 == 0 {
+                c.start_run(req).await.map(|r| r.into_inner())
+            } else {
+                let mut batch = c.start_runs(StartRunsRequest { runs: vec![req] }).await?.into_inner();
+                Ok(batch.results.remove(0))
+            }
+        }));
+    }
+    let mut created = 0;
+    for t in tasks {
+        let resp = t
+            .await
+            .unwrap()
+            .expect("every retry gets the run, no error from the race");
+        assert_eq!(resp.run.unwrap().id, request, "the run's id is the request id");
+        created += usize::from(resp.created);
+    }
+    assert_eq!(created, 1, "exactly one start created it");
+    let pg = db.connect().await;
+    let n: i64 = pg.query_one("SELECT count(*) FROM runs", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+
+    let mut c = client.clone();
+    let mut other = start_req("email", json!({"to": "b@example.com"}));
+    other.request_id = request.clone();
+    let err = c.start_run(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains(&request), "{}", err.message());
+    // A request id of another form is kept as it is, and dedupes just the same.
+    let mut plain = start_req("email", json!({"to": "c@example.com"}));
+    plain.request_id = "retry-me-1".into();
+    let a = c.start_run(plain.clone()).await.unwrap().into_inner();
+    let b = c.start_run(plain).await.unwrap().into_inner();
+    assert!(a.created && !b.created);
+    assert_eq!(a.run.unwrap().id, b.run.unwrap().id);
+}
+
 #[tokio::test]
 async fn start_runs_is_one_transaction() {
     let db = TestDb::new().await;

@@ -44,6 +44,17 @@ impl WorkflowSvc {
             Some(_) => None,
             None => validate::opt_name("request_id", &r.request_id, 255)?,
         };
+        // A request id that is a UUIDv7 (the SDK sends those) becomes the run's id: the primary
+        // key then deduplicates the retries, and no index of request ids is written (on the
+        // insert, and again on every update of the run that is not HOT). Any other request id
+        // is kept in its own column, deduplicated by its own unique index.
+        let (id, request_id, id_from_request) = match request_id {
+            Some(r) => match Uuid::parse_str(&r) {
+                Ok(id) if id.get_version_num() == 7 => (id, None, true),
+                _ => (Uuid::now_v7(), Some(r), false),
+            },
+            None => (Uuid::now_v7(), None, false),
+        };
         let input = validate::payload("input", r.input.as_ref(), c.max_payload_bytes)?;
         let delay = validate::duration("delay", r.delay.as_ref(), Duration::from_secs(366 * 86_400))?;
         if !(-1000..=1000).contains(&r.priority) {
@@ -125,7 +136,8 @@ impl WorkflowSvc {
         };
         Ok(NewRun {
             namespace,
-            id: Uuid::now_v7(),
+            id,
+            id_from_request,
             workflow,
             version,
             queue,

@@ -47,6 +47,8 @@ pub struct NewRun {
     pub input: Json,
     pub idempotency_key: Option<String>,
     pub request_id: Option<String>,
+    /// The id is the client's request id (a UUIDv7), which dedupes the start like a key.
+    pub id_from_request: bool,
     pub return_existing: bool,
     pub delay: Duration,
     pub retry: RetryPolicy,
@@ -1051,9 +1053,9 @@ async fn start_in(
     // Insert in key order, so that two batches sharing keys take their locks in the same
     // order and cannot deadlock; answer in request order.
     let mut order: Vec<usize> = (0..runs.len()).collect();
-    order.sort_by(|a, b| {
-        let key = |r: &NewRun| (r.idempotency_key.clone(), r.request_id.clone());
-        key(&runs[*a]).cmp(&key(&runs[*b]))
+    order.sort_by_key(|&i| {
+        let r = &runs[i];
+        (r.idempotency_key.as_deref(), r.request_id.as_deref(), r.id)
     });
     let (mut refused, parents) = lock_parents(tx, runs).await?;
     let pinned = pin_versions(tx, runs, &mut refused, cache).await?;
@@ -1182,7 +1184,14 @@ async fn start_in(
         let existing = tx
             .query_opt(
                 &tx.prepare_cached(sql!("run_by_dedupe")).await?,
-                &[&r.namespace, &r.idempotency_key, &r.request_id, &r.workflow, &r.input],
+                &[
+                    &r.namespace,
+                    &r.idempotency_key,
+                    &r.request_id,
+                    &r.workflow,
+                    &r.input,
+                    &r.id_from_request.then_some(r.id),
+                ],
             )
             .await?;
         let answer = match existing {
@@ -1192,6 +1201,7 @@ async fn start_in(
             Some(existing) if !existing.get::<_, bool>("same_start") && !r.return_existing => {
                 let what = match &r.idempotency_key {
                     Some(k) => format!("idempotency key {k:?}"),
+                    None if r.id_from_request => format!("request id \"{}\"", r.id),
                     None => format!("request id {:?}", r.request_id.as_deref().unwrap_or("")),
                 };
                 let id: Uuid = existing.get("id");
