@@ -176,7 +176,7 @@ pub struct Context {
     reporter: Reporter,
     progress: Arc<Mutex<Progress>>,
     /// Starts child runs.
-    client: Option<Client>,
+    client: Option<Arc<Client>>,
 }
 
 impl Context {
@@ -196,8 +196,14 @@ impl Context {
     }
 
     /// The same context, with a client to start child runs through ([`Context::start_child`]).
-    pub fn with_client(mut self, client: Client) -> Self {
-        self.client = Some(client.with_namespace(self.lease.namespace.clone()));
+    pub fn with_client(self, client: Client) -> Self {
+        self.with_shared_client(Arc::new(client))
+    }
+
+    /// [`Context::with_client`] with a client shared by many contexts (a worker's executions):
+    /// nothing is copied per context.
+    pub fn with_shared_client(mut self, client: Arc<Client>) -> Self {
+        self.client = Some(client);
         self
     }
 
@@ -472,6 +478,7 @@ impl Context {
         }
         opts.parent_run_id = Some(self.lease.run_id.clone());
         self.flush().await?;
+        let client = Client::clone(client).with_namespace(self.lease.namespace.clone());
         let handle = client.start_run(workflow, input, opts).await.map_err(|e| {
             let retryable = matches!(e, crate::Error::Unavailable(_) | crate::Error::Server(_));
             let e = WorkflowError::new("ChildStart", format!("could not start child {workflow:?}: {e}"));
@@ -767,11 +774,10 @@ fn from_recorded<O: DeserializeOwned>(name: &str, json: serde_json::Value) -> Re
 /// are sorted, so the same input always hashes the same, even when it holds a `HashMap`.
 fn input_hash<I: Serialize>(input: &I) -> Result<String, serde_json::Error> {
     let json = serde_json::to_vec(&serde_json::to_value(input)?)?;
-    Ok(hex8(&Sha256::digest(&json)))
-}
-
-fn hex8(bytes: &[u8]) -> String {
-    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    // The first 8 bytes of the digest, in hex.
+    let mut hex = format!("{:x}", Sha256::digest(&json));
+    hex.truncate(16);
+    Ok(hex)
 }
 
 #[cfg(test)]

@@ -150,6 +150,23 @@ impl TestDb {
         tokio::spawn(conn);
         client
     }
+
+    /// The two columns of each row `sql` selects about run `run_id` (its `$1`).
+    pub async fn pairs_of_run<A, B>(&self, sql: &str, run_id: &str) -> Vec<(A, B)>
+    where
+        A: for<'a> tokio_postgres::types::FromSql<'a>,
+        B: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        let id: uuid::Uuid = run_id.parse().expect("a run id");
+        self.connect()
+            .await
+            .query(sql, &[&id])
+            .await
+            .expect("query")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
 }
 
 impl Drop for TestDb {

@@ -323,18 +323,11 @@ fn complete_with(
 
 /// The recorded (task key, output) of a run, by key.
 async fn recorded_tasks(db: &TestDb, run_id: &str) -> Vec<(String, serde_json::Value)> {
-    let id: uuid::Uuid = run_id.parse().unwrap();
-    db.connect()
-        .await
-        .query(
-            "SELECT task_key, output FROM run_tasks WHERE run_id = $1 ORDER BY task_key",
-            &[&id],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    db.pairs_of_run(
+        "SELECT task_key, output FROM run_tasks WHERE run_id = $1 ORDER BY task_key",
+        run_id,
+    )
+    .await
 }
 
 /// A completion that carries task results records them in its own transaction, before the

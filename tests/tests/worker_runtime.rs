@@ -396,19 +396,12 @@ async fn a_panicking_workflow_fails_its_attempt_and_frees_its_slot() {
 /// completed the run)`, in the order the tasks ran: `now()` is the transaction's start, so a
 /// task recorded with the completion has the run's finish time.
 async fn checkpoints(db: &TestDb, run_id: &str) -> Vec<(String, bool)> {
-    let id: uuid::Uuid = run_id.parse().unwrap();
-    db.connect()
-        .await
-        .query(
-            "SELECT t.name, t.recorded_at = r.finished_at FROM run_tasks t JOIN runs r ON r.id = t.run_id \
-             WHERE t.run_id = $1 ORDER BY t.seq",
-            &[&id],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    db.pairs_of_run(
+        "SELECT t.name, t.recorded_at = r.finished_at FROM run_tasks t JOIN runs r ON r.id = t.run_id \
+         WHERE t.run_id = $1 ORDER BY t.seq",
+        run_id,
+    )
+    .await
 }
 
 /// A task's result is checkpointed before the next task starts, and the last one travels with

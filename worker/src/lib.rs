@@ -172,7 +172,7 @@ impl WorkerBuilder {
             self.queues.push("default".into());
         }
         let channel = aiki::connect_channel(self.server.clone()).await?;
-        let runs = aiki::Client::from_channel(channel.clone());
+        let runs = Arc::new(aiki::Client::from_channel(channel.clone()));
         let client = WorkerServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
         Ok(Worker {
             inner: Arc::new(Inner {
@@ -221,7 +221,7 @@ struct Inner {
     cfg: WorkerBuilder,
     client: WorkerServiceClient<Channel>,
     /// Starts child runs for workflow code (`Context::start_child`).
-    runs: aiki::Client,
+    runs: Arc<aiki::Client>,
     /// Sends task results, completions, failures and releases, many per call.
     reporter: aiki::Reporter,
     worker_id: Mutex<String>,
@@ -479,7 +479,7 @@ impl Inner {
             self.reporter.clone(),
             run.tasks.clone(),
         )
-        .with_client(self.runs.clone());
+        .with_shared_client(self.runs.clone());
         let progress = ctx.clone();
         let execution = std::panic::AssertUnwindSafe(handler(ctx, input)).catch_unwind();
         let outcome = tokio::select! {
@@ -496,17 +496,22 @@ impl Inner {
         match outcome {
             None if cancel.load(std::sync::atomic::Ordering::SeqCst) => {
                 tracing::info!(run_id = %run.run_id, "run cancelled or paused; releasing it");
-                // Tasks that ran before the stop are kept, so that a resumed run does not
-                // repeat them.
-                if let Err(e) = progress.flush().await {
-                    tracing::warn!(run_id = %run.run_id, error = %e, "could not checkpoint the tasks run so far");
-                }
-                self.release(
-                    &run.run_id,
-                    &run.lease_token,
-                    "stopped at the server's request (cancel or pause)",
-                    Duration::ZERO,
-                )
+                // Boxed, like the other rare endings, so that the future every execution
+                // carries (and moves) stays small.
+                Box::pin(async {
+                    // Tasks that ran before the stop are kept, so that a resumed run does not
+                    // repeat them.
+                    if let Err(e) = progress.flush().await {
+                        tracing::warn!(run_id = %run.run_id, error = %e, "could not checkpoint the tasks run so far");
+                    }
+                    self.release(
+                        &run.run_id,
+                        &run.lease_token,
+                        "stopped at the server's request (cancel or pause)",
+                        Duration::ZERO,
+                    )
+                    .await;
+                })
                 .await;
             }
             None => {
@@ -540,50 +545,56 @@ impl Inner {
                         format!("the server refused the output: {}", s.message()),
                     )
                     .non_retryable();
-                    self.fail(&run, &stop, &e).await;
+                    Box::pin(self.fail(&run, &stop, &e)).await;
                 }
             }
-            Some(Err(e)) => match (e.suspension(), progress.flush().await) {
-                (_, Err(lost)) if lost.is_lease_lost() => {
-                    tracing::warn!(run_id = %run.run_id, error = %lost.message, "lease lost; run stopped and not reported")
-                }
-                (_, Err(refused)) => {
-                    tracing::info!(run_id = %run.run_id, error = %refused, "a task result was refused; the attempt fails");
-                    self.fail(&run, &stop, &refused).await;
-                }
-                (Some(s), Ok(())) => {
-                    let mut req = v1::SuspendRunRequest {
-                        namespace: self.cfg.namespace.clone(),
-                        run_id: run.run_id.clone(),
-                        lease_token: run.lease_token.clone(),
-                        wait_key: s.key.clone(),
-                        wait_name: s.name.clone(),
-                        wait_seq: s.seq,
-                        ..Default::default()
-                    };
-                    match &s.wait {
-                        WaitFor::Sleep(d) => req.sleep = Some(aiki_proto::duration_to_proto(*d)),
-                        WaitFor::Event { name, timeout } => {
-                            req.event = name.clone();
-                            req.sleep = timeout.map(aiki_proto::duration_to_proto);
-                        }
-                        WaitFor::Child { run_id } => req.child_run_id = run_id.clone(),
-                    }
-                    tracing::debug!(run_id = %run.run_id, wait = ?s.wait, "run waits; suspending it");
-                    let _ = self
-                        .report(&run.run_id, &stop, || {
-                            let req = req.clone();
-                            async move { self.reporter.suspend_run(req).await.map(|_| ()) }
-                        })
-                        .await;
-                }
-                (None, Ok(())) => {
-                    tracing::info!(run_id = %run.run_id, error = %e, "run attempt failed");
-                    self.fail(&run, &stop, &e).await;
-                }
-            },
+            Some(Err(e)) => Box::pin(self.end_attempt(&run, &stop, &progress, e)).await,
         }
         self.forget(&run.run_id, &run.lease_token);
+    }
+
+    /// Ends an execution that returned an error: a suspension or a failed attempt, after
+    /// checkpointing the tasks it ran.
+    async fn end_attempt(&self, run: &LeasedRun, stop: &CancellationToken, progress: &Context, e: WorkflowError) {
+        match (e.suspension(), progress.flush().await) {
+            (_, Err(lost)) if lost.is_lease_lost() => {
+                tracing::warn!(run_id = %run.run_id, error = %lost.message, "lease lost; run stopped and not reported")
+            }
+            (_, Err(refused)) => {
+                tracing::info!(run_id = %run.run_id, error = %refused, "a task result was refused; the attempt fails");
+                self.fail(run, stop, &refused).await;
+            }
+            (Some(s), Ok(())) => {
+                let mut req = v1::SuspendRunRequest {
+                    namespace: self.cfg.namespace.clone(),
+                    run_id: run.run_id.clone(),
+                    lease_token: run.lease_token.clone(),
+                    wait_key: s.key.clone(),
+                    wait_name: s.name.clone(),
+                    wait_seq: s.seq,
+                    ..Default::default()
+                };
+                match &s.wait {
+                    WaitFor::Sleep(d) => req.sleep = Some(aiki_proto::duration_to_proto(*d)),
+                    WaitFor::Event { name, timeout } => {
+                        req.event = name.clone();
+                        req.sleep = timeout.map(aiki_proto::duration_to_proto);
+                    }
+                    WaitFor::Child { run_id } => req.child_run_id = run_id.clone(),
+                }
+                tracing::debug!(run_id = %run.run_id, wait = ?s.wait, "run waits; suspending it");
+                let _ = self
+                    .report(&run.run_id, stop, || {
+                        let req = req.clone();
+                        async move { self.reporter.suspend_run(req).await.map(|_| ()) }
+                    })
+                    .await;
+            }
+            (None, Ok(())) => {
+                tracing::info!(run_id = %run.run_id, error = %e, "run attempt failed");
+                self.fail(run, stop, &e).await;
+            }
+        }
     }
 
     async fn fail(&self, run: &LeasedRun, stop: &CancellationToken, e: &WorkflowError) {
