@@ -425,6 +425,7 @@ async fn the_last_task_is_checkpointed_with_the_completion() {
         .build()
         .await
         .unwrap();
+    let counts = worker.clone();
     let task = tokio::spawn(worker.run(shutdown.clone()));
     let run = client
         .start_run("two-steps", &json!(4), aiki::StartOptions::default())
@@ -432,6 +433,11 @@ async fn the_last_task_is_checkpointed_with_the_completion() {
         .unwrap();
     let out: u64 = run.result(Duration::from_secs(10)).await.unwrap();
     assert_eq!(out, 50);
+    eventually(Duration::from_secs(5), "the worker counts the completion", || async {
+        counts.completed("two-steps") == 1
+    })
+    .await;
+    assert_eq!(counts.completed("elsewhere"), 0, "a workflow it does not serve");
     assert_eq!(
         checkpoints(&db, &run.id).await,
         [("one".to_owned(), false), ("two".to_owned(), true)]

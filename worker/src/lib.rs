@@ -20,7 +20,10 @@ use std::{
     collections::HashMap,
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -176,6 +179,7 @@ impl WorkerBuilder {
         let client = WorkerServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
         Ok(Worker {
             inner: Arc::new(Inner {
+                completed: self.workflows.keys().map(|w| (w.clone(), AtomicU64::new(0))).collect(),
                 runs,
                 client: client.clone(),
                 reporter: aiki::Reporter::new(client),
@@ -227,6 +231,8 @@ struct Inner {
     worker_id: Mutex<String>,
     leases: Mutex<HashMap<String, Held>>,
     settings: Mutex<Settings>,
+    /// Runs completed, by workflow (the registered ones, fixed at build).
+    completed: HashMap<String, AtomicU64>,
 }
 
 /// A running worker; see the crate docs.
@@ -265,6 +271,15 @@ impl Worker {
     /// How many runs this worker holds right now.
     pub fn held(&self) -> usize {
         self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// How many runs of `workflow` this worker has completed: their `CompleteRun` was
+    /// acknowledged, so the completion is committed.
+    pub fn completed(&self, workflow: &str) -> u64 {
+        self.inner
+            .completed
+            .get(workflow)
+            .map_or(0, |n| n.load(Ordering::Relaxed))
     }
 
     /// Runs until `shutdown` is cancelled, then drains (see the crate docs) and returns.
@@ -535,6 +550,11 @@ impl Inner {
                         async move { self.reporter.complete_run(req).await.map(|_| ()) }
                     })
                     .await;
+                if sent.is_ok()
+                    && let Some(n) = self.completed.get(&run.workflow)
+                {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
                 if let Err(s) = sent
                     && matches!(s.code(), Code::InvalidArgument | Code::ResourceExhausted)
                 {
