@@ -175,6 +175,8 @@ pub struct Context {
     lease: Arc<Lease>,
     reporter: Reporter,
     progress: Arc<Mutex<Progress>>,
+    /// Held while unsent task results are being checkpointed (see [`Context::flush`]).
+    flushing: Arc<tokio::sync::Mutex<()>>,
     /// Starts child runs.
     client: Option<Arc<Client>>,
 }
@@ -191,6 +193,7 @@ impl Context {
                 recorded,
                 ..Progress::default()
             })),
+            flushing: Arc::default(),
             client: None,
         }
     }
@@ -550,6 +553,19 @@ impl Context {
     /// task again, as a crash just before its checkpoint would. An `Err` is the reason the
     /// execution must stop (the lease is lost, or the server refused a result).
     pub async fn flush(&self) -> Result<(), WorkflowError> {
+        // A result leaves `unsent` only once it is committed, so a step that finds nothing
+        // unsent has nothing to wait for; otherwise it waits for any flush under way (steps
+        // running concurrently in one workflow), then sends what is still unsent, in order.
+        if self
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unsent
+            .is_empty()
+        {
+            return Ok(());
+        }
+        let _flushing = self.flushing.lock().await;
         loop {
             let next = {
                 let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -559,6 +575,7 @@ impl Context {
                 }
             };
             self.record(next).await?;
+            // Only a flush removes (one at a time), and results are only added at the end.
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
             if !p.unsent.is_empty() {
                 p.unsent.remove(0);

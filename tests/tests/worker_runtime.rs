@@ -492,3 +492,46 @@ async fn tasks_before_a_failed_attempt_are_not_run_again() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Tasks running concurrently in one workflow each wait for the results before them to be
+/// checkpointed, and none is lost or recorded twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_tasks_are_checkpointed_once_each_in_order() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let client = server.client().await;
+    let shutdown = CancellationToken::new();
+    let worker = WorkerBuilder::new(server.url())
+        .register("fan-out", |ctx: Context, x: u64| async move {
+            let a: u64 = ctx
+                .task("a", x, |x| async move { Ok::<_, WorkflowError>(x + 1) })
+                .await?;
+            let (b, c) = futures::join!(
+                ctx.task("b", a, |a| async move { Ok::<_, WorkflowError>(a * 2) }),
+                ctx.task("c", a, |a| async move { Ok::<_, WorkflowError>(a * 3) }),
+            );
+            Ok(b? + c?)
+        })
+        .build()
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    let run = client
+        .start_run("fan-out", &json!(1), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    let out: u64 = run.result(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(out, 10);
+    let got = checkpoints(&db, &run.id).await;
+    let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"], "each task recorded once, in order: {got:?}");
+    assert!(!got[0].1, "a was committed before b and c ran: {got:?}");
+    // A task that finished before the other's function started was checkpointed by that one;
+    // the last to finish travels with the completion.
+    assert!(
+        got[1].1 || got[2].1,
+        "the last result came with the completion: {got:?}"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
