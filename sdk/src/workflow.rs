@@ -534,11 +534,14 @@ impl Context {
     }
 
     /// Keeps the result of a task this execution ran, to be checkpointed by the next
-    /// [`Context::flush`] or with the run's completion.
+    /// [`Context::flush`] or with the run's completion. Not in `recorded`: this execution has
+    /// moved past its key, so nothing looks it up there.
     fn defer(&self, task: TaskResult) {
-        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        p.recorded.insert(task.key.clone(), task.clone());
-        p.unsent.push(task);
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unsent
+            .push(task);
     }
 
     /// Checkpoints the results of the tasks this execution ran that are not checkpointed yet.
