@@ -332,7 +332,10 @@ impl Store {
                 ],
             )
             .await?;
-        rows.iter().map(run_from_row).collect()
+        let Some(cols) = rows.first().map(RunCols::of) else {
+            return Ok(Vec::new());
+        };
+        rows.iter().map(|r| run_from_row_at(r, &cols)).collect()
     }
 
     /// Cancels a run: at once if queued, suspended or paused, by request if running; and, in
@@ -1146,9 +1149,11 @@ async fn start_in(
         )
         .await?;
     let mut created = std::collections::HashMap::with_capacity(rows.len());
-    for row in &rows {
-        let run = run_from_row(row)?;
-        created.insert(row.get::<_, Uuid>("id"), run);
+    if let Some(cols) = rows.first().map(RunCols::of) {
+        for row in &rows {
+            let run = run_from_row_at(row, &cols)?;
+            created.insert(row.get::<_, Uuid>("id"), run);
+        }
     }
     let mut out: Vec<Option<Result<(Run, bool)>>> = runs.iter().map(|_| None).collect();
     let mut notify: Vec<String> = Vec::new();

@@ -31,35 +31,101 @@ pub fn error_from_json(j: &Json) -> RunError {
     }
 }
 
-pub fn retry_from_row(row: &Row) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: row.get::<_, i32>("max_attempts").max(1) as u32,
-        initial_interval: Duration::from_millis(row.get::<_, i64>("initial_interval_ms").max(0) as u64),
-        max_interval: Duration::from_millis(row.get::<_, i64>("max_interval_ms").max(0) as u64),
-        backoff_coefficient: row.get("backoff_coefficient"),
-        non_retryable_error_types: row.get("non_retryable_error_types"),
+/// Declares a struct of where each named column sits in a statement's rows, found once per
+/// answer: reading a column by name scans the row's columns, which for a run (thirty-odd
+/// columns, many rows per batch) was a tenth of the server's time in a batched start.
+macro_rules! columns {
+    ($(#[$doc:meta])* $name:ident { $($col:ident),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy)]
+        pub struct $name {
+            $($col: Option<usize>,)*
+        }
+
+        impl $name {
+            /// The positions in the rows of one statement's answer (any of its rows).
+            pub fn of(row: &Row) -> Self {
+                let cols = row.columns();
+                let at = |name: &str| cols.iter().position(|c| c.name() == name);
+                Self { $($col: at(stringify!($col)),)* }
+            }
+        }
+    };
+}
+
+columns! {
+    /// Positions of the columns [`run_from_row_at`] reads.
+    RunCols {
+        id, namespace, workflow, version, queue, status, input, output, error, idempotency_key,
+        priority, attempt, max_attempts, initial_interval_ms, max_interval_ms,
+        backoff_coefficient, non_retryable_error_types, lease_expirations, cancel_requested,
+        lease_owner, created_at, updated_at, visible_at, started_at, finished_at,
+        lease_expires_at, pause_requested, wake_at, parent_id, wait_event, wait_child,
+        execution_deadline, attempt_timeout_ms, schedule_timeout_ms, heartbeat_timeout_ms,
     }
 }
 
+/// The value of a column the statement must select (a missing one is a bug in its SQL, which
+/// the tests catch, as `Row::get` by name would).
+fn need<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, at: Option<usize>, name: &str) -> T {
+    match at {
+        Some(i) => row.get(i),
+        None => panic!("the statement selects no column {name}"),
+    }
+}
+
+/// The value of a column the statement may leave out (`None` then, or when NULL).
+fn opt<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, at: Option<usize>) -> Option<T> {
+    at.and_then(|i| row.try_get::<_, Option<T>>(i).ok().flatten())
+}
+
+pub fn retry_from_row(row: &Row) -> RetryPolicy {
+    retry_at(row, &RunCols::of(row))
+}
+
+fn retry_at(row: &Row, c: &RunCols) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: need::<i32>(row, c.max_attempts, "max_attempts").max(1) as u32,
+        initial_interval: Duration::from_millis(
+            need::<i64>(row, c.initial_interval_ms, "initial_interval_ms").max(0) as u64
+        ),
+        max_interval: Duration::from_millis(need::<i64>(row, c.max_interval_ms, "max_interval_ms").max(0) as u64),
+        backoff_coefficient: need(row, c.backoff_coefficient, "backoff_coefficient"),
+        non_retryable_error_types: need(row, c.non_retryable_error_types, "non_retryable_error_types"),
+    }
+}
+
+/// A run from a row of any statement that selects the run's columns (see [`run_from_row_at`]
+/// for many rows of one statement).
 pub fn run_from_row(row: &Row) -> Result<Run> {
-    let retry = retry_from_row(row);
-    let status: &str = row.get("status");
-    let status = status_of(status);
-    let owner: Option<Uuid> = row.get("lease_owner");
+    run_from_row_at(row, &RunCols::of(row))
+}
+
+/// [`run_from_row`] with the positions of the statement's columns found once.
+pub fn run_from_row_at(row: &Row, c: &RunCols) -> Result<Run> {
+    let retry = retry_at(row, c);
+    let status = status_of(need(row, c.status, "status"));
+    let owner: Option<Uuid> = opt(row, c.lease_owner);
+    let ts_of = |at: Option<usize>| opt::<SystemTime>(row, at).map(ts);
+    let ms_of = |at: Option<usize>| {
+        opt::<i64>(row, at).map(|ms| aiki_proto::duration_to_proto(Duration::from_millis(ms.max(0) as u64)))
+    };
+    let uuid_of = |at: Option<usize>| opt::<Uuid>(row, at).map(|u| u.to_string()).unwrap_or_default();
+    let created: Option<SystemTime> = opt(row, c.created_at);
     Ok(Run {
-        id: row.get::<_, Uuid>("id").to_string(),
-        namespace: row.get("namespace"),
-        workflow: row.get("workflow"),
-        version: row.get("version"),
-        queue: row.get("queue"),
+        id: need::<Uuid>(row, c.id, "id").to_string(),
+        namespace: need(row, c.namespace, "namespace"),
+        workflow: need(row, c.workflow, "workflow"),
+        version: need(row, c.version, "version"),
+        queue: need(row, c.queue, "queue"),
         status: status as i32,
         // Left out (NULL) where the caller has it already: a created run's input.
-        input: row.get::<_, Option<Json>>("input").as_ref().map(json_to_value),
-        output: row.get::<_, Option<Json>>("output").as_ref().map(json_to_value),
-        error: row.get::<_, Option<Json>>("error").as_ref().map(error_from_json),
-        idempotency_key: row.get::<_, Option<String>>("idempotency_key").unwrap_or_default(),
-        priority: row.get("priority"),
-        attempt: row.get::<_, i32>("attempt").max(0) as u32,
+        input: opt::<Json>(row, c.input).as_ref().map(json_to_value),
+        output: opt::<Json>(row, c.output).as_ref().map(json_to_value),
+        error: opt::<Json>(row, c.error).as_ref().map(error_from_json),
+        idempotency_key: opt::<String>(row, c.idempotency_key).unwrap_or_default(),
+        priority: need(row, c.priority, "priority"),
+        attempt: need::<i32>(row, c.attempt, "attempt").max(0) as u32,
         retry_policy: Some(v1::RetryPolicy {
             max_attempts: retry.max_attempts,
             initial_interval: Some(aiki_proto::duration_to_proto(retry.initial_interval)),
@@ -67,61 +133,31 @@ pub fn run_from_row(row: &Row) -> Result<Run> {
             backoff_coefficient: retry.backoff_coefficient,
             non_retryable_error_types: retry.non_retryable_error_types,
         }),
-        lease_expirations: row.get::<_, i32>("lease_expirations").max(0) as u32,
-        cancel_requested: row.get("cancel_requested"),
+        lease_expirations: need::<i32>(row, c.lease_expirations, "lease_expirations").max(0) as u32,
+        cancel_requested: need(row, c.cancel_requested, "cancel_requested"),
         worker_id: match (status, owner) {
             (v1::RunStatus::Running, Some(o)) => o.to_string(),
             _ => String::new(),
         },
-        created_at: opt_ts(row, "created_at"),
-        updated_at: opt_ts(row, "updated_at"),
-        visible_at: opt_ts(row, "visible_at"),
-        started_at: opt_ts(row, "started_at"),
-        finished_at: opt_ts(row, "finished_at"),
-        lease_expires_at: opt_ts(row, "lease_expires_at"),
-        pause_requested: row.try_get("pause_requested").unwrap_or(false),
-        wake_at: row
-            .try_get::<_, Option<SystemTime>>("wake_at")
-            .ok()
-            .flatten()
-            .map(Into::into),
-        parent_run_id: opt_uuid(row, "parent_id"),
-        wait_event: row
-            .try_get::<_, Option<String>>("wait_event")
-            .ok()
-            .flatten()
-            .unwrap_or_default(),
-        wait_child_run_id: opt_uuid(row, "wait_child"),
-        execution_timeout: match (
-            row.try_get::<_, Option<SystemTime>>("execution_deadline")
-                .ok()
-                .flatten(),
-            row.try_get::<_, Option<SystemTime>>("created_at").ok().flatten(),
-        ) {
+        created_at: created.map(ts),
+        updated_at: ts_of(c.updated_at),
+        visible_at: ts_of(c.visible_at),
+        started_at: ts_of(c.started_at),
+        finished_at: ts_of(c.finished_at),
+        lease_expires_at: ts_of(c.lease_expires_at),
+        pause_requested: opt(row, c.pause_requested).unwrap_or(false),
+        wake_at: ts_of(c.wake_at),
+        parent_run_id: uuid_of(c.parent_id),
+        wait_event: opt::<String>(row, c.wait_event).unwrap_or_default(),
+        wait_child_run_id: uuid_of(c.wait_child),
+        execution_timeout: match (opt::<SystemTime>(row, c.execution_deadline), created) {
             (Some(deadline), Some(created)) => deadline.duration_since(created).ok().map(aiki_proto::duration_to_proto),
             _ => None,
         },
-        attempt_timeout: opt_ms(row, "attempt_timeout_ms"),
-        schedule_to_start_timeout: opt_ms(row, "schedule_timeout_ms"),
-        heartbeat_timeout: opt_ms(row, "heartbeat_timeout_ms"),
+        attempt_timeout: ms_of(c.attempt_timeout_ms),
+        schedule_to_start_timeout: ms_of(c.schedule_timeout_ms),
+        heartbeat_timeout: ms_of(c.heartbeat_timeout_ms),
     })
-}
-
-/// An optional bigint column of milliseconds as a duration.
-fn opt_ms(row: &Row, col: &str) -> Option<prost_types::Duration> {
-    row.try_get::<_, Option<i64>>(col)
-        .ok()
-        .flatten()
-        .map(|ms| aiki_proto::duration_to_proto(Duration::from_millis(ms.max(0) as u64)))
-}
-
-/// An optional uuid column as text ("" when NULL or not selected).
-fn opt_uuid(row: &Row, col: &str) -> String {
-    row.try_get::<_, Option<Uuid>>(col)
-        .ok()
-        .flatten()
-        .map(|u| u.to_string())
-        .unwrap_or_default()
 }
 
 pub fn leased_from_row(row: &Row) -> Result<LeasedRun> {
