@@ -1704,7 +1704,7 @@ async fn end_one(
     let owner: Option<Uuid> = row.get("lease_owner");
     let cancel_requested: bool = row.get("cancel_requested");
     let pause_requested: bool = row.get("pause_requested");
-    let policy = retry_from_row(&row);
+    let policy = retry_from_row(&row)?;
     // A wait for a child: the child must be this run's. Checked before anything is written.
     let child = match end {
         LeaseEnd::Suspend {

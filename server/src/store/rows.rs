@@ -12,7 +12,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{RetryPolicy, status_of};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 fn ts(t: SystemTime) -> Timestamp {
     t.into()
@@ -65,13 +65,12 @@ columns! {
     }
 }
 
-/// The value of a column the statement must select (a missing one is a bug in its SQL, which
-/// the tests catch, as `Row::get` by name would).
-fn need<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, at: Option<usize>, name: &str) -> T {
-    match at {
-        Some(i) => row.get(i),
-        None => panic!("the statement selects no column {name}"),
-    }
+/// The value of a column the statement must select: a missing one (a bug in its SQL) or one
+/// of another type is an internal error.
+fn need<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, at: Option<usize>, name: &str) -> Result<T> {
+    let i = at.ok_or_else(|| Error::Internal(format!("the statement selects no column {name}")))?;
+    row.try_get(i)
+        .map_err(|e| Error::Internal(format!("column {name}: {e}")))
 }
 
 /// The value of a column the statement may leave out (`None` then, or when NULL).
@@ -79,20 +78,20 @@ fn opt<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, at: Option<usize
     at.and_then(|i| row.try_get::<_, Option<T>>(i).ok().flatten())
 }
 
-pub fn retry_from_row(row: &Row) -> RetryPolicy {
+pub fn retry_from_row(row: &Row) -> Result<RetryPolicy> {
     retry_at(row, &RunCols::of(row))
 }
 
-fn retry_at(row: &Row, c: &RunCols) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: need::<i32>(row, c.max_attempts, "max_attempts").max(1) as u32,
+fn retry_at(row: &Row, c: &RunCols) -> Result<RetryPolicy> {
+    Ok(RetryPolicy {
+        max_attempts: need::<i32>(row, c.max_attempts, "max_attempts")?.max(1) as u32,
         initial_interval: Duration::from_millis(
-            need::<i64>(row, c.initial_interval_ms, "initial_interval_ms").max(0) as u64
+            need::<i64>(row, c.initial_interval_ms, "initial_interval_ms")?.max(0) as u64
         ),
-        max_interval: Duration::from_millis(need::<i64>(row, c.max_interval_ms, "max_interval_ms").max(0) as u64),
-        backoff_coefficient: need(row, c.backoff_coefficient, "backoff_coefficient"),
-        non_retryable_error_types: need(row, c.non_retryable_error_types, "non_retryable_error_types"),
-    }
+        max_interval: Duration::from_millis(need::<i64>(row, c.max_interval_ms, "max_interval_ms")?.max(0) as u64),
+        backoff_coefficient: need(row, c.backoff_coefficient, "backoff_coefficient")?,
+        non_retryable_error_types: need(row, c.non_retryable_error_types, "non_retryable_error_types")?,
+    })
 }
 
 /// A run from a row of any statement that selects the run's columns (see [`run_from_row_at`]
@@ -103,8 +102,8 @@ pub fn run_from_row(row: &Row) -> Result<Run> {
 
 /// [`run_from_row`] with the positions of the statement's columns found once.
 pub fn run_from_row_at(row: &Row, c: &RunCols) -> Result<Run> {
-    let retry = retry_at(row, c);
-    let status = status_of(need(row, c.status, "status"));
+    let retry = retry_at(row, c)?;
+    let status = status_of(need(row, c.status, "status")?);
     let owner: Option<Uuid> = opt(row, c.lease_owner);
     let ts_of = |at: Option<usize>| opt::<SystemTime>(row, at).map(ts);
     let ms_of = |at: Option<usize>| {
@@ -113,19 +112,19 @@ pub fn run_from_row_at(row: &Row, c: &RunCols) -> Result<Run> {
     let uuid_of = |at: Option<usize>| opt::<Uuid>(row, at).map(|u| u.to_string()).unwrap_or_default();
     let created: Option<SystemTime> = opt(row, c.created_at);
     Ok(Run {
-        id: need::<Uuid>(row, c.id, "id").to_string(),
-        namespace: need(row, c.namespace, "namespace"),
-        workflow: need(row, c.workflow, "workflow"),
-        version: need(row, c.version, "version"),
-        queue: need(row, c.queue, "queue"),
+        id: need::<Uuid>(row, c.id, "id")?.to_string(),
+        namespace: need(row, c.namespace, "namespace")?,
+        workflow: need(row, c.workflow, "workflow")?,
+        version: need(row, c.version, "version")?,
+        queue: need(row, c.queue, "queue")?,
         status: status as i32,
         // Left out (NULL) where the caller has it already: a created run's input.
         input: opt::<Json>(row, c.input).as_ref().map(json_to_value),
         output: opt::<Json>(row, c.output).as_ref().map(json_to_value),
         error: opt::<Json>(row, c.error).as_ref().map(error_from_json),
         idempotency_key: opt::<String>(row, c.idempotency_key).unwrap_or_default(),
-        priority: need(row, c.priority, "priority"),
-        attempt: need::<i32>(row, c.attempt, "attempt").max(0) as u32,
+        priority: need(row, c.priority, "priority")?,
+        attempt: need::<i32>(row, c.attempt, "attempt")?.max(0) as u32,
         retry_policy: Some(v1::RetryPolicy {
             max_attempts: retry.max_attempts,
             initial_interval: Some(aiki_proto::duration_to_proto(retry.initial_interval)),
@@ -133,8 +132,8 @@ pub fn run_from_row_at(row: &Row, c: &RunCols) -> Result<Run> {
             backoff_coefficient: retry.backoff_coefficient,
             non_retryable_error_types: retry.non_retryable_error_types,
         }),
-        lease_expirations: need::<i32>(row, c.lease_expirations, "lease_expirations").max(0) as u32,
-        cancel_requested: need(row, c.cancel_requested, "cancel_requested"),
+        lease_expirations: need::<i32>(row, c.lease_expirations, "lease_expirations")?.max(0) as u32,
+        cancel_requested: need(row, c.cancel_requested, "cancel_requested")?,
         worker_id: match (status, owner) {
             (v1::RunStatus::Running, Some(o)) => o.to_string(),
             _ => String::new(),
