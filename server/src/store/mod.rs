@@ -332,10 +332,7 @@ impl Store {
                 ],
             )
             .await?;
-        let Some(cols) = rows.first().map(RunCols::of) else {
-            return Ok(Vec::new());
-        };
-        rows.iter().map(|r| run_from_row_at(r, &cols)).collect()
+        runs_from_rows(&rows)
     }
 
     /// Cancels a run: at once if queued, suspended or paused, by request if running; and, in
@@ -1149,11 +1146,8 @@ async fn start_in(
         )
         .await?;
     let mut created = std::collections::HashMap::with_capacity(rows.len());
-    if let Some(cols) = rows.first().map(RunCols::of) {
-        for row in &rows {
-            let run = run_from_row_at(row, &cols)?;
-            created.insert(row.get::<_, Uuid>("id"), run);
-        }
+    for (row, run) in rows.iter().zip(runs_from_rows(&rows)?) {
+        created.insert(row.get::<_, Uuid>("id"), run);
     }
     let mut out: Vec<Option<Result<(Run, bool)>>> = runs.iter().map(|_| None).collect();
     let mut notify: Vec<String> = Vec::new();

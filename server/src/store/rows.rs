@@ -100,8 +100,16 @@ pub fn run_from_row(row: &Row) -> Result<Run> {
     run_from_row_at(row, &RunCols::of(row))
 }
 
+/// The runs of many rows of one statement, its column positions found once.
+pub fn runs_from_rows(rows: &[Row]) -> Result<Vec<Run>> {
+    let Some(cols) = rows.first().map(RunCols::of) else {
+        return Ok(Vec::new());
+    };
+    rows.iter().map(|r| run_from_row_at(r, &cols)).collect()
+}
+
 /// [`run_from_row`] with the positions of the statement's columns found once.
-pub fn run_from_row_at(row: &Row, c: &RunCols) -> Result<Run> {
+fn run_from_row_at(row: &Row, c: &RunCols) -> Result<Run> {
     let retry = retry_at(row, c)?;
     let status = status_of(need(row, c.status, "status")?);
     let owner: Option<Uuid> = opt(row, c.lease_owner);
