@@ -93,3 +93,69 @@ async fn a_delayed_run_wakes_its_poller_when_due() {
         "woken by a timer, {waited:?} after the start"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_locked_when_the_poll_looked_is_leased_once_the_lock_goes() {
+    // A claim skips rows that other transactions hold locked, and such a transaction need not
+    // send any wake-up when it ends (a heartbeat that rechecked a lease ended meanwhile keeps
+    // the row locked, for one). The poll must look again by itself.
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let w = RawWorker::register(&server, &["default"]).await;
+    let run = server
+        .workflows()
+        .await
+        .start_run(start_req("locked", json!({})))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let id: uuid::Uuid = run.id.parse().unwrap();
+    let locker = db.connect().await;
+    locker.batch_execute("BEGIN").await.unwrap();
+    locker
+        .execute("SELECT 1 FROM runs WHERE id = $1 FOR NO KEY UPDATE", &[&id])
+        .await
+        .unwrap();
+    let poll = tokio::spawn(async move { w.poll(1, Duration::from_secs(30)).await });
+    // Wait until the poll's claim has looked and skipped the run: the last statement of some
+    // session of this database is that claim, finished, or the question asked after it.
+    let claim = include_str!("../../server/src/store/sql/claim.sql");
+    let skipped = include_str!("../../server/src/store/sql/claim_skipped.sql");
+    let watcher = db.connect().await;
+    let asked = Instant::now();
+    loop {
+        let seen: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database()
+                   AND ((left(query, 200) = left($1, 200) AND state = 'idle')
+                        OR left(query, 200) = left($2, 200))",
+                &[&claim, &skipped],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if seen > 0 {
+            break;
+        }
+        assert!(asked.elapsed() < Duration::from_secs(10), "the poll never claimed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!poll.is_finished(), "the poll leased a run whose row was locked");
+    // The lock goes without any wake-up.
+    let released = Instant::now();
+    locker.batch_execute("COMMIT").await.unwrap();
+    let runs = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .expect("the poll found the run once its row was unlocked")
+        .unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].run_id, run.id);
+    assert!(
+        released.elapsed() < Duration::from_secs(2),
+        "leased {:?} after the lock went",
+        released.elapsed()
+    );
+}

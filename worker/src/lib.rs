@@ -693,6 +693,16 @@ impl Inner {
     }
 
     /// Stops the executions named, as lost (report nothing) or cancelled (release).
+    /// Those of `leases` (run id, token) that this worker still holds.
+    fn still_held(&self, leases: &[(String, String)]) -> Vec<(String, String)> {
+        let held = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        leases
+            .iter()
+            .filter(|(id, token)| held.get(id).is_some_and(|h| &h.token == token))
+            .cloned()
+            .collect()
+    }
+
     fn stop(&self, leases: &[(String, String)], cancelled: bool) {
         let held = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         for (id, token) in leases {
@@ -743,9 +753,11 @@ impl Inner {
                 Ok(Ok(r)) => {
                     last_ok = sent_at;
                     let r = r.into_inner();
-                    if !r.lost_run_ids.is_empty() {
-                        tracing::warn!(runs = ?r.lost_run_ids, "leases lost");
-                        self.stop(&named(&r.lost_run_ids), false);
+                    // A lease that ended while the heartbeat was under way is not lost.
+                    let lost = self.still_held(&named(&r.lost_run_ids));
+                    if !lost.is_empty() {
+                        tracing::warn!(runs = ?lost.iter().map(|(id, _)| id).collect::<Vec<_>>(), "leases lost");
+                        self.stop(&lost, false);
                     }
                     // Cancelled and paused runs alike are stopped and released; the server
                     // decides what the release does.

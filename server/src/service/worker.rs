@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::{Shared, run_changed};
 use crate::{
     error::{Error, Result},
-    store::{Applied, LeaseEnd, NewTask, Registration, Report, Wait},
+    store::{Applied, Claimed, LeaseEnd, NewTask, Registration, Report, Wait},
     validate,
 };
 
@@ -34,6 +34,11 @@ const REPLY_BUDGET: usize = 16 * 1024 * 1024;
 const MAX_REPORTS: usize = 1000;
 /// Most leases one heartbeat may name.
 const MAX_HEARTBEAT_LEASES: usize = 10_000;
+/// How soon a poll that skipped a locked ready run looks again, first and at most. Such a lock
+/// is held by a short transaction (a claim, a report batch, a heartbeat), so the first pause
+/// is short; it doubles while the run stays locked.
+const RELOOK_MIN: Duration = Duration::from_millis(5);
+const RELOOK_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct WorkerSvc(pub Arc<Shared>);
@@ -61,8 +66,9 @@ impl WorkerSvc {
         max: u32,
         worker: Uuid,
         served: &Registration,
-    ) -> Result<Vec<LeasedRun>> {
+    ) -> Result<(Vec<LeasedRun>, bool)> {
         let mut out = Vec::new();
+        let mut skipped = false;
         // Start at a different queue each time so that one busy queue does not starve the rest.
         let start = if queues.len() > 1 {
             rand::random_range(0..queues.len())
@@ -90,7 +96,8 @@ impl WorkerSvc {
                     .claim(ns, q, want, worker, self.0.config.lease_ttl, served)
                     .await
                 {
-                    Ok(runs) => {
+                    Ok(Claimed { runs, skipped: s }) => {
+                        skipped |= s;
                         let got = runs.len() as u32;
                         size += runs.iter().map(prost::Message::encoded_len).sum::<usize>();
                         out.extend(runs);
@@ -112,7 +119,7 @@ impl WorkerSvc {
                 run_changed(&self.0, id);
             }
         }
-        Ok(out)
+        Ok((out, skipped))
     }
 }
 
@@ -205,19 +212,30 @@ impl WorkerService for WorkerSvc {
             .iter()
             .map(|q| self.0.wakers.queues.subscribe(&(ns.clone(), q.clone())))
             .collect();
+        let mut relook = RELOOK_MIN;
         loop {
             // Register for wake-ups before looking, so that a run started in between is not missed.
             let mut waits: Vec<_> = subscriptions.iter().map(|s| Box::pin(s.notify().notified())).collect();
             for w in &mut waits {
                 w.as_mut().enable();
             }
-            let runs = self.claim_any(&ns, &queues, req.max_runs, worker, &registered).await?;
+            let (runs, skipped) = self.claim_any(&ns, &queues, req.max_runs, worker, &registered).await?;
             if !runs.is_empty() || tokio::time::Instant::now() >= deadline || self.0.shutdown.is_cancelled() {
                 return Ok(Response::new(PollTasksResponse { runs }));
             }
+            // A ready run was skipped (its row locked by another transaction): look again after
+            // a short, growing pause, since no wake-up may come when that lock goes.
+            let again = if skipped {
+                let pause = relook;
+                relook = (relook * 2).min(RELOOK_MAX);
+                (tokio::time::Instant::now() + pause).min(deadline)
+            } else {
+                relook = RELOOK_MIN;
+                deadline
+            };
             tokio::select! {
                 _ = select_all(waits) => {}
-                _ = tokio::time::sleep_until(deadline) => {}
+                _ = tokio::time::sleep_until(again) => {}
                 _ = self.0.shutdown.cancelled() => {}
             }
         }

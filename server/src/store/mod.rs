@@ -111,6 +111,15 @@ pub struct RunFilter {
     pub parent: Option<Uuid>,
 }
 
+/// What one claim leased.
+#[derive(Debug)]
+pub struct Claimed {
+    pub runs: Vec<LeasedRun>,
+    /// A ready run that this worker serves was left in the queue: its row was locked by
+    /// another transaction, or it became ready after the claim looked. Look again soon.
+    pub skipped: bool,
+}
+
 /// What a heartbeat found.
 #[derive(Debug, Clone)]
 pub struct HeartbeatOutcome {
@@ -562,8 +571,33 @@ impl Store {
         worker: Uuid,
         ttl: Duration,
         served: &Registration,
-    ) -> Result<Vec<LeasedRun>> {
+    ) -> Result<Claimed> {
         let client = self.pool.get().await?;
+        let runs = Self::lease(&client, namespace, queue, max, worker, ttl, served).await?;
+        // A claim skips the rows other transactions hold locked, and nothing may wake the
+        // pollers when those locks go: one that leased less than it wanted asks whether a ready
+        // run is still there (see `sql/claim_skipped.sql`), so that it looks again soon.
+        let skipped = runs.len() < max as usize
+            && client
+                .query_one(
+                    &client.prepare_cached(sql!("claim_skipped")).await?,
+                    &[&namespace, &queue, &served.workflows, &served.versions],
+                )
+                .await?
+                .get::<_, bool>(0);
+        Ok(Claimed { runs, skipped })
+    }
+
+    /// Leases up to `max` ready runs (see [`Store::claim`]).
+    async fn lease(
+        client: &deadpool_postgres::Client,
+        namespace: &str,
+        queue: &str,
+        max: u32,
+        worker: Uuid,
+        ttl: Duration,
+        served: &Registration,
+    ) -> Result<Vec<LeasedRun>> {
         let stmt = client.prepare_cached(sql!("claim")).await?;
         let rows = client
             .query(
