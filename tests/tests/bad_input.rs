@@ -293,7 +293,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     let n: i64 = pg.query_one("SELECT count(*) FROM runs", &[]).await.unwrap().get(0);
     assert_eq!(n, 1, "no bad start created a run");
     let tasks: i64 = pg
-        .query_one("SELECT count(*) FROM run_tasks", &[])
+        .query_one("SELECT count(*) FROM task_results", &[])
         .await
         .unwrap()
         .get(0);

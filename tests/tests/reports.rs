@@ -281,7 +281,7 @@ async fn concurrent_reports_of_many_runs_are_committed_together_without_mixing_a
         .query_one(
             "SELECT count(*) FILTER (WHERE status = 'completed'),
                     count(*) FILTER (WHERE output = input->'i'),
-                    (SELECT count(*) FROM run_tasks),
+                    (SELECT count(*) FROM task_results),
                     (SELECT count(*) FROM run_history WHERE type = 'run_completed')
              FROM runs",
             &[],
@@ -297,7 +297,7 @@ async fn concurrent_reports_of_many_runs_are_committed_together_without_mixing_a
     // Task i is recorded on the run whose input is i.
     let mismatched: i64 = pg
         .query_one(
-            "SELECT count(*) FROM run_tasks t JOIN runs r ON r.id = t.run_id WHERE t.output <> r.input->'i'",
+            "SELECT count(*) FROM task_results t JOIN runs r ON r.id = t.run_id WHERE t.output <> r.input->'i'",
             &[],
         )
         .await
@@ -324,7 +324,7 @@ fn complete_with(
 /// The recorded (task key, output) of a run, by key.
 async fn recorded_tasks(db: &TestDb, run_id: &str) -> Vec<(String, serde_json::Value)> {
     db.pairs_of_run(
-        "SELECT task_key, output FROM run_tasks WHERE run_id = $1 ORDER BY task_key",
+        "SELECT task_key, output FROM task_results WHERE run_id = $1 ORDER BY task_key",
         run_id,
     )
     .await

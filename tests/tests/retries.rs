@@ -251,7 +251,7 @@ async fn duplicate_reports_succeed_and_apply_once() {
     let row = pg
         .query_one(
             "SELECT attempt, (SELECT count(*) FROM run_events WHERE type = 'run_retry_scheduled'), \
-             (SELECT count(*) FROM run_tasks) FROM runs",
+             (SELECT count(*) FROM task_results) FROM runs",
             &[],
         )
         .await

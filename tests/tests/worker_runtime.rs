@@ -397,7 +397,7 @@ async fn a_panicking_workflow_fails_its_attempt_and_frees_its_slot() {
 /// task recorded with the completion has the run's finish time.
 async fn checkpoints(db: &TestDb, run_id: &str) -> Vec<(String, bool)> {
     db.pairs_of_run(
-        "SELECT t.name, t.recorded_at = r.finished_at FROM run_tasks t JOIN runs r ON r.id = t.run_id \
+        "SELECT t.name, t.recorded_at = r.finished_at FROM task_results t JOIN runs r ON r.id = t.run_id \
          WHERE t.run_id = $1 ORDER BY t.seq",
         run_id,
     )

@@ -20,6 +20,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../../migrations/0008_lease_events.sql"),
     ),
     (9, "child_wake", include_str!("../../../migrations/0009_child_wake.sql")),
+    (
+        10,
+        "final_tasks",
+        include_str!("../../../migrations/0010_final_tasks.sql"),
+    ),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

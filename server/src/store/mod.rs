@@ -1399,6 +1399,32 @@ struct Completion<'a> {
     tasks: &'a [NewTask],
 }
 
+/// The task results a completion carries, as the run row keeps them (`final_tasks`, see
+/// `sql/runs_complete.sql`); `None` if it carries none.
+fn final_tasks(tasks: &[NewTask]) -> Option<Json> {
+    if tasks.is_empty() {
+        return None;
+    }
+    Some(Json::Array(
+        tasks
+            .iter()
+            .map(|t| {
+                let mut o = serde_json::Map::with_capacity(4);
+                o.insert("key".into(), Json::String(t.key.clone()));
+                o.insert("name".into(), Json::String(t.name.clone()));
+                o.insert("seq".into(), Json::from(t.seq));
+                if let Some(v) = &t.output {
+                    o.insert("output".into(), v.clone());
+                }
+                if let Some(e) = &t.error {
+                    o.insert("error".into(), e.clone());
+                }
+                Json::Object(o)
+            })
+            .collect(),
+    ))
+}
+
 /// Task results to record in one statement (`sql/tasks_record.sql`), as its column arrays.
 #[derive(Default)]
 struct TaskRows<'a> {
@@ -1411,21 +1437,11 @@ struct TaskRows<'a> {
     errors: Vec<Option<&'a Json>>,
     attempts: Vec<i32>,
     owners: Vec<Option<Uuid>>,
-    event_seqs: Vec<Option<i64>>,
 }
 
 impl<'a> TaskRows<'a> {
-    /// Adds the result of `task` of run `id`, recorded under `attempt` by worker `owner`, as
-    /// the history event `event_seq` (`None`: drawn by the insert).
-    fn push(
-        &mut self,
-        ns: &'a str,
-        id: Uuid,
-        task: &'a NewTask,
-        attempt: i32,
-        owner: Option<Uuid>,
-        event_seq: Option<i64>,
-    ) {
+    /// Adds the result of `task` of run `id`, recorded under `attempt` by worker `owner`.
+    fn push(&mut self, ns: &'a str, id: Uuid, task: &'a NewTask, attempt: i32, owner: Option<Uuid>) {
         self.ns.push(ns);
         self.ids.push(id);
         self.keys.push(&task.key);
@@ -1435,11 +1451,6 @@ impl<'a> TaskRows<'a> {
         self.errors.push(task.error.as_ref());
         self.attempts.push(attempt);
         self.owners.push(owner);
-        self.event_seqs.push(event_seq);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.ids.is_empty()
     }
 
     /// Inserts the rows (a task already recorded is kept): answers the (run, key, namespace)
@@ -1459,7 +1470,6 @@ impl<'a> TaskRows<'a> {
                     &self.errors,
                     &self.attempts,
                     &self.owners,
-                    &self.event_seqs,
                 ],
             )
             .await?;
@@ -1542,7 +1552,7 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
                 continue;
             }
             live.push(i);
-            rows.push(namespace, *id, task, *attempt, *owner, None);
+            rows.push(namespace, *id, task, *attempt, *owner);
         }
         if !live.is_empty() {
             let mut recorded = rows.insert(tx).await?;
@@ -1563,8 +1573,8 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
         }
     }
 
-    // Completions, in run order so that concurrent batches lock rows in one order; then the
-    // task results they carry, of the runs they completed, under those row locks.
+    // Completions, in run order so that concurrent batches lock rows in one order; the task
+    // results they carry go on the completed rows (see `sql/runs_complete.sql`).
     let mut completes: Vec<Completion<'_>> = reports
         .iter()
         .enumerate()
@@ -1592,23 +1602,11 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
         let ids: Vec<Uuid> = completes.iter().map(|c| c.id).collect();
         let tokens: Vec<Uuid> = completes.iter().map(|c| c.token).collect();
         let outputs: Vec<&Json> = completes.iter().map(|c| c.output).collect();
-        let ntasks: Vec<i32> = completes.iter().map(|c| c.tasks.len() as i32).collect();
+        let tasks: Vec<Option<Json>> = completes.iter().map(|c| final_tasks(c.tasks)).collect();
         let stmt = tx.prepare_cached(sql!("runs_complete")).await?;
-        let mut rows = TaskRows::default();
-        for row in tx.query(&stmt, &[&ns, &ids, &tokens, &outputs, &ntasks]).await? {
+        for row in tx.query(&stmt, &[&ns, &ids, &tokens, &outputs, &tasks]).await? {
             let ord: i64 = row.get("ord");
-            let c = &completes[ord as usize - 1];
-            out[c.report] = Some(Ok(Applied::Completed(true)));
-            if !c.tasks.is_empty() {
-                let seqs: Vec<i64> = row.get("task_seqs");
-                let (attempt, owner) = (row.get("attempt"), row.get("lease_owner"));
-                for (task, seq) in c.tasks.iter().zip(seqs) {
-                    rows.push(c.namespace, c.id, task, attempt, owner, Some(seq));
-                }
-            }
-        }
-        if !rows.is_empty() {
-            rows.insert(tx).await?;
+            out[completes[ord as usize - 1].report] = Some(Ok(Applied::Completed(true)));
         }
     }
 
