@@ -354,6 +354,32 @@ where
     }
 }
 
+impl TestDb {
+    /// Waits until a poll has claimed from this database (the claim finished, or the check
+    /// for skipped runs that follows a short claim has begun): a poll that found nothing is
+    /// then waiting for a wake-up.
+    pub async fn until_claimed(&self) {
+        let claim = include_str!("../../server/src/store/sql/claim.sql");
+        let skipped = include_str!("../../server/src/store/sql/claim_skipped.sql");
+        let watcher = self.connect().await;
+        eventually(Duration::from_secs(10), "a poll has claimed", || async {
+            let seen: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database()
+                       AND ((left(query, 200) = left($1, 200) AND state = 'idle')
+                            OR left(query, 200) = left($2, 200))",
+                    &[&claim, &skipped],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            seen > 0
+        })
+        .await;
+    }
+}
+
 /// A shared counter map, for side effects: how many times each key ran.
 pub type Counts = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
 
