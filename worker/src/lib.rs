@@ -692,27 +692,21 @@ impl Inner {
         }
     }
 
-    /// Stops the executions named, as lost (report nothing) or cancelled (release).
-    /// Those of `leases` (run id, token) that this worker still holds.
-    fn still_held(&self, leases: &[(String, String)]) -> Vec<(String, String)> {
+    /// Stops the executions named, as lost (report nothing) or cancelled (release). Answers
+    /// the runs it stopped: those still held under the lease named.
+    fn stop(&self, leases: &[(String, String)], cancelled: bool) -> Vec<String> {
         let held = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        leases
-            .iter()
-            .filter(|(id, token)| held.get(id).is_some_and(|h| &h.token == token))
-            .cloned()
-            .collect()
-    }
-
-    fn stop(&self, leases: &[(String, String)], cancelled: bool) {
-        let held = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stopped = Vec::new();
         for (id, token) in leases {
             // Only the execution under the lease named: the run may have been leased to this
             // worker again since.
             if let Some(h) = held.get(id).filter(|h| &h.token == token) {
                 h.cancel.store(cancelled, std::sync::atomic::Ordering::SeqCst);
                 h.stop.cancel();
+                stopped.push(id.clone());
             }
         }
+        stopped
     }
 
     async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
@@ -754,10 +748,9 @@ impl Inner {
                     last_ok = sent_at;
                     let r = r.into_inner();
                     // A lease that ended while the heartbeat was under way is not lost.
-                    let lost = self.still_held(&named(&r.lost_run_ids));
+                    let lost = self.stop(&named(&r.lost_run_ids), false);
                     if !lost.is_empty() {
-                        tracing::warn!(runs = ?lost.iter().map(|(id, _)| id).collect::<Vec<_>>(), "leases lost");
-                        self.stop(&lost, false);
+                        tracing::warn!(runs = ?lost, "leases lost");
                     }
                     // Cancelled and paused runs alike are stopped and released; the server
                     // decides what the release does.

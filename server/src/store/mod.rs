@@ -27,6 +27,7 @@ use aiki_proto::v1::{
 };
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use serde_json::{Value as Json, json};
+use tokio_postgres::types::Json as PgJson;
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -88,13 +89,16 @@ impl RetryPolicy {
     }
 }
 
-/// A task result reported by a worker.
-#[derive(Debug, Clone)]
+/// A task result reported by a worker. Serialized as an element of a completed run's
+/// `final_tasks` (see `sql/runs_complete.sql`).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct NewTask {
     pub key: String,
     pub name: String,
     pub seq: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<Json>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<Json>,
 }
 
@@ -573,31 +577,6 @@ impl Store {
         served: &Registration,
     ) -> Result<Claimed> {
         let client = self.pool.get().await?;
-        let runs = Self::lease(&client, namespace, queue, max, worker, ttl, served).await?;
-        // A claim skips the rows other transactions hold locked, and nothing may wake the
-        // pollers when those locks go: one that leased less than it wanted asks whether a ready
-        // run is still there (see `sql/claim_skipped.sql`), so that it looks again soon.
-        let skipped = runs.len() < max as usize
-            && client
-                .query_one(
-                    &client.prepare_cached(sql!("claim_skipped")).await?,
-                    &[&namespace, &queue, &served.workflows, &served.versions],
-                )
-                .await?
-                .get::<_, bool>(0);
-        Ok(Claimed { runs, skipped })
-    }
-
-    /// Leases up to `max` ready runs (see [`Store::claim`]).
-    async fn lease(
-        client: &deadpool_postgres::Client,
-        namespace: &str,
-        queue: &str,
-        max: u32,
-        worker: Uuid,
-        ttl: Duration,
-        served: &Registration,
-    ) -> Result<Vec<LeasedRun>> {
         let stmt = client.prepare_cached(sql!("claim")).await?;
         let rows = client
             .query(
@@ -613,29 +592,36 @@ impl Store {
                 ],
             )
             .await?;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut leased: Vec<LeasedRun> = rows.iter().map(leased_from_row).collect::<Result<_>>()?;
+        let mut runs: Vec<LeasedRun> = rows.iter().map(leased_from_row).collect::<Result<_>>()?;
         // Only runs leased before can have recorded tasks.
         let ids: Vec<Uuid> = rows
             .iter()
             .filter(|r| !r.get::<_, bool>("fresh"))
             .map(|r| r.get("id"))
             .collect();
-        if ids.is_empty() {
-            return Ok(leased);
-        }
-        let stmt = client.prepare_cached(sql!("tasks_of_runs")).await?;
-        let at: std::collections::HashMap<String, usize> =
-            leased.iter().enumerate().map(|(i, l)| (l.run_id.clone(), i)).collect();
-        for row in client.query(&stmt, &[&namespace, &ids]).await? {
-            let run_id: Uuid = row.get("run_id");
-            if let Some(&i) = at.get(&run_id.to_string()) {
-                leased[i].tasks.push(task_from_row(&row)?);
+        if !ids.is_empty() {
+            let stmt = client.prepare_cached(sql!("tasks_of_runs")).await?;
+            let at: std::collections::HashMap<String, usize> =
+                runs.iter().enumerate().map(|(i, l)| (l.run_id.clone(), i)).collect();
+            for row in client.query(&stmt, &[&namespace, &ids]).await? {
+                let run_id: Uuid = row.get("run_id");
+                if let Some(&i) = at.get(&run_id.to_string()) {
+                    runs[i].tasks.push(task_from_row(&row)?);
+                }
             }
         }
-        Ok(leased)
+        // A claim skips the rows other transactions hold locked, and nothing may wake the
+        // pollers when those locks go: one that leased less than it wanted asks whether a ready
+        // run is still there (see `sql/claim_skipped.sql`), so that it looks again soon.
+        let skipped = runs.len() < max as usize
+            && client
+                .query_one(
+                    &client.prepare_cached(sql!("claim_skipped")).await?,
+                    &[&namespace, &queue, &served.workflows, &served.versions],
+                )
+                .await?
+                .get::<_, bool>(0);
+        Ok(Claimed { runs, skipped })
     }
 
     /// Extends the leases a worker names; see `sql/heartbeat.sql`.
@@ -1399,32 +1385,6 @@ struct Completion<'a> {
     tasks: &'a [NewTask],
 }
 
-/// The task results a completion carries, as the run row keeps them (`final_tasks`, see
-/// `sql/runs_complete.sql`); `None` if it carries none.
-fn final_tasks(tasks: &[NewTask]) -> Option<Json> {
-    if tasks.is_empty() {
-        return None;
-    }
-    Some(Json::Array(
-        tasks
-            .iter()
-            .map(|t| {
-                let mut o = serde_json::Map::with_capacity(4);
-                o.insert("key".into(), Json::String(t.key.clone()));
-                o.insert("name".into(), Json::String(t.name.clone()));
-                o.insert("seq".into(), Json::from(t.seq));
-                if let Some(v) = &t.output {
-                    o.insert("output".into(), v.clone());
-                }
-                if let Some(e) = &t.error {
-                    o.insert("error".into(), e.clone());
-                }
-                Json::Object(o)
-            })
-            .collect(),
-    ))
-}
-
 /// Task results to record in one statement (`sql/tasks_record.sql`), as its column arrays.
 #[derive(Default)]
 struct TaskRows<'a> {
@@ -1602,7 +1562,11 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
         let ids: Vec<Uuid> = completes.iter().map(|c| c.id).collect();
         let tokens: Vec<Uuid> = completes.iter().map(|c| c.token).collect();
         let outputs: Vec<&Json> = completes.iter().map(|c| c.output).collect();
-        let tasks: Vec<Option<Json>> = completes.iter().map(|c| final_tasks(c.tasks)).collect();
+        // The results each completion carries, as its row keeps them; none is NULL.
+        let tasks: Vec<Option<PgJson<&[NewTask]>>> = completes
+            .iter()
+            .map(|c| (!c.tasks.is_empty()).then_some(PgJson(c.tasks)))
+            .collect();
         let stmt = tx.prepare_cached(sql!("runs_complete")).await?;
         for row in tx.query(&stmt, &[&ns, &ids, &tokens, &outputs, &tasks]).await? {
             let ord: i64 = row.get("ord");
