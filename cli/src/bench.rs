@@ -81,6 +81,9 @@ const PRIORITY: i32 = 0;
 const BACKLOG_PRIORITY: i32 = -1;
 /// How often queue depths (and the server's memory) are read while runs are worked off.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+/// How often a worker says how many drain runs it has completed (when the count changed): the
+/// drain's clock stops on the line that brings the total to `--runs`, so this is its precision.
+const REPORT_EVERY: Duration = Duration::from_millis(5);
 /// How long workers and the server may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most runs `StartRuns` takes in one call.
@@ -220,7 +223,7 @@ pub struct WorkerArgs {
 /// Runs `aiki bench-worker`: connects, prints `ready`, waits for a `go` line on stdin, then
 /// works until SIGTERM or until stdin closes (the bench went away), and drains. Meanwhile it
 /// prints `drained <n>` whenever the count of `bench.noop` runs it has completed (their
-/// completion acknowledged, so committed) changes (every 50 ms at most), so that the bench
+/// completion acknowledged, so committed) changes (every 5 ms at most), so that the bench
 /// follows the drain without querying the database.
 pub async fn worker(server: &str, namespace: &str, args: &WorkerArgs) -> anyhow::Result<()> {
     let mut builder = aiki_worker::WorkerBuilder::new(server)
@@ -270,7 +273,7 @@ pub async fn worker(server: &str, namespace: &str, args: &WorkerArgs) -> anyhow:
     let counts = worker.clone();
     tokio::spawn(async move {
         let mut last = 0;
-        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        let mut tick = tokio::time::interval(REPORT_EVERY);
         while !reporting.is_cancelled() {
             tick.tick().await;
             let n = counts.completed(WORKFLOW);
@@ -314,6 +317,7 @@ pub async fn run(args: &BenchArgs, target: &Target, json: bool) -> anyhow::Resul
         logs,
         server: None,
         workers: Vec::new(),
+        progress: Arc::default(),
         database: None,
     };
 
@@ -341,6 +345,8 @@ struct Stack {
     logs: PathBuf,
     server: Option<Proc>,
     workers: Vec<Proc>,
+    /// Woken by every `drained` line of a worker.
+    progress: Arc<tokio::sync::Notify>,
     /// The bench database, to drop at the end.
     database: Option<Database>,
 }
@@ -648,10 +654,12 @@ async fn start_workers(
         match ready {
             Ok(Ok(Some(line))) if line.trim() == "ready" => {
                 let drained = proc.drained.clone();
+                let progress = stack.progress.clone();
                 tokio::spawn(async move {
                     while let Ok(Some(line)) = lines.next_line().await {
                         if let Some(n) = line.strip_prefix("drained ").and_then(|n| n.parse().ok()) {
                             drained.store(n, Ordering::Relaxed);
+                            progress.notify_one();
                         }
                     }
                 });
@@ -1038,10 +1046,14 @@ async fn drain(args: &BenchArgs, client: &Client, stack: &mut Stack, server_pid:
     go(stack).await?;
     let mut stall = Stall::new(args.stall_timeout);
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    let progress = stack.progress.clone();
     loop {
-        tick.tick().await;
+        // Woken by each count a worker prints, so that the clock stops when the last one comes.
+        tokio::select! {
+            _ = tick.tick() => sample(),
+            _ = progress.notified() => {}
+        }
         stack.check()?;
-        sample();
         let executed = stack.drained();
         pb.set_position(executed.min(args.runs));
         if executed >= args.runs {

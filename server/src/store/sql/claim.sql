@@ -5,16 +5,20 @@
 -- serves: an unpinned run (version '') if the worker serves its workflow in any version ($6,
 -- workflow names, where '*' stands for every workflow); a pinned one if the worker registered
 -- that version ($7, "workflow\nversion" pairs).
+-- The update finds each locked row by its `ctid` rather than by its key: no second index
+-- descent per run. The lock keeps that row version in place until the transaction ends; a row
+-- whose locked version is newer than the statement's snapshot is not found, so it is simply
+-- not leased this time (it stays queued, and the poll looks again: see `claim_skipped.sql`).
 WITH ready AS (
-    SELECT namespace, id, started_at FROM runs
+    SELECT ctid, started_at FROM runs
     WHERE namespace = $1 AND queue = $2 AND status = 'queued' AND visible_at <= now()
       AND CASE WHEN version = '' THEN workflow = ANY($6::text[]) OR '*' = ANY($6::text[])
                ELSE workflow || E'\n' || version = ANY($7::text[]) END
     ORDER BY priority DESC, visible_at, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED
-), leased AS (
-    UPDATE runs r
+)
+UPDATE runs r
     SET status = 'running', lease_owner = $4, lease_token = gen_random_uuid(),
         lease_expires_at = now() + least($5::bigint, coalesce(r.heartbeat_timeout_ms, $5::bigint))
                                    * interval '1 millisecond',
@@ -22,9 +26,7 @@ WITH ready AS (
         started_at = coalesce(r.started_at, now()), updated_at = now(),
         leased_seq = nextval('run_events_seq_seq'), leased_at = now()
     FROM ready
-    WHERE r.namespace = ready.namespace AND r.id = ready.id
+    WHERE r.ctid = ready.ctid
     -- Only what the worker gets: every column sent back costs the database an output call.
     RETURNING r.id, r.workflow, r.version, r.queue, r.input, r.attempt, r.lease_token,
               r.lease_expires_at, ready.started_at IS NULL AS fresh
-)
-SELECT * FROM leased
