@@ -139,7 +139,14 @@ async fn commit_loop<A: Apply>(applier: A, queue: Arc<Mutex<Queue<A>>>) {
             }
         }
         let (ops, replies): (Vec<A::Op>, Vec<_>) = jobs.into_iter().map(|j| (j.op, j.reply)).unzip();
-        match applier.apply(&ops).await {
+        let started = std::time::Instant::now();
+        let applied = applier.apply(&ops).await;
+        tracing::debug!(
+            writes = ops.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "batch applied"
+        );
+        match applied {
             Ok(answers) => {
                 for (reply, answer) in replies.into_iter().zip(answers) {
                     let _ = reply.send(answer);

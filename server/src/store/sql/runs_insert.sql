@@ -5,8 +5,12 @@
 -- $8 idempotency key, $9 request id, $10 max attempts, $11 initial interval ms,
 -- $12 max interval ms, $13 backoff coefficient, $14 non-retryable error types (a JSON array),
 -- $15 delay ms, $16 parent run id, $17 execution timeout ms, $18 attempt timeout ms,
--- $19 schedule-to-start timeout ms, $20 heartbeat timeout ms), inserted in the order given (the caller sorts them by key, so that batches
--- sharing keys wait for each other in one order and cannot deadlock).
+-- $19 schedule-to-start timeout ms, $20 heartbeat timeout ms), inserted in the order given
+-- (the caller sorts them by key, so that batches sharing keys wait for each other in one order
+-- and cannot deadlock). $21 holds the ready notifications to send (`wake::ready_payload`), one
+-- NOTIFY each when the statement's transaction commits: with them in the same statement, a
+-- start needs no transaction of its own (a run whose key was taken may send one for nothing,
+-- which wakes a poller that finds nothing new).
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int[],
                          $7::jsonb[], $8::text[], $9::text[], $10::int[], $11::bigint[],
@@ -40,5 +44,7 @@ WITH input AS (
               created_at, updated_at, visible_at, started_at, finished_at, lease_expires_at,
               parent_id, execution_deadline, attempt_timeout_ms, schedule_timeout_ms,
               heartbeat_timeout_ms
+), woken AS (
+    SELECT count(pg_notify('aiki_ready', p)) FROM (SELECT DISTINCT unnest($21::text[]) AS p) d
 )
-SELECT * FROM inserted
+SELECT inserted.* FROM inserted, woken
