@@ -7,7 +7,7 @@
 -- migration of that name), each with its `task_recorded` event seq, drawn as the input row is
 -- read, so before the completion's own (`completed_seq`, drawn as the row is updated): the
 -- task events come before `run_completed` in the history. A key already recorded in
--- `run_tasks` is left out (tested per result only for runs that recorded a task). Answers the input positions (`ord`, from 1) that completed a run.
+-- `run_tasks` is left out. Answers the input positions (`ord`, from 1) that completed a run.
 -- The others are sorted out one report at a time (a duplicate of the report that completed it,
 -- or a refusal). The `run_completed` event is the row itself, with its lease's `run_leased`.
 WITH input AS MATERIALIZED (
@@ -17,17 +17,12 @@ WITH input AS MATERIALIZED (
                                                                     nextval('run_events_seq_seq'))
                                        ORDER BY t.n)
                       FROM jsonb_array_elements(i.tasks) WITH ORDINALITY AS t (task, n)
-                      -- Most runs recorded no task before: their results need no key test each.
-                      WHERE NOT prior.recorded
-                         OR NOT EXISTS (SELECT 1 FROM run_tasks rt
+                      WHERE NOT EXISTS (SELECT 1 FROM run_tasks rt
                                         WHERE rt.namespace = i.namespace AND rt.run_id = i.id
                                           AND rt.task_key = t.task->>'key')) END
                AS final_tasks
     FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::jsonb[], $5::jsonb[])
         WITH ORDINALITY AS i (namespace, id, token, output, tasks, ord)
-    CROSS JOIN LATERAL (SELECT EXISTS (SELECT 1 FROM run_tasks rt
-                                       WHERE rt.namespace = i.namespace AND rt.run_id = i.id)
-                        AS recorded) prior
 ), done AS (
     UPDATE runs r
     SET status = 'completed', output = i.output, error = NULL, lease_end = 'complete',
