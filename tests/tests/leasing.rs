@@ -1,12 +1,14 @@
-//! Leasing under contention: no run is handed to two workers, every run completes once.
+//! Leasing under contention: no run is handed to two workers, every run completes once; a
+//! worker polls through any server for the queues it registered.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use aiki_proto::v1::StartRunsRequest;
+use aiki_proto::v1::{PollTasksRequest, StartRunsRequest};
 use aiki_tests::{Counts, RawWorker, TestDb, TestServer, eventually, start_req};
 use aiki_worker::WorkerBuilder;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_workers_complete_two_thousand_runs_exactly_once() {
@@ -129,4 +131,55 @@ async fn racing_pollers_never_lease_a_run_twice() {
     assert_eq!(all.len(), 1000, "every run leased");
     assert_eq!(unique.len(), 1000, "no run leased twice");
     assert!(pollers_with_work >= 2, "the pollers really raced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_polls_through_any_server_for_the_queues_it_registered() {
+    // A server keeps the registrations it has read; one made through another server is read
+    // from the database. Either way a poll serves exactly the queues registered.
+    let db = TestDb::new().await;
+    let a = TestServer::start(&db).await;
+    let b = TestServer::start(&db).await;
+    let on_a = RawWorker::register(&a, &["mine"]).await;
+    let through_b = RawWorker {
+        id: on_a.id.clone(),
+        client: b.workers().await,
+    };
+    let mut wf = a.workflows().await;
+    let mut mine = start_req("routed", json!({}));
+    mine.queue = "mine".into();
+    wf.start_run(mine).await.unwrap();
+    wf.start_run(start_req("elsewhere", json!({}))).await.unwrap();
+
+    let runs = through_b.poll(10, Duration::ZERO).await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!((runs[0].workflow.as_str(), runs[0].queue.as_str()), ("routed", "mine"));
+    // Again through b, now from its memory: the run of the default queue is not this worker's.
+    assert!(through_b.poll(10, Duration::ZERO).await.is_empty());
+
+    let poll = |w: &RawWorker, queues: Vec<String>| {
+        let (mut client, id) = (w.client.clone(), w.id.clone());
+        async move {
+            client
+                .poll_tasks(PollTasksRequest {
+                    namespace: String::new(),
+                    worker_id: id,
+                    queues,
+                    max_runs: 1,
+                    wait: None,
+                })
+                .await
+        }
+    };
+    for w in [&on_a, &through_b] {
+        let err = poll(w, vec!["default".into()]).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+    // A worker nobody registered stays unknown to a server that keeps others.
+    let stranger = RawWorker {
+        id: uuid::Uuid::now_v7().to_string(),
+        client: b.workers().await,
+    };
+    let err = poll(&stranger, Vec::new()).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
 }
