@@ -1,5 +1,6 @@
-//! The worker runtime: draining on shutdown, reconnecting to a restarted server, stopping a run
-//! whose lease is lost without reporting it, and the replay rules of `ctx.task`.
+//! The worker runtime: draining on shutdown, reconnecting to a restarted server (registering
+//! again with one that does not know it), stopping a run whose lease is lost without reporting
+//! it, and the replay rules of `ctx.task`.
 
 use std::{
     sync::{
@@ -102,6 +103,64 @@ async fn the_worker_reconnects_when_the_server_comes_back() {
         .await
         .unwrap();
     assert_eq!(run.result::<String>(Duration::from_secs(20)).await.unwrap(), "after");
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    stop_second.cancel();
+    second.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_the_server_does_not_know_registers_again() {
+    // The server comes back on another database, which has never heard of the worker: told so
+    // by a poll, the worker registers again (once, though two polls are on their way) and goes
+    // on serving.
+    let db = TestDb::new().await;
+    let first = TestServer::start(&db).await;
+    let addr = first.addr;
+    let shutdown = CancellationToken::new();
+    // Slots for two polls of a batch each, so that two are on their way.
+    let worker = WorkerBuilder::new(first.url())
+        .poll_wait(Duration::from_secs(1))
+        .slots(20)
+        .poll_batch(10)
+        .register("echo", |_ctx: Context, v: serde_json::Value| async move { Ok(v) })
+        .build()
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    let client = first.client().await;
+    let run = client
+        .start_run("echo", &json!("before"), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(run.result::<String>(Duration::from_secs(10)).await.unwrap(), "before");
+    first.stop().await;
+
+    let other = TestDb::new().await;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("rebind the same address");
+    let stop_second = CancellationToken::new();
+    let second = tokio::spawn(aiki_server::serve(
+        aiki_tests::Config::for_test(&other.url),
+        listener,
+        stop_second.clone(),
+    ));
+    let client = aiki::Client::connect(format!("http://{addr}")).await.unwrap();
+    let run = client
+        .start_run("echo", &json!("after"), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(run.result::<String>(Duration::from_secs(20)).await.unwrap(), "after");
+    let workers: i64 = other
+        .connect()
+        .await
+        .query_one("SELECT count(*) FROM workers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(workers, 1, "registered once on the new database");
 
     shutdown.cancel();
     task.await.unwrap().unwrap();

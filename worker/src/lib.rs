@@ -213,6 +213,7 @@ impl WorkerBuilder {
                 reporter: aiki::Reporter::new(client),
                 cfg: self,
                 worker_id: Mutex::new(String::new()),
+                registering: tokio::sync::Mutex::new(()),
                 leases: Mutex::new(HashMap::new()),
                 settings: Mutex::new(Settings::default()),
             }),
@@ -257,6 +258,9 @@ struct Inner {
     /// Sends task results, completions, failures and releases, many per call.
     reporter: aiki::Reporter,
     worker_id: Mutex<String>,
+    /// Held while registering again, so that polls told at once that the server does not
+    /// know this worker register it once.
+    registering: tokio::sync::Mutex<()>,
     leases: Mutex<HashMap<String, Held>>,
     settings: Mutex<Settings>,
     /// Runs completed, by workflow (the registered ones, fixed at build).
@@ -457,9 +461,10 @@ impl Inner {
 
     async fn poll(&self, max: u32) -> Result<Vec<LeasedRun>, Status> {
         let wait = self.cfg.poll_wait.min(self.settings().max_poll_wait);
+        let worker_id = self.worker_id();
         let req = PollTasksRequest {
             namespace: self.cfg.namespace.clone(),
-            worker_id: self.worker_id(),
+            worker_id: worker_id.clone(),
             queues: self.cfg.queues.clone(),
             max_runs: max,
             wait: Some(aiki_proto::duration_to_proto(wait)),
@@ -467,8 +472,12 @@ impl Inner {
         match self.client.clone().poll_tasks(req).await {
             Ok(r) => Ok(r.into_inner().runs),
             Err(s) if s.code() == Code::NotFound => {
-                tracing::warn!("the server does not know this worker; registering again");
-                self.register().await.map_err(|e| Status::unavailable(e.to_string()))?;
+                let _registering = self.registering.lock().await;
+                // Unless the other poll has registered it again meanwhile.
+                if self.worker_id() == worker_id {
+                    tracing::warn!("the server does not know this worker; registering again");
+                    self.register().await.map_err(|e| Status::unavailable(e.to_string()))?;
+                }
                 Ok(Vec::new())
             }
             Err(s) => Err(s),
