@@ -113,8 +113,8 @@ async fn the_worker_reconnects_when_the_server_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_the_server_does_not_know_registers_again() {
     // The server comes back on another database, which has never heard of the worker: told so
-    // by a poll, the worker registers again (once, though two polls are on their way) and goes
-    // on serving.
+    // by a poll or a heartbeat, the worker registers again, once (two polls are on their way and
+    // the heartbeat goes on), and goes on serving.
     let db = TestDb::new().await;
     let first = TestServer::start(&db).await;
     let addr = first.addr;

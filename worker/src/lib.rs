@@ -258,8 +258,7 @@ struct Inner {
     /// Sends task results, completions, failures and releases, many per call.
     reporter: aiki::Reporter,
     worker_id: Mutex<String>,
-    /// Held while registering again, so that polls told at once that the server does not
-    /// know this worker register it once.
+    /// Held while registering again (see [`Inner::register_again`]).
     registering: tokio::sync::Mutex<()>,
     leases: Mutex<HashMap<String, Held>>,
     settings: Mutex<Settings>,
@@ -455,6 +454,18 @@ impl Inner {
         Ok(())
     }
 
+    /// Registers again after a call made as worker `used` was told the server does not know
+    /// it, unless another call (a poll, the heartbeat) has done so meanwhile: once, however
+    /// many calls were told.
+    async fn register_again(&self, used: &str) -> Result<(), aiki::Error> {
+        let _registering = self.registering.lock().await;
+        if self.worker_id() != used {
+            return Ok(());
+        }
+        tracing::warn!("the server does not know this worker; registering again");
+        self.register().await
+    }
+
     fn settings(&self) -> Settings {
         self.settings.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -472,12 +483,9 @@ impl Inner {
         match self.client.clone().poll_tasks(req).await {
             Ok(r) => Ok(r.into_inner().runs),
             Err(s) if s.code() == Code::NotFound => {
-                let _registering = self.registering.lock().await;
-                // Unless the other poll has registered it again meanwhile.
-                if self.worker_id() == worker_id {
-                    tracing::warn!("the server does not know this worker; registering again");
-                    self.register().await.map_err(|e| Status::unavailable(e.to_string()))?;
-                }
+                self.register_again(&worker_id)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
                 Ok(Vec::new())
             }
             Err(s) => Err(s),
@@ -766,9 +774,10 @@ impl Inner {
                 let held = self.leases.lock().unwrap_or_else(|e| e.into_inner());
                 held.iter().map(|(id, h)| (id.clone(), h.token.clone())).collect()
             };
+            let worker_id = self.worker_id();
             let req = HeartbeatRequest {
                 namespace: self.cfg.namespace.clone(),
-                worker_id: self.worker_id(),
+                worker_id: worker_id.clone(),
                 leases: sent
                     .iter()
                     .map(|(id, t)| v1::Lease {
@@ -805,10 +814,9 @@ impl Inner {
                     }
                 }
                 Ok(Err(st)) if st.code() == Code::NotFound => {
-                    tracing::warn!("the server does not know this worker; registering again");
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = self.register() => {}
+                        _ = self.register_again(&worker_id) => {}
                     }
                 }
                 Ok(Err(st)) => tracing::warn!(error = %st.message(), "heartbeat failed"),
