@@ -261,7 +261,17 @@ fn ms(d: Duration) -> i64 {
 
 impl Store {
     /// Builds a pool of at most `size` connections (connections open lazily).
-    pub fn new(pg: tokio_postgres::Config, size: usize) -> Result<Self> {
+    pub fn new(mut pg: tokio_postgres::Config, size: usize) -> Result<Self> {
+        // Every statement is planned once per connection for its shape, not again for the
+        // batch in hand: PostgreSQL's first custom plans of a completion of 1,000 runs, against
+        // a young table of 50,000 rows, chose a hash join over a sequential scan of the whole
+        // table (40 ms where the index takes 13) and took 6 ms to plan, five times on every
+        // connection, which made a drain after a burst of starts a third slower.
+        let options = match pg.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c plan_cache_mode=force_generic_plan"),
+            _ => "-c plan_cache_mode=force_generic_plan".to_owned(),
+        };
+        pg.options(&options);
         let mgr = deadpool_postgres::Manager::from_config(
             pg,
             tokio_postgres::NoTls,
