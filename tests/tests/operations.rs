@@ -260,20 +260,34 @@ async fn concurrent_migrations_apply_once() {
     assert_eq!(n as usize, aiki_server::store::MIGRATIONS.len());
 }
 
-#[tokio::test]
-async fn the_claim_walks_its_partial_index_without_sorting_the_queue() {
+/// A server whose queue holds `thousands` × 1,000 runs, analyzed, and a connection that plans
+/// as the server does: once, for the statement's shape (see `Store::new`).
+async fn analyzed_queue(thousands: usize) -> (TestDb, TestServer, tokio_postgres::Client) {
     let db = TestDb::new().await;
     let server = TestServer::start(&db).await;
     let mut wf = server.workflows().await;
-    for _ in 0..10 {
+    for _ in 0..thousands {
         let runs = (0..1000).map(|i| start_req("bulk", json!(i))).collect();
         wf.start_runs(StartRunsRequest { runs }).await.unwrap();
     }
     let pg = db.connect().await;
-    // Planned as the server plans it: once, for the statement's shape (see `Store::new`).
     pg.batch_execute("ANALYZE runs; SET plan_cache_mode = force_generic_plan")
         .await
         .unwrap();
+    (db, server, pg)
+}
+
+/// The text of an `EXPLAIN (FORMAT TEXT)` answer.
+fn plan_text(rows: &[tokio_postgres::Row]) -> String {
+    rows.iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn the_claim_walks_its_partial_index_without_sorting_the_queue() {
+    let (_db, _server, pg) = analyzed_queue(10).await;
     let claim = include_str!("../../server/src/store/sql/claim.sql");
     let explain = format!("EXPLAIN (FORMAT TEXT) {claim}");
     let worker = uuid::Uuid::now_v7();
@@ -292,11 +306,7 @@ async fn the_claim_walks_its_partial_index_without_sorting_the_queue() {
         )
         .await
         .unwrap();
-    let plan: String = rows
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let plan = plan_text(&rows);
     assert!(plan.contains("runs_ready"), "the claim uses the ready index:\n{plan}");
     assert!(!plan.contains("Sort"), "the claim does not sort the queue:\n{plan}");
 }
@@ -305,17 +315,7 @@ async fn the_claim_walks_its_partial_index_without_sorting_the_queue() {
 async fn a_completion_of_a_thousand_runs_finds_them_by_key_not_by_scanning() {
     // A custom plan for a batch of 1,000 against a young table of 50,000 rows chose a hash join
     // over a scan of the whole table; the server's connections plan once, generically.
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let mut wf = server.workflows().await;
-    for _ in 0..50 {
-        let runs = (0..1000).map(|i| start_req("bulk", json!(i))).collect();
-        wf.start_runs(StartRunsRequest { runs }).await.unwrap();
-    }
-    let pg = db.connect().await;
-    pg.batch_execute("ANALYZE runs; SET plan_cache_mode = force_generic_plan")
-        .await
-        .unwrap();
+    let (_db, _server, pg) = analyzed_queue(50).await;
     let ids: Vec<uuid::Uuid> = pg
         .query("SELECT id FROM runs LIMIT 1000", &[])
         .await
@@ -346,11 +346,7 @@ async fn a_completion_of_a_thousand_runs_finds_them_by_key_not_by_scanning() {
         )
         .await
         .unwrap();
-    let plan: String = rows
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let plan = plan_text(&rows);
     assert!(plan.contains("runs_pkey"), "runs found by key:\n{plan}");
     assert!(!plan.contains("Seq Scan on runs"), "no scan of every run:\n{plan}");
 }

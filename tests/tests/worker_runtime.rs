@@ -68,6 +68,33 @@ async fn shutdown_finishes_short_runs_and_releases_long_ones() {
     );
 }
 
+/// Starts an `echo` run through the server at `url` and checks its result.
+async fn echo_through(url: &str, value: &str) {
+    let client = aiki::Client::connect(url.to_owned()).await.unwrap();
+    let run = client
+        .start_run("echo", &json!(value), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(run.result::<String>(Duration::from_secs(20)).await.unwrap(), value);
+}
+
+/// A server on `addr` again (an earlier one listened there), on the database at `url`.
+async fn serve_again(
+    addr: std::net::SocketAddr,
+    url: &str,
+) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("rebind the same address");
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(aiki_server::serve(
+        aiki_tests::Config::for_test(url),
+        listener,
+        stop.clone(),
+    ));
+    (stop, server)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_reconnects_when_the_server_comes_back() {
     let db = TestDb::new().await;
@@ -81,28 +108,13 @@ async fn the_worker_reconnects_when_the_server_comes_back() {
         .await
         .unwrap();
     let task = tokio::spawn(worker.run(shutdown.clone()));
-    let client = first.client().await;
-    let run = client
-        .start_run("echo", &json!("before"), aiki::StartOptions::default())
-        .await
-        .unwrap();
-    assert_eq!(run.result::<String>(Duration::from_secs(10)).await.unwrap(), "before");
+    echo_through(&first.url(), "before").await;
 
     first.stop().await;
     // The server is away for a while; then one comes back on the same address.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .expect("rebind the same address");
-    let config = aiki_tests::Config::for_test(&db.url);
-    let stop_second = CancellationToken::new();
-    let second = tokio::spawn(aiki_server::serve(config, listener, stop_second.clone()));
-    let client = aiki::Client::connect(format!("http://{addr}")).await.unwrap();
-    let run = client
-        .start_run("echo", &json!("after"), aiki::StartOptions::default())
-        .await
-        .unwrap();
-    assert_eq!(run.result::<String>(Duration::from_secs(20)).await.unwrap(), "after");
+    let (stop_second, second) = serve_again(addr, &db.url).await;
+    echo_through(&format!("http://{addr}"), "after").await;
 
     shutdown.cancel();
     task.await.unwrap().unwrap();
@@ -129,30 +141,12 @@ async fn a_worker_the_server_does_not_know_registers_again() {
         .await
         .unwrap();
     let task = tokio::spawn(worker.run(shutdown.clone()));
-    let client = first.client().await;
-    let run = client
-        .start_run("echo", &json!("before"), aiki::StartOptions::default())
-        .await
-        .unwrap();
-    assert_eq!(run.result::<String>(Duration::from_secs(10)).await.unwrap(), "before");
+    echo_through(&first.url(), "before").await;
     first.stop().await;
 
     let other = TestDb::new().await;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .expect("rebind the same address");
-    let stop_second = CancellationToken::new();
-    let second = tokio::spawn(aiki_server::serve(
-        aiki_tests::Config::for_test(&other.url),
-        listener,
-        stop_second.clone(),
-    ));
-    let client = aiki::Client::connect(format!("http://{addr}")).await.unwrap();
-    let run = client
-        .start_run("echo", &json!("after"), aiki::StartOptions::default())
-        .await
-        .unwrap();
-    assert_eq!(run.result::<String>(Duration::from_secs(20)).await.unwrap(), "after");
+    let (stop_second, second) = serve_again(addr, &other.url).await;
+    echo_through(&format!("http://{addr}"), "after").await;
     let workers: i64 = other
         .connect()
         .await

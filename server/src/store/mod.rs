@@ -200,9 +200,10 @@ pub struct Store {
 /// inserts a worker with a new id) and is never deleted, so what was read once stays true, on
 /// every server: a poll needs no statement to learn what its worker serves (at 1,000 runs/s a
 /// worker polls about as often).
+/// Keyed by worker id alone (ids are unique across namespaces), each with its namespace.
 #[derive(Default)]
 struct RegistrationCache {
-    entries: std::sync::Mutex<HashMap<(String, Uuid), Arc<Registration>>>,
+    entries: std::sync::Mutex<HashMap<Uuid, (String, Arc<Registration>)>>,
 }
 
 /// Most registrations kept; when full, the cache starts again empty.
@@ -266,7 +267,7 @@ impl Store {
         // batch in hand: PostgreSQL's first custom plans of a completion of 1,000 runs, against
         // a young table of 50,000 rows, chose a hash join over a sequential scan of the whole
         // table (40 ms where the index takes 13) and took 6 ms to plan, five times on every
-        // connection, which made a drain after a burst of starts a third slower.
+        // connection.
         let options = match pg.get_options() {
             Some(o) if !o.is_empty() => format!("{o} -c plan_cache_mode=force_generic_plan"),
             _ => "-c plan_cache_mode=force_generic_plan".to_owned(),
@@ -546,13 +547,13 @@ impl Store {
     /// What a worker registered, or `None` if it is unknown.
     #[instrument(name = "store.worker.registration", skip_all)]
     pub async fn worker_registration(&self, namespace: &str, id: Uuid) -> Result<Option<Arc<Registration>>> {
-        let key = (namespace.to_owned(), id);
-        if let Some(r) = self
+        if let Some((ns, r)) = self
             .registrations
             .entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
+            .get(&id)
+            && ns == namespace
         {
             return Ok(Some(r.clone()));
         }
@@ -582,7 +583,7 @@ impl Store {
         if entries.len() >= MAX_REGISTRATIONS {
             entries.clear();
         }
-        entries.insert(key, registration.clone());
+        entries.insert(id, (namespace.to_owned(), registration.clone()));
         Ok(Some(registration))
     }
 
