@@ -362,7 +362,10 @@ impl TestDb {
         let claim = include_str!("../../server/src/store/sql/claim.sql");
         let skipped = include_str!("../../server/src/store/sql/claim_skipped.sql");
         let watcher = self.connect().await;
-        eventually(Duration::from_secs(10), "a poll has claimed", || async {
+        // Looked for without a pause: the poll's connection shows the claim only until the
+        // pool lends it to another statement (the reaper's, every 100 ms in tests).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
             let seen: i64 = watcher
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
@@ -374,9 +377,15 @@ impl TestDb {
                 .await
                 .expect("pg_stat_activity")
                 .get(0);
-            seen > 0
-        })
-        .await;
+            if seen > 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until a poll has claimed"
+            );
+            tokio::task::yield_now().await;
+        }
     }
 }
 
