@@ -326,7 +326,7 @@ async fn a_completion_of_a_thousand_runs_finds_them_by_key_not_by_scanning() {
     let n = ids.len();
     let complete = include_str!("../../server/src/store/sql/runs_complete.sql");
     pg.batch_execute(&format!(
-        "PREPARE complete(text[], uuid[], uuid[], jsonb[], jsonb[]) AS {complete}"
+        "PREPARE complete(text[], uuid[], uuid[], jsonb[], jsonb[], int[]) AS {complete}"
     ))
     .await
     .unwrap();
@@ -338,6 +338,7 @@ async fn a_completion_of_a_thousand_runs_finds_them_by_key_not_by_scanning() {
         list(vec![uuid::Uuid::now_v7().to_string(); n]),
         list(vec!["null".to_owned(); n]),
         list(vec!["NULL".to_owned(); n]),
+        list(vec!["0".to_owned(); n]),
     ];
     let rows = pg
         .query(

@@ -25,6 +25,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "final_tasks",
         include_str!("../../../migrations/0010_final_tasks.sql"),
     ),
+    (
+        11,
+        "final_task_seqs",
+        include_str!("../../../migrations/0011_final_task_seqs.sql"),
+    ),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

@@ -1615,8 +1615,13 @@ async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result<Vec<Result
             .iter()
             .map(|c| (!c.tasks.is_empty()).then_some(PgJson(c.tasks)))
             .collect();
+        // A completion carries at most 1,000 results (checked when it came in).
+        let counts: Vec<i32> = completes.iter().map(|c| c.tasks.len() as i32).collect();
         let stmt = tx.prepare_cached(sql!("runs_complete")).await?;
-        for row in tx.query(&stmt, &[&ns, &ids, &tokens, &outputs, &tasks]).await? {
+        for row in tx
+            .query(&stmt, &[&ns, &ids, &tokens, &outputs, &tasks, &counts])
+            .await?
+        {
             let ord: i64 = row.get("ord");
             out[completes[ord as usize - 1].report] = Some(Ok(Applied::Completed(true)));
         }
