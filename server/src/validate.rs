@@ -18,13 +18,19 @@ pub fn namespace(ns: &str) -> Result<String> {
 
 /// A name of workflow, queue, version, ...: 1 to `max` characters, no control characters.
 pub fn name(what: &str, s: &str, max: usize) -> Result<String> {
-    let len = s.chars().count();
+    // ASCII (nearly every name) is checked byte by byte: a task key is checked on every
+    // report, and walking it by `char` was a tenth of a completion's time in the server.
+    let (len, control) = if s.is_ascii() {
+        (s.len(), s.bytes().any(|b| b.is_ascii_control()))
+    } else {
+        (s.chars().count(), s.chars().any(char::is_control))
+    };
     if len == 0 || len > max {
         return Err(Error::InvalidArgument(format!(
             "{what} must be 1 to {max} characters long, got {len}"
         )));
     }
-    if s.chars().any(char::is_control) {
+    if control {
         return Err(Error::InvalidArgument(format!(
             "{what} {s:?} must not contain control characters"
         )));
@@ -144,6 +150,11 @@ mod tests {
         assert!(name("workflow", &"x".repeat(129), 128).is_err());
         assert!(name("queue", "a\nb", 128).is_err());
         assert!(name("queue", "billing-eu", 128).is_ok());
+        // ASCII and other text take the same rules: length in characters, no control ones.
+        assert!(name("queue", "a\x7fb", 128).is_err());
+        assert!(name("queue", "a\u{85}b", 128).is_err());
+        assert!(name("queue", "café-ü", 6).is_ok());
+        assert!(name("queue", "café-üx", 6).is_err());
     }
 
     #[test]

@@ -67,7 +67,7 @@ impl WorkerSvc {
         worker: Uuid,
         served: &Registration,
     ) -> Result<(Vec<LeasedRun>, bool)> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(max.min(MAX_POLL_BATCH) as usize);
         let mut skipped = false;
         // Start at a different queue each time so that one busy queue does not starve the rest.
         let start = if queues.len() > 1 {
@@ -316,15 +316,25 @@ impl WorkerService for WorkerSvc {
             .into());
         }
         // All reports are queued for the committer at once, so they share its transactions.
+        // The other kinds are boxed, so that the future of each report (a completion, nearly
+        // always) stays small: join_all moves every one of them.
         let answers = futures::future::join_all(req.reports.into_iter().map(|r| async move {
             let answer = match r.report {
-                Some(run_report::Report::RecordTask(r)) => self.record(r).await.map(report_result::Result::RecordTask),
                 Some(run_report::Report::CompleteRun(r)) => {
                     self.complete(r).await.map(report_result::Result::CompleteRun)
                 }
-                Some(run_report::Report::FailRun(r)) => self.fail(r).await.map(report_result::Result::FailRun),
-                Some(run_report::Report::ReleaseRun(r)) => self.release(r).await.map(report_result::Result::ReleaseRun),
-                Some(run_report::Report::SuspendRun(r)) => self.suspend(r).await.map(report_result::Result::SuspendRun),
+                Some(run_report::Report::RecordTask(r)) => {
+                    Box::pin(self.record(r)).await.map(report_result::Result::RecordTask)
+                }
+                Some(run_report::Report::FailRun(r)) => {
+                    Box::pin(self.fail(r)).await.map(report_result::Result::FailRun)
+                }
+                Some(run_report::Report::ReleaseRun(r)) => {
+                    Box::pin(self.release(r)).await.map(report_result::Result::ReleaseRun)
+                }
+                Some(run_report::Report::SuspendRun(r)) => {
+                    Box::pin(self.suspend(r)).await.map(report_result::Result::SuspendRun)
+                }
                 None => Err(Error::InvalidArgument(
                     "a report must be one of record_task, complete_run, fail_run, release_run, suspend_run".into(),
                 )),

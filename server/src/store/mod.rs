@@ -641,13 +641,14 @@ impl Store {
                 ],
             )
             .await?;
-        let mut runs: Vec<LeasedRun> = rows.iter().map(leased_from_row).collect::<Result<_>>()?;
+        let mut runs = leased_from_rows(&rows)?;
         // Only runs leased before can have recorded tasks.
-        let ids: Vec<Uuid> = rows
-            .iter()
-            .filter(|r| !r.get::<_, bool>("fresh"))
-            .map(|r| r.get("id"))
-            .collect();
+        let mut ids: Vec<Uuid> = Vec::new();
+        if let Some(cols) = rows.first().map(LeasedCols::of) {
+            for row in &rows {
+                ids.extend(leased_before(row, &cols)?);
+            }
+        }
         if !ids.is_empty() {
             let stmt = client.prepare_cached(sql!("tasks_of_runs")).await?;
             let at: std::collections::HashMap<String, usize> =

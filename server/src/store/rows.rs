@@ -167,20 +167,40 @@ fn run_from_row_at(row: &Row, c: &RunCols) -> Result<Run> {
     })
 }
 
-pub fn leased_from_row(row: &Row) -> Result<LeasedRun> {
+columns! {
+    /// Positions of the columns [`leased_from_row_at`] reads.
+    LeasedCols { id, workflow, version, queue, input, attempt, lease_token, lease_expires_at, fresh }
+}
+
+/// The leased runs of a claim's rows, its column positions found once (by name, a claim of
+/// 1,000 runs spent a tenth of the server's time of a drain looking columns up).
+pub fn leased_from_rows(rows: &[Row]) -> Result<Vec<LeasedRun>> {
+    let Some(cols) = rows.first().map(LeasedCols::of) else {
+        return Ok(Vec::new());
+    };
+    rows.iter().map(|r| leased_from_row_at(r, &cols)).collect()
+}
+
+/// The id of a claimed run that was leased before: only such a run can have recorded tasks.
+pub fn leased_before(row: &Row, c: &LeasedCols) -> Result<Option<Uuid>> {
+    Ok(match need::<bool>(row, c.fresh, "fresh")? {
+        true => None,
+        false => Some(need(row, c.id, "id")?),
+    })
+}
+
+pub fn leased_from_row_at(row: &Row, c: &LeasedCols) -> Result<LeasedRun> {
     Ok(LeasedRun {
-        run_id: row.get::<_, Uuid>("id").to_string(),
-        workflow: row.get("workflow"),
-        version: row.get("version"),
-        queue: row.get("queue"),
-        // Left out (NULL) where the caller has it already: a created run's input.
-        input: row.get::<_, Option<Json>>("input").as_ref().map(json_to_value),
-        attempt: row.get::<_, i32>("attempt").max(0) as u32,
-        lease_token: row
-            .get::<_, Option<Uuid>>("lease_token")
+        run_id: need::<Uuid>(row, c.id, "id")?.to_string(),
+        workflow: need(row, c.workflow, "workflow")?,
+        version: need(row, c.version, "version")?,
+        queue: need(row, c.queue, "queue")?,
+        input: opt::<Json>(row, c.input).as_ref().map(json_to_value),
+        attempt: need::<i32>(row, c.attempt, "attempt")?.max(0) as u32,
+        lease_token: opt::<Uuid>(row, c.lease_token)
             .map(|t| t.to_string())
             .unwrap_or_default(),
-        lease_expires_at: opt_ts(row, "lease_expires_at"),
+        lease_expires_at: opt::<SystemTime>(row, c.lease_expires_at).map(ts),
         tasks: Vec::new(),
     })
 }
