@@ -174,7 +174,9 @@ async fn shutdown_ends_waiting_polls_and_stops_the_server() {
         let runs = w.poll(1, Duration::from_secs(30)).await;
         (runs, started.elapsed())
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The poll finds the queue empty and waits.
+    db.until_claimed().await;
+    assert!(!poll.is_finished(), "the poll answered with nothing to lease");
     let stopping = Instant::now();
     server.stop().await;
     let (runs, waited) = poll.await.unwrap();
