@@ -42,6 +42,11 @@ pub struct Config {
     /// through other server replicas (changes made through this one wake them at once).
     #[serde(with = "humantime_serde")]
     pub recheck_interval: Duration,
+    /// Shortest time between two ready notifications of one queue sent by batches of single
+    /// starts; the ones in between go in one deferred notification at the end of the window
+    /// (other replicas' pollers learn of such a run up to this late; see `store::notices`).
+    #[serde(with = "humantime_serde")]
+    pub notify_window: Duration,
 }
 
 /// The server-wide default retry policy.
@@ -90,6 +95,7 @@ impl Default for Config {
             default_retry: RetryDefaults::default(),
             shutdown_grace: Duration::from_secs(30),
             recheck_interval: Duration::from_millis(500),
+            notify_window: Duration::from_millis(5),
         }
     }
 }
@@ -120,6 +126,11 @@ impl Config {
         );
         anyhow::ensure!(!self.reaper_interval.is_zero(), "reaper_interval must be positive");
         anyhow::ensure!(!self.recheck_interval.is_zero(), "recheck_interval must be positive");
+        anyhow::ensure!(
+            self.notify_window <= Duration::from_secs(10),
+            "notify_window ({:?}) must be at most 10s: other replicas' pollers wait for it",
+            self.notify_window
+        );
         anyhow::ensure!(
             self.max_payload_bytes >= 1024,
             "max_payload_bytes must be at least 1024"
@@ -179,6 +190,9 @@ pub struct Args {
     /// How often result and watch waiters re-read their run [default: 500ms].
     #[arg(long, env = "AIKI_RECHECK_INTERVAL", value_parser = humantime::parse_duration)]
     pub recheck_interval: Option<Duration>,
+    /// Shortest time between two ready notifications of one queue from single starts [default: 5ms].
+    #[arg(long, env = "AIKI_NOTIFY_WINDOW", value_parser = humantime::parse_duration)]
+    pub notify_window: Option<Duration>,
 }
 
 impl Args {
@@ -208,7 +222,8 @@ impl Args {
             reaper_interval,
             max_payload_bytes,
             shutdown_grace,
-            recheck_interval
+            recheck_interval,
+            notify_window
         );
         if self.no_migrate {
             c.migrate = false;

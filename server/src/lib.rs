@@ -18,7 +18,7 @@ pub mod store;
 pub mod validate;
 pub mod wake;
 
-use std::{str::FromStr, sync::Arc};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use aiki_proto::v1::{
     admin_service_server::AdminServiceServer, worker_service_server::WorkerServiceServer,
@@ -44,7 +44,7 @@ pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
 
 /// Applies pending migrations to the database at `url`; returns the names applied.
 pub async fn migrate(url: &str) -> anyhow::Result<Vec<&'static str>> {
-    let store = Store::new(pg_config(url)?, 2)?;
+    let store = Store::new(pg_config(url)?, 2, Duration::ZERO)?;
     Ok(store.migrate().await?)
 }
 
@@ -53,7 +53,7 @@ pub async fn migrate(url: &str) -> anyhow::Result<Vec<&'static str>> {
 pub async fn serve(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
     let pg = pg_config(&config.database_url)?;
-    let store = Store::new(pg.clone(), config.pool_size)?;
+    let store = Store::new(pg.clone(), config.pool_size, config.notify_window)?;
     store
         .ping()
         .await

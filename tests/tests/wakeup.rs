@@ -55,6 +55,78 @@ async fn a_start_on_one_replica_wakes_a_poll_on_another() {
     );
 }
 
+/// A start on one replica within the notify window of the one before (see
+/// `store::notices`) sends no notification of its own: one deferred notification at the end
+/// of the window wakes the poll waiting on the other replica, not its 30 s wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_within_the_notify_window_wakes_a_poll_on_another_replica_at_its_end() {
+    let db = TestDb::new().await;
+    let window = Duration::from_secs(2);
+    // `a` serves the poll. Its reaper stays idle, so that nothing else takes the poll's pooled
+    // connection while the test looks at what it ran last.
+    let mut quiet = aiki_tests::Config::for_test(&db.url);
+    quiet.reaper_interval = Duration::from_secs(600);
+    let a = TestServer::start_with(quiet).await;
+    let mut config = aiki_tests::Config::for_test(&db.url);
+    config.notify_window = window;
+    let b = TestServer::start_with(config).await;
+    let w = RawWorker::register(&a, &["default"]).await;
+    let mut wf = b.workflows().await;
+    // The first start notifies at once and opens the window; it is leased straight away.
+    let first = Instant::now();
+    wf.start_run(start_req("first", json!({}))).await.unwrap();
+    let leased = w.poll(1, Duration::ZERO).await;
+    assert_eq!(leased.len(), 1);
+    // Completed, so that no lease expiry (and the reaper's notification) wakes anything later.
+    w.client
+        .clone()
+        .complete_run(aiki_proto::v1::CompleteRunRequest {
+            namespace: String::new(),
+            run_id: leased[0].run_id.clone(),
+            lease_token: leased[0].lease_token.clone(),
+            output: None,
+            tasks: Vec::new(),
+        })
+        .await
+        .unwrap();
+    // A poll finds the queue empty and waits: the check for skipped runs that follows its
+    // empty claim shows as its connection's last statement (nothing else in this test runs it).
+    let poll = tokio::spawn(async move { w.poll(1, Duration::from_secs(30)).await });
+    let watcher = db.connect().await;
+    let skipped = include_str!("../../server/src/store/sql/claim_skipped.sql");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND left(query, 200) = left($1, 200)",
+                &[&skipped],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if seen > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until the poll has looked");
+        tokio::task::yield_now().await;
+    }
+    assert!(!poll.is_finished(), "the poll answered with nothing to lease");
+    // Within the window: this start's notification is deferred to the window's end.
+    wf.start_run(start_req("second", json!({}))).await.unwrap();
+    assert!(first.elapsed() < window, "the second start came within the window");
+    let runs = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("woken by the deferred notification, well before the poll's 30 s wait")
+        .unwrap();
+    assert_eq!(runs.len(), 1);
+    assert!(
+        first.elapsed() >= window,
+        "woken at the end of the window, by the deferred notification ({:?})",
+        first.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_run_wakes_its_poller_when_due() {
     let db = TestDb::new().await;

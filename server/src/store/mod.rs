@@ -14,6 +14,7 @@ macro_rules! sql {
 }
 
 mod migrate;
+mod notices;
 mod rows;
 
 use std::{
@@ -194,6 +195,7 @@ pub struct Store {
     pool: Pool,
     versions: Arc<VersionCache>,
     registrations: Arc<RegistrationCache>,
+    notices: Arc<notices::Notices>,
 }
 
 /// Worker registrations read so far. A registration never changes (`RegisterWorker` always
@@ -262,7 +264,9 @@ fn ms(d: Duration) -> i64 {
 
 impl Store {
     /// Builds a pool of at most `size` connections (connections open lazily).
-    pub fn new(mut pg: tokio_postgres::Config, size: usize) -> Result<Self> {
+    /// Ready notifications of batches of single starts are limited to one per queue and
+    /// `notify_window` (see `notices`).
+    pub fn new(mut pg: tokio_postgres::Config, size: usize, notify_window: Duration) -> Result<Self> {
         // Every statement is planned once per connection for its shape, not again for the
         // batch in hand: PostgreSQL's first custom plans of a completion of 1,000 runs, against
         // a young table of 50,000 rows, chose a hash join over a sequential scan of the whole
@@ -294,6 +298,7 @@ impl Store {
             pool,
             versions: Arc::default(),
             registrations: Arc::default(),
+            notices: Arc::new(notices::Notices::new(notify_window)),
         })
     }
 
@@ -315,12 +320,39 @@ impl Store {
             // Nothing has to commit with the insert (no parent to lock, no event of a parent
             // to write, no refusal to roll back): its one statement is its own transaction, a
             // round trip where BEGIN, INSERT and COMMIT took three (a batch of single starts
-            // took 2.2 ms, of which the BEGIN and the COMMIT's round trips were most).
-            return start_in(&client, runs, atomic, Parents::default(), &self.versions).await;
+            // took 2.2 ms, of which the BEGIN and the COMMIT's round trips were most). Its
+            // ready notifications are limited per queue (see `notices`): such batches come one
+            // after another under a stream of single starts.
+            // A delay is relative to the statement that sends it: those go with their batch.
+            let (mut ready, mut delayed): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+            for r in runs {
+                let p = crate::wake::ready_payload(&r.namespace, &r.queue, r.delay);
+                let to = if r.delay.is_zero() { &mut ready } else { &mut delayed };
+                if !to.contains(&p) {
+                    to.push(p);
+                }
+            }
+            let (mut send, later) = self.notices.admit(ready, std::time::Instant::now());
+            send.extend(delayed);
+            let out = start_in(&client, runs, atomic, Parents::default(), &self.versions, Some(send)).await?;
+            drop(client);
+            // Committed: what this batch did not send goes with the next deferred send.
+            for (payload, due) in self.notices.after_commit(later, std::time::Instant::now()) {
+                let store = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(due.into()).await;
+                    store.notices.sending(&payload, std::time::Instant::now());
+                    if let Err(e) = store.notify(&payload).await {
+                        // Pollers of other replicas look again when their wait ends.
+                        tracing::warn!(error = %e, "could not send a deferred ready notification");
+                    }
+                });
+            }
+            return Ok(out);
         }
         let tx = client.transaction().await?;
         let parents = lock_parents(&tx, runs).await?;
-        let mut out = start_in(&tx, runs, atomic, parents, &self.versions).await?;
+        let mut out = start_in(&tx, runs, atomic, parents, &self.versions, None).await?;
         if atomic && let Some(i) = out.iter().position(Result::is_err) {
             return Err(out
                 .swap_remove(i)
@@ -329,6 +361,15 @@ impl Store {
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    /// Sends one ready notification (`wake::ready_payload`) in a statement of its own.
+    async fn notify(&self, payload: &str) -> Result<()> {
+        let client = self.pool.get().await?;
+        client
+            .execute(&client.prepare_cached(sql!("notify_ready")).await?, &[&payload])
+            .await?;
+        Ok(())
     }
 
     /// A run by id.
@@ -1120,6 +1161,7 @@ async fn start_in(
     atomic: bool,
     (mut refused, parents): Parents,
     cache: &VersionCache,
+    notify: Option<Vec<String>>,
 ) -> Result<Vec<Result<(Run, bool)>>> {
     // Insert in key order, so that two batches sharing keys take their locks in the same
     // order and cannot deadlock; answer in request order.
@@ -1187,8 +1229,12 @@ async fn start_in(
         coefficients.push(r.retry.backoff_coefficient);
         types.push(json!(r.retry.non_retryable_error_types));
         delays.push(ms(r.delay));
-        wake.push(crate::wake::ready_payload(&r.namespace, &r.queue, r.delay));
+        if notify.is_none() {
+            wake.push(crate::wake::ready_payload(&r.namespace, &r.queue, r.delay));
+        }
     }
+    // The ready notifications this statement sends: one per run's queue, or those given.
+    let wake = notify.unwrap_or(wake);
     let stmt = tx.prepare_cached(sql!("runs_insert")).await?;
     let rows = tx
         .query(
