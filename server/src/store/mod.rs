@@ -324,17 +324,10 @@ impl Store {
             // ready notifications are limited per queue (see `notices`): such batches come one
             // after another under a stream of single starts.
             // A delay is relative to the statement that sends it: those go with their batch.
-            let (mut ready, mut delayed): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
-            for r in runs {
-                let p = crate::wake::ready_payload(&r.namespace, &r.queue, r.delay);
-                let to = if r.delay.is_zero() { &mut ready } else { &mut delayed };
-                if !to.contains(&p) {
-                    to.push(p);
-                }
-            }
+            let (ready, delayed) = ready_payloads(runs);
             let (mut send, later) = self.notices.admit(ready, std::time::Instant::now());
             send.extend(delayed);
-            let out = start_in(&client, runs, atomic, Parents::default(), &self.versions, Some(send)).await?;
+            let out = start_in(&client, runs, atomic, Parents::default(), &self.versions, send).await?;
             drop(client);
             // Committed: what this batch did not send goes with the next deferred send.
             for (payload, due) in self.notices.after_commit(later, std::time::Instant::now()) {
@@ -352,7 +345,9 @@ impl Store {
         }
         let tx = client.transaction().await?;
         let parents = lock_parents(&tx, runs).await?;
-        let mut out = start_in(&tx, runs, atomic, parents, &self.versions, None).await?;
+        let (mut wake, delayed) = ready_payloads(runs);
+        wake.extend(delayed);
+        let mut out = start_in(&tx, runs, atomic, parents, &self.versions, wake).await?;
         if atomic && let Some(i) = out.iter().position(Result::is_err) {
             return Err(out
                 .swap_remove(i)
@@ -682,14 +677,8 @@ impl Store {
                 ],
             )
             .await?;
-        let mut runs = leased_from_rows(&rows)?;
-        // Only runs leased before can have recorded tasks.
-        let mut ids: Vec<Uuid> = Vec::new();
-        if let Some(cols) = rows.first().map(LeasedCols::of) {
-            for row in &rows {
-                ids.extend(leased_before(row, &cols)?);
-            }
-        }
+        // Only runs leased before can have recorded tasks: `ids` names them.
+        let (mut runs, ids) = leased_from_rows(&rows)?;
         if !ids.is_empty() {
             let stmt = client.prepare_cached(sql!("tasks_of_runs")).await?;
             let at: std::collections::HashMap<String, usize> =
@@ -1155,13 +1144,28 @@ pub enum Applied {
 
 /// The body of [`Store::start_runs`]: one statement inserts every run whose key is free, then
 /// each run whose key is taken is answered with the run holding it (or refused).
+/// The ready notifications of `runs` (`wake::ready_payload`), once per queue: those of runs
+/// ready at once, and those of runs with a delay.
+fn ready_payloads(runs: &[NewRun]) -> (Vec<String>, Vec<String>) {
+    let (mut ready, mut delayed) = (Vec::new(), Vec::new());
+    for r in runs {
+        let p = crate::wake::ready_payload(&r.namespace, &r.queue, r.delay);
+        let to = if r.delay.is_zero() { &mut ready } else { &mut delayed };
+        if !to.contains(&p) {
+            to.push(p);
+        }
+    }
+    (ready, delayed)
+}
+
+/// Inserts `runs`; the statement sends the ready notifications `wake` when it commits.
 async fn start_in(
     tx: &impl GenericClient,
     runs: &[NewRun],
     atomic: bool,
     (mut refused, parents): Parents,
     cache: &VersionCache,
-    notify: Option<Vec<String>>,
+    wake: Vec<String>,
 ) -> Result<Vec<Result<(Run, bool)>>> {
     // Insert in key order, so that two batches sharing keys take their locks in the same
     // order and cannot deadlock; answer in request order.
@@ -1197,7 +1201,6 @@ async fn start_in(
         Vec::with_capacity(n),
     );
     let mut parent_ids = Vec::with_capacity(n);
-    let mut wake = Vec::with_capacity(n);
     let (mut execution, mut attempt, mut schedule, mut heartbeat) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -1229,12 +1232,7 @@ async fn start_in(
         coefficients.push(r.retry.backoff_coefficient);
         types.push(json!(r.retry.non_retryable_error_types));
         delays.push(ms(r.delay));
-        if notify.is_none() {
-            wake.push(crate::wake::ready_payload(&r.namespace, &r.queue, r.delay));
-        }
     }
-    // The ready notifications this statement sends: one per run's queue, or those given.
-    let wake = notify.unwrap_or(wake);
     let stmt = tx.prepare_cached(sql!("runs_insert")).await?;
     let rows = tx
         .query(

@@ -173,23 +173,24 @@ columns! {
 }
 
 /// The leased runs of a claim's rows, its column positions found once (by name, a claim of
-/// 1,000 runs spent a tenth of the server's time of a drain looking columns up).
-pub fn leased_from_rows(rows: &[Row]) -> Result<Vec<LeasedRun>> {
-    let Some(cols) = rows.first().map(LeasedCols::of) else {
-        return Ok(Vec::new());
+/// 1,000 runs spent a tenth of the server's time of a drain looking columns up), and the ids of
+/// those that were leased before: only those can have recorded tasks.
+pub fn leased_from_rows(rows: &[Row]) -> Result<(Vec<LeasedRun>, Vec<Uuid>)> {
+    let Some(c) = rows.first().map(LeasedCols::of) else {
+        return Ok((Vec::new(), Vec::new()));
     };
-    rows.iter().map(|r| leased_from_row_at(r, &cols)).collect()
+    let mut runs = Vec::with_capacity(rows.len());
+    let mut leased_before = Vec::new();
+    for row in rows {
+        if !need::<bool>(row, c.fresh, "fresh")? {
+            leased_before.push(need(row, c.id, "id")?);
+        }
+        runs.push(leased_from_row_at(row, &c)?);
+    }
+    Ok((runs, leased_before))
 }
 
-/// The id of a claimed run that was leased before: only such a run can have recorded tasks.
-pub fn leased_before(row: &Row, c: &LeasedCols) -> Result<Option<Uuid>> {
-    Ok(match need::<bool>(row, c.fresh, "fresh")? {
-        true => None,
-        false => Some(need(row, c.id, "id")?),
-    })
-}
-
-pub fn leased_from_row_at(row: &Row, c: &LeasedCols) -> Result<LeasedRun> {
+fn leased_from_row_at(row: &Row, c: &LeasedCols) -> Result<LeasedRun> {
     Ok(LeasedRun {
         run_id: need::<Uuid>(row, c.id, "id")?.to_string(),
         workflow: need(row, c.workflow, "workflow")?,
