@@ -243,7 +243,7 @@ impl Context {
         let hash = input_hash(&input)
             .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?} input: {e}")).non_retryable())?;
         let Step { key, n, seq, recorded } = self.begin_step("task", name, (name.to_owned(), hash.clone()), |n| {
-            format!("{name}#{hash}#{n}")
+            task_key(name, &hash, n)
         })?;
         if let Some(t) = recorded {
             return decode(name, t);
@@ -301,7 +301,7 @@ impl Context {
         let hash = input_hash(&input)
             .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?} input: {e}")).non_retryable())?;
         let Step { key, seq, recorded, .. } = self.begin_step("task", name, (name.to_owned(), hash.clone()), |n| {
-            format!("{name}#{hash}#{n}")
+            task_key(name, &hash, n)
         })?;
         if let Some(t) = recorded {
             return decode(name, t);
@@ -621,6 +621,19 @@ impl Context {
     }
 }
 
+/// A task's key: `{name}#{input hash}#{occurrence}`, built without the formatting machinery
+/// (`format!` took about 1,200 instructions per task).
+fn task_key(name: &str, hash: &str, n: u32) -> String {
+    let n = n.to_string();
+    let mut key = String::with_capacity(name.len() + hash.len() + n.len() + 2);
+    key.push_str(name);
+    key.push('#');
+    key.push_str(hash);
+    key.push('#');
+    key.push_str(&n);
+    key
+}
+
 /// The key of the sleep before attempt `attempt` of task `key`.
 fn retry_key(key: &str, attempt: u32) -> String {
     format!("retry:{key}@{attempt}")
@@ -794,9 +807,15 @@ fn from_recorded<O: DeserializeOwned>(name: &str, json: serde_json::Value) -> Re
 /// are sorted, so the same input always hashes the same, even when it holds a `HashMap`.
 fn input_hash<I: Serialize>(input: &I) -> Result<String, serde_json::Error> {
     let json = serde_json::to_vec(&serde_json::to_value(input)?)?;
-    // The first 8 bytes of the digest, in hex.
-    let mut hex = format!("{:x}", Sha256::digest(&json));
-    hex.truncate(16);
+    // The first 8 bytes of the digest, in lowercase hex (formatting the whole digest with
+    // `{:x}` and cutting it took about 670 instructions per task).
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(&json);
+    let mut hex = String::with_capacity(16);
+    for b in &digest[..8] {
+        hex.push(DIGITS[usize::from(b >> 4)].into());
+        hex.push(DIGITS[usize::from(b & 0xf)].into());
+    }
     Ok(hex)
 }
 
@@ -813,6 +832,13 @@ mod tests {
         let e: WorkflowError = Boom.into();
         assert_eq!(e.kind, "Boom");
         assert!(!e.non_retryable);
+    }
+
+    #[test]
+    fn task_keys_are_name_hash_and_occurrence() {
+        // Pinned: recorded runs find their tasks by these keys.
+        assert_eq!(task_key("charge", "708747538ba81fd6", 0), "charge#708747538ba81fd6#0");
+        assert_eq!(task_key("a#b", "00", 4_000_000_000), "a#b#00#4000000000");
     }
 
     #[test]
