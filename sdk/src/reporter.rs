@@ -129,7 +129,10 @@ async fn batch_loop(client: WorkerServiceClient<Channel>, mut rx: mpsc::Unbounde
             },
         };
         let mut bytes = first.bytes;
-        let mut batch = vec![first];
+        // Sized for what is waiting: growing a batch of 1,000 reports one doubling at a time
+        // copied each report about twice on the way.
+        let mut batch = Vec::with_capacity(1 + rx.len().min(MAX_BATCH - 1));
+        batch.push(first);
         while batch.len() < MAX_BATCH {
             let Ok(p) = rx.try_recv() else { break };
             if bytes + p.bytes > MAX_BATCH_BYTES {

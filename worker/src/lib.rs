@@ -39,6 +39,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, transport::Channel};
 
+/// The maps an execution looks up (workflows, leases, counts): keyed by names and run ids that
+/// come from this worker's own code and its server, so a fast hash needs no defence against
+/// chosen keys (SipHash was about 1,000 instructions of each run's execution).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The most runs the server leases in one poll.
 const MAX_POLL_BATCH: u32 = 1000;
 /// Polls a worker keeps on their way. With two, the claim of the next batch overlaps the answer
@@ -84,7 +89,7 @@ pub struct WorkerBuilder {
     poll_batch: u32,
     poll_wait: Duration,
     shutdown_grace: Duration,
-    workflows: HashMap<String, Handler>,
+    workflows: FastMap<String, Handler>,
     version: String,
 }
 
@@ -113,7 +118,7 @@ impl WorkerBuilder {
             poll_batch: 0,
             poll_wait: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
-            workflows: HashMap::new(),
+            workflows: FastMap::default(),
             version: String::new(),
         }
     }
@@ -214,7 +219,7 @@ impl WorkerBuilder {
                 cfg: self,
                 worker_id: Mutex::new(String::new()),
                 registering: tokio::sync::Mutex::new(()),
-                leases: Mutex::new(HashMap::new()),
+                leases: Mutex::new(FastMap::default()),
                 settings: Mutex::new(Settings::default()),
             }),
         })
@@ -260,10 +265,10 @@ struct Inner {
     worker_id: Mutex<String>,
     /// Held while registering again (see [`Inner::register_again`]).
     registering: tokio::sync::Mutex<()>,
-    leases: Mutex<HashMap<String, Held>>,
+    leases: Mutex<FastMap<String, Held>>,
     settings: Mutex<Settings>,
     /// Runs completed, by workflow (the registered ones, fixed at build).
-    completed: HashMap<String, AtomicU64>,
+    completed: FastMap<String, AtomicU64>,
 }
 
 /// A running worker; see the crate docs.
@@ -514,16 +519,16 @@ impl Inner {
             // heartbeat said so): the earlier execution must not go on beside this one.
             tracing::warn!(run_id = %run.run_id, "run leased again; stopping the earlier execution");
             previous.stop.cancel();
-            previous.finished.cancelled().await;
+            Box::pin(previous.finished.cancelled()).await;
         }
         let Some(handler) = self.cfg.workflows.get(&run.workflow).cloned() else {
             tracing::warn!(run_id = %run.run_id, workflow = %run.workflow, "no handler for this workflow; releasing the run");
-            self.release(
+            Box::pin(self.release(
                 &run.run_id,
                 &run.lease_token,
                 &format!("worker has no workflow {:?}", run.workflow),
                 Duration::from_secs(5),
-            )
+            ))
             .await;
             self.forget(&run.run_id, &run.lease_token);
             return;
@@ -595,12 +600,13 @@ impl Inner {
                     // The last checkpoints, committed with the completion.
                     tasks: progress.take_unsent(),
                 };
-                let sent = self
-                    .report(&run.run_id, &stop, || {
-                        let req = req.clone();
-                        async move { self.reporter.complete_run(req).await.map(|_| ()) }
-                    })
-                    .await;
+                // Boxed too: the report and its retry state are most of what an execution
+                // would otherwise carry from its start, and every spawn moves that.
+                let sent = Box::pin(self.report(&run.run_id, &stop, || {
+                    let req = req.clone();
+                    async move { self.reporter.complete_run(req).await.map(|_| ()) }
+                }))
+                .await;
                 if sent.is_ok()
                     && let Some(n) = self.completed.get(&run.workflow)
                 {
