@@ -104,10 +104,21 @@ impl<A: Apply> Committer<A> {
     /// answers once the transaction has committed.
     pub async fn apply(&self, op: A::Op, bytes: usize) -> Result<A::Answer> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Job { op, bytes, reply })
-            .await
-            .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
+        // Queued at once while there is room (nearly always): awaiting `send` polls a
+        // semaphore future for every write.
+        let job = match self.tx.try_send(Job { op, bytes, reply }) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(job)) => Some(job),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(Error::Unavailable("the server is shutting down".into()));
+            }
+        };
+        if let Some(job) = job {
+            self.tx
+                .send(job)
+                .await
+                .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
+        }
         answer
             .await
             .map_err(|_| Error::Unavailable("the write was dropped; send it again".into()))?
@@ -116,8 +127,7 @@ impl<A: Apply> Committer<A> {
 
 async fn commit_loop<A: Apply>(applier: A, queue: Arc<Mutex<Queue<A>>>) {
     loop {
-        let mut jobs = Vec::new();
-        {
+        let jobs = {
             let mut q = queue.lock().await;
             let first = match q.carry.take() {
                 Some(job) => job,
@@ -127,6 +137,8 @@ async fn commit_loop<A: Apply>(applier: A, queue: Arc<Mutex<Queue<A>>>) {
                 },
             };
             let mut bytes = first.bytes;
+            // Sized for what is waiting rather than grown one doubling at a time.
+            let mut jobs = Vec::with_capacity(1 + q.rx.len().min(MAX_BATCH - 1));
             jobs.push(first);
             while jobs.len() < MAX_BATCH {
                 let Ok(job) = q.rx.try_recv() else { break };
@@ -137,7 +149,8 @@ async fn commit_loop<A: Apply>(applier: A, queue: Arc<Mutex<Queue<A>>>) {
                 bytes += job.bytes;
                 jobs.push(job);
             }
-        }
+            jobs
+        };
         let (ops, replies): (Vec<A::Op>, Vec<_>) = jobs.into_iter().map(|j| (j.op, j.reply)).unzip();
         let started = std::time::Instant::now();
         let applied = applier.apply(&ops).await;
