@@ -335,7 +335,7 @@ impl Store {
                 tokio::spawn(async move {
                     tokio::time::sleep_until(due.into()).await;
                     store.notices.sending(&payload, std::time::Instant::now());
-                    if let Err(e) = store.notify(&payload).await {
+                    if let Err(e) = store.notify(payload).await {
                         // Pollers of other replicas look again when their wait ends.
                         tracing::warn!(error = %e, "could not send a deferred ready notification");
                     }
@@ -359,12 +359,8 @@ impl Store {
     }
 
     /// Sends one ready notification (`wake::ready_payload`) in a statement of its own.
-    async fn notify(&self, payload: &str) -> Result<()> {
-        let client = self.pool.get().await?;
-        client
-            .execute(&client.prepare_cached(sql!("notify_ready")).await?, &[&payload])
-            .await?;
-        Ok(())
+    async fn notify(&self, payload: String) -> Result<()> {
+        notify_ready(&self.pool.get().await?, vec![payload]).await
     }
 
     /// A run by id.
@@ -1142,8 +1138,6 @@ pub enum Applied {
     Ended(Option<(Box<Run>, Duration)>),
 }
 
-/// The body of [`Store::start_runs`]: one statement inserts every run whose key is free, then
-/// each run whose key is taken is answered with the run holding it (or refused).
 /// The ready notifications of `runs` (`wake::ready_payload`), once per queue: those of runs
 /// ready at once, and those of runs with a delay.
 fn ready_payloads(runs: &[NewRun]) -> (Vec<String>, Vec<String>) {
@@ -1158,7 +1152,9 @@ fn ready_payloads(runs: &[NewRun]) -> (Vec<String>, Vec<String>) {
     (ready, delayed)
 }
 
-/// Inserts `runs`; the statement sends the ready notifications `wake` when it commits.
+/// The body of [`Store::start_runs`]: one statement inserts every run whose key is free, then
+/// each run whose key is taken is answered with the run holding it (or refused). The statement
+/// sends the ready notifications `wake` when it commits.
 async fn start_in(
     tx: &impl GenericClient,
     runs: &[NewRun],
@@ -2131,8 +2127,8 @@ async fn wake_if_queued(tx: &Transaction<'_>, row: &tokio_postgres::Row) -> Resu
 }
 
 /// Wakes the pollers of the queues named by `payloads` (see `wake::ready_payload`) when `tx`
-/// commits: one NOTIFY per distinct payload.
-async fn notify_ready(tx: &Transaction<'_>, payloads: Vec<String>) -> Result<()> {
+/// commits (at once outside a transaction): one NOTIFY per distinct payload.
+async fn notify_ready(tx: &impl GenericClient, payloads: Vec<String>) -> Result<()> {
     let mut sent: Vec<String> = Vec::new();
     for payload in payloads {
         if !sent.contains(&payload) {
