@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use aiki_proto::v1::{
-    CompleteRunRequest, FailRunRequest, RecordTaskRequest, ReleaseRunRequest, ReportRequest, RunError, RunReport,
-    RunStatus, StartRunsRequest, report_result, run_report,
+    CompleteRunRequest, FailRunRequest, HeartbeatRequest, Lease, RecordTaskRequest, ReleaseRunRequest, ReportRequest,
+    RunError, RunReport, RunStatus, StartRunsRequest, report_result, run_report,
 };
 use aiki_tests::{RawWorker, TestDb, TestServer, history_types, start_req, task_output};
+use futures::StreamExt;
 use serde_json::json;
 use tonic::Code;
 
@@ -433,5 +434,132 @@ async fn a_completion_checkpoints_the_task_results_it_carries() {
     assert_eq!(
         recorded_tasks(&db, &c.run_id).await,
         vec![("ok#h#0".to_owned(), json!(1))]
+    );
+}
+
+/// A heartbeat names every lease of its worker while the worker's completions of those runs are
+/// being committed. Both lock the runs they change: if they took the locks in different orders
+/// they could deadlock, and PostgreSQL would abort one (a heartbeat failing with an internal
+/// error, or a second of every report waiting for the deadlock check). The heartbeats here name
+/// the leases in no particular order, the completions go in batches in key order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_racing_completions_of_the_same_runs_neither_deadlock_nor_fail() {
+    const RUNS: usize = 2000;
+    let db = TestDb::new().await;
+    // Leases that outlast any wait here: a report refused because its lease expired would hide
+    // what this test is about.
+    let mut config = aiki_tests::Config::for_test(&db.url);
+    config.lease_ttl = Duration::from_secs(60);
+    let server = TestServer::start_with(config).await;
+    let mut wf = server.workflows().await;
+    for _ in 0..RUNS / 1000 {
+        let runs = (0..1000).map(|i| start_req("raced", json!({"i": i}))).collect();
+        wf.start_runs(StartRunsRequest { runs }).await.unwrap();
+    }
+    let w = RawWorker::register(&server, &["default"]).await;
+    let mut leased = Vec::new();
+    while leased.len() < RUNS {
+        leased.extend(w.poll(1000, Duration::from_secs(5)).await);
+    }
+    leased.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+    let mut named: Vec<Lease> = leased
+        .iter()
+        .map(|r| Lease {
+            run_id: r.run_id.clone(),
+            lease_token: r.lease_token.clone(),
+        })
+        .collect();
+    // In no order: the worker sends them as its map of leases iterates.
+    let shuffle = std::collections::hash_map::RandomState::new();
+    named.sort_by_cached_key(|l| std::hash::BuildHasher::hash_one(&shuffle, &l.run_id));
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let heartbeats = {
+        let (mut client, worker_id, done) = (w.client.clone(), w.id.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut sent = 0;
+            // At least a few heartbeats, and then as many as the completions take.
+            while sent < 3 || !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = client
+                    .heartbeat(HeartbeatRequest {
+                        namespace: String::new(),
+                        worker_id: worker_id.clone(),
+                        leases: named.clone(),
+                    })
+                    .await;
+                if let Err(status) = answer {
+                    panic!("heartbeat {sent} failed while completions ran: {status:?}");
+                }
+                sent += 1;
+            }
+            sent
+        })
+    };
+    // Completions in batches of 100, eight calls at a time, each call timed: none may wait on
+    // a deadlock.
+    let calls = leased.chunks(100).map(|batch| {
+        let mut client = w.client.clone();
+        let items: Vec<_> = batch
+            .iter()
+            .map(|r| complete(&r.run_id, &r.lease_token, json!(1)))
+            .collect();
+        async move {
+            let started = std::time::Instant::now();
+            let answers = client.report(reports(items)).await.unwrap().into_inner().results;
+            assert!(
+                answers
+                    .iter()
+                    .all(|a| matches!(a.result, Some(report_result::Result::CompleteRun(_)))),
+                "a completion was refused: {answers:?}"
+            );
+            started.elapsed()
+        }
+    });
+    let slowest = futures::stream::iter(calls)
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .max()
+        .unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = heartbeats.await.expect("every heartbeat succeeded");
+    assert!(sent >= 3);
+
+    // The server's sessions flush their statistics as they end: stop it and wait for them.
+    server.stop().await;
+    let pg = db.connect().await;
+    aiki_tests::eventually(Duration::from_secs(30), "the server's sessions to end", || {
+        let pg = &pg;
+        async move {
+            let others: i64 = pg
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            others == 0
+        }
+    })
+    .await;
+    let completed: i64 = pg
+        .query_one("SELECT count(*) FROM runs WHERE status = 'completed'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(completed, RUNS as i64);
+    let deadlocks: i64 = pg
+        .query_one(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        deadlocks, 0,
+        "PostgreSQL found deadlocks (the slowest report call took {slowest:?})"
     );
 }

@@ -2,16 +2,23 @@
 -- still held, which are to be cancelled or paused, and whether the worker is known. A lease that has
 -- already expired is not revived, even before the reaper has ended it: it is lost. An open
 -- lease is `lease_end IS NULL` rather than a status test: see `runs_running_iff_leased`.
+-- The runs are locked first, in key order, as every statement that locks many runs does (a
+-- completion batch, `runs_lock.sql`): locked in the order the worker named them, a heartbeat and
+-- a completion of the same runs could each wait for the other.
 WITH leases AS (
     SELECT * FROM unnest($3::uuid[], $4::uuid[]) AS l(id, token)
+), locked AS (
+    SELECT r.id FROM runs r JOIN leases l ON r.id = l.id AND r.lease_token = l.token
+    WHERE r.namespace = $1 AND r.lease_end IS NULL AND r.lease_owner = $2
+      AND r.lease_expires_at > now()
+    ORDER BY r.id
+    FOR NO KEY UPDATE OF r
 ), extended AS (
     UPDATE runs r
     SET lease_expires_at = now() + least($5::bigint, coalesce(r.heartbeat_timeout_ms, $5::bigint))
                                    * interval '1 millisecond'
-    FROM leases l
-    WHERE r.namespace = $1 AND r.id = l.id AND r.lease_token = l.token
-      AND r.lease_end IS NULL AND r.lease_owner = $2
-      AND r.lease_expires_at > now()
+    FROM locked l
+    WHERE r.namespace = $1 AND r.id = l.id
     RETURNING r.id, r.cancel_requested, r.pause_requested, r.lease_expires_at
 ), worker AS (
     UPDATE workers SET last_heartbeat_at = now() WHERE namespace = $1 AND id = $2 RETURNING id

@@ -1,4 +1,5 @@
--- Locks the runs ($1 namespaces, $2 ids) until commit, in key order so that concurrent batches
+-- Locks the runs ($1 namespaces, $2 ids) until commit, in key order (byte order, as the server
+-- sorts a completion batch, whatever the database's collation) so that concurrent batches
 -- cannot deadlock: a lease cannot end while reports under it are applied, and the reports of
 -- one run (and their history events) are written one after another. Answers each run's
 -- current lease (token, and whether it is open), attempt and lease owner. No condition on the
@@ -6,5 +7,5 @@
 SELECT r.namespace, r.id, r.lease_token, r.lease_end IS NULL AS open, r.attempt, r.lease_owner
 FROM runs r
 WHERE (r.namespace, r.id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))
-ORDER BY r.namespace, r.id
+ORDER BY r.namespace COLLATE "C", r.id
 FOR NO KEY UPDATE

@@ -4,5 +4,5 @@
 SELECT r.namespace, r.id, r.status, r.cancel_requested, r.attempt, r.queue
 FROM runs r
 JOIN unnest($1::text[], $2::uuid[]) AS p (namespace, id) ON r.namespace = p.namespace AND r.id = p.id
-ORDER BY r.namespace, r.id
+ORDER BY r.namespace COLLATE "C", r.id
 FOR SHARE OF r
