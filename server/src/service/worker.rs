@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::{Shared, run_changed};
 use crate::{
     error::{Error, Result},
-    store::{Applied, Claimed, LeaseEnd, NewTask, Registration, Report, Wait},
+    store::{Applied, LeaseEnd, NewTask, Registration, Report, Wait},
     validate,
 };
 
@@ -59,6 +59,9 @@ fn error_json(e: Option<&aiki_proto::v1::RunError>, max: usize) -> Result<serde_
 }
 
 impl WorkerSvc {
+    /// Leases up to `max` ready runs of `queues`, starting at a random one. Answers them, and,
+    /// when it leased none, whether a ready run was left all the same (its row locked by another
+    /// transaction, or it became ready after the claim looked): the poll then looks again soon.
     async fn claim_any(
         &self,
         ns: &str,
@@ -68,7 +71,6 @@ impl WorkerSvc {
         served: &Registration,
     ) -> Result<(Vec<LeasedRun>, bool)> {
         let mut out = Vec::with_capacity(max.min(MAX_POLL_BATCH) as usize);
-        let mut skipped = false;
         // Start at a different queue each time so that one busy queue does not starve the rest.
         let start = if queues.len() > 1 {
             rand::random_range(0..queues.len())
@@ -96,8 +98,7 @@ impl WorkerSvc {
                     .claim(ns, q, want, worker, self.0.config.lease_ttl, served)
                     .await
                 {
-                    Ok(Claimed { runs, skipped: s }) => {
-                        skipped |= s;
+                    Ok(runs) => {
                         let got = runs.len() as u32;
                         size += runs.iter().map(prost::Message::encoded_len).sum::<usize>();
                         out.extend(runs);
@@ -114,12 +115,24 @@ impl WorkerSvc {
                 }
             }
         }
+        // A claim skips the rows other transactions hold locked, and nothing may wake the
+        // pollers when those locks go: a poll that leased nothing asks whether a ready run is
+        // still there, so that it looks again soon. One that leased runs answers with them at
+        // once, and the worker's next poll looks again: asking after every short claim cost
+        // each lightly loaded poll a round trip before its answer.
+        if out.is_empty() {
+            for q in queues {
+                if self.0.store.ready_left(ns, q, served).await? {
+                    return Ok((out, true));
+                }
+            }
+        }
         for r in &out {
             if let Ok(id) = Uuid::parse_str(&r.run_id) {
                 run_changed(&self.0, id);
             }
         }
-        Ok((out, skipped))
+        Ok((out, false))
     }
 }
 

@@ -116,15 +116,6 @@ pub struct RunFilter {
     pub parent: Option<Uuid>,
 }
 
-/// What one claim leased.
-#[derive(Debug)]
-pub struct Claimed {
-    pub runs: Vec<LeasedRun>,
-    /// A ready run that this worker serves was left in the queue: its row was locked by
-    /// another transaction, or it became ready after the claim looked. Look again soon.
-    pub skipped: bool,
-}
-
 /// What a heartbeat found.
 #[derive(Debug, Clone)]
 pub struct HeartbeatOutcome {
@@ -656,7 +647,7 @@ impl Store {
         worker: Uuid,
         ttl: Duration,
         served: &Registration,
-    ) -> Result<Claimed> {
+    ) -> Result<Vec<LeasedRun>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("claim")).await?;
         let rows = client
@@ -686,18 +677,19 @@ impl Store {
                 }
             }
         }
-        // A claim skips the rows other transactions hold locked, and nothing may wake the
-        // pollers when those locks go: one that leased less than it wanted asks whether a ready
-        // run is still there (see `sql/claim_skipped.sql`), so that it looks again soon.
-        let skipped = runs.len() < max as usize
-            && client
-                .query_one(
-                    &client.prepare_cached(sql!("claim_skipped")).await?,
-                    &[&namespace, &queue, &served.workflows, &served.versions],
-                )
-                .await?
-                .get::<_, bool>(0);
-        Ok(Claimed { runs, skipped })
+        Ok(runs)
+    }
+
+    /// Whether queue `queue` holds a ready run that a worker serving `served` could take; see
+    /// `sql/claim_skipped.sql`. Asked by a poll whose claims leased nothing.
+    #[instrument(name = "store.queue.ready_left", skip_all, fields(queue))]
+    pub async fn ready_left(&self, namespace: &str, queue: &str, served: &Registration) -> Result<bool> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("claim_skipped")).await?;
+        let row = client
+            .query_one(&stmt, &[&namespace, &queue, &served.workflows, &served.versions])
+            .await?;
+        Ok(row.get(0))
     }
 
     /// Extends the leases a worker names; see `sql/heartbeat.sql`.
