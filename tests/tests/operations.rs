@@ -310,6 +310,10 @@ async fn the_claim_walks_its_partial_index_without_sorting_the_queue() {
         .unwrap();
     let plan = plan_text(&rows);
     assert!(plan.contains("runs_ready"), "the claim uses the ready index:\n{plan}");
+    assert!(
+        plan.contains("Index Cond: ((hashtextextended("),
+        "the claim descends the ready index by its hashed queue key:\n{plan}"
+    );
     assert!(!plan.contains("Sort"), "the claim does not sort the queue:\n{plan}");
 }
 

@@ -30,6 +30,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "final_task_seqs",
         include_str!("../../../migrations/0011_final_task_seqs.sql"),
     ),
+    (12, "ready_key", include_str!("../../../migrations/0012_ready_key.sql")),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

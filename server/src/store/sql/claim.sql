@@ -9,9 +9,12 @@
 -- descent per run. The lock keeps that row version in place until the transaction ends; a row
 -- whose locked version is newer than the statement's snapshot is not found, so it is simply
 -- not leased this time (it stays queued, and the poll looks again: see `claim_skipped.sql`).
+-- The first condition is the key of the ready index, a hash of namespace and queue (see the
+-- migration `ready_key`); the names are tested too.
 WITH ready AS (
     SELECT ctid, started_at FROM runs
-    WHERE namespace = $1 AND queue = $2 AND status = 'queued' AND visible_at <= now()
+    WHERE hashtextextended($1::text || E'\n' || $2::text, 0) = hashtextextended(namespace || E'\n' || queue, 0)
+      AND namespace = $1 AND queue = $2 AND status = 'queued' AND visible_at <= now()
       AND CASE WHEN version = '' THEN workflow = ANY($6::text[]) OR '*' = ANY($6::text[])
                ELSE workflow || E'\n' || version = ANY($7::text[]) END
     ORDER BY priority DESC, visible_at, id

@@ -5,7 +5,8 @@
 -- that ended meanwhile leaves the row locked), or became ready since the claim looked.
 SELECT EXISTS (
     SELECT 1 FROM runs
-    WHERE namespace = $1 AND queue = $2 AND status = 'queued' AND visible_at <= now()
+    WHERE hashtextextended($1::text || E'\n' || $2::text, 0) = hashtextextended(namespace || E'\n' || queue, 0)
+      AND namespace = $1 AND queue = $2 AND status = 'queued' AND visible_at <= now()
       AND CASE WHEN version = '' THEN workflow = ANY($3::text[]) OR '*' = ANY($3::text[])
                ELSE workflow || E'\n' || version = ANY($4::text[]) END
 )
