@@ -495,8 +495,8 @@ async fn heartbeats_racing_completions_of_the_same_runs_neither_deadlock_nor_fai
             sent
         })
     };
-    // Completions in batches of 100, eight calls at a time, each call timed: none may wait on
-    // a deadlock.
+    // Completions in batches of 100, eight calls at a time. Each call is timed only for the
+    // failure message: a deadlock shows as a call that waited for PostgreSQL's check (1 s).
     let calls = leased.chunks(100).map(|batch| {
         let mut client = w.client.clone();
         let items: Vec<_> = batch
