@@ -22,7 +22,10 @@
 //!    With `--backlog M`, M more runs (of workflow `bench.backlog`, the same body) are queued
 //!    (unmeasured) before phase 2 at a lower priority: they are leased only after the measured
 //!    runs, so the drain works against a table and index holding M more ready runs, and the
-//!    rate counts the measured runs only.
+//!    rate counts the measured runs only. With `--checkpoint`, PostgreSQL checkpoints
+//!    (untimed) before the workers start: writing a million runs sets off a checkpoint that
+//!    would otherwise run during the drain (each page's first change after it starts is logged
+//!    whole), so the drain would measure the backlog's writing rather than its claiming.
 //!    Figure: runs completed per second, end to end (poll, lease, one checkpointed task,
 //!    completion).
 //! 4. `latency`: with the workers idle, `StartRun` calls are offered at `--rate` per second for
@@ -148,6 +151,12 @@ pub struct BenchArgs {
     /// Extra runs queued, at a lower priority, in the drained queue before the drain.
     #[arg(long, default_value_t = 0)]
     backlog: u64,
+    /// Before the drain (untimed), have PostgreSQL write out every page the enqueue phases
+    /// dirtied (CHECKPOINT), so that the drain does not pay for that writing as well as its
+    /// own: with a deep --backlog, the checkpoint of the backlog's pages otherwise runs during
+    /// the drain. Needs the bench's own database (not --server) and a role that may checkpoint.
+    #[arg(long)]
+    checkpoint: bool,
     /// Runs per second offered in the latency phase.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     rate: u64,
@@ -305,6 +314,9 @@ fn unix_micros() -> u64 {
 pub async fn run(args: &BenchArgs, target: &Target, json: bool) -> anyhow::Result<()> {
     if args.server_pid.is_some() && target.server.is_none() {
         bail!("--server-pid is for a server given with --server; without it aiki bench starts its own");
+    }
+    if args.checkpoint && target.server.is_some() {
+        bail!("--checkpoint needs the bench's own database: it cannot be used with --server");
     }
     let phases: Vec<Phase> = Phase::ALL.into_iter().filter(|p| args.phases.contains(p)).collect();
     let namespace = target
@@ -572,6 +584,25 @@ impl Database {
             .await
             .with_context(|| format!("cannot drop database {}", self.name))
     }
+}
+
+/// `--checkpoint`: a CHECKPOINT of the bench's PostgreSQL, so that the pages written so far are
+/// on disk before the drain starts.
+async fn checkpoint(stack: &Stack) -> anyhow::Result<()> {
+    let Some(db) = &stack.database else {
+        bail!("--checkpoint needs the bench's own database: it cannot be used with --server");
+    };
+    let pb = bar(1, "checkpoint");
+    db.session.batch_execute("CHECKPOINT").await.context(
+        "CHECKPOINT failed: the role of --database-url must be a superuser or a member of \
+             pg_checkpoint (GRANT pg_checkpoint TO that role)",
+    )?;
+    finish(
+        &pb,
+        "checkpoint",
+        format!("checkpoint done in {:.1} s", pb.elapsed().as_secs_f64()),
+    );
+    Ok(())
 }
 
 /// Starts `aiki-server` on a free loopback port with the bench database; returns its address.
@@ -1364,6 +1395,9 @@ async fn bench(
             .into_iter()
             .filter_map(|(q, serve)| serve.then_some(q))
             .collect();
+        if args.checkpoint && has(Phase::Drain) {
+            checkpoint(stack).await?;
+        }
         start_workers(stack, args, &server, namespace, &queues).await?;
         if has(Phase::Drain) {
             report.drain = Some(drain(args, &client, stack, server_pid).await?);
@@ -1480,6 +1514,7 @@ impl Report {
                 "slots": args.slots,
                 "poll_batch": args.poll_batch,
                 "backlog": args.backlog,
+                "checkpoint": args.checkpoint,
                 "rate": args.rate,
                 "latency_secs": args.latency_secs,
                 "server": self.server,
@@ -1523,11 +1558,12 @@ impl Report {
                 0 => String::new(),
                 n => format!(", {n} more queued at a lower priority"),
             };
+            let checkpoint = if args.checkpoint { ", after a checkpoint" } else { "" };
             t.add_row([
                 "drain".into(),
                 runs_per_sec(d.rate),
                 format!(
-                    "{} runs, {} worker(s) × {} slots, poll batch {}{backlog}, {:.2} s",
+                    "{} runs, {} worker(s) × {} slots, poll batch {}{backlog}{checkpoint}, {:.2} s",
                     d.rate.runs, args.workers, args.slots, args.poll_batch, d.rate.secs
                 ),
             ]);

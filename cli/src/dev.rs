@@ -248,7 +248,8 @@ pub async fn ensure_postgres(url: &str) -> anyhow::Result<()> {
                 .unwrap_or_default();
             let ident = format!("\"{}\"", user.replace('"', "\"\""));
             let sql = format!(
-                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{r}') THEN CREATE ROLE {ident} LOGIN CREATEDB{pw}; ELSE ALTER ROLE {ident} LOGIN CREATEDB{pw}; END IF; END $$;",
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{r}') THEN CREATE ROLE {ident} LOGIN CREATEDB{pw}; ELSE ALTER ROLE {ident} LOGIN CREATEDB{pw}; END IF; \
+                 IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'pg_checkpoint') THEN GRANT pg_checkpoint TO {ident}; END IF; END $$;",
                 r = user.replace('\'', "''"),
             );
             psql_as_postgres(&sql).await?;

@@ -140,6 +140,55 @@ async fn refuses_a_database_not_named_for_benchmarks() {
     );
 }
 
+/// `--checkpoint` has PostgreSQL checkpoint after the enqueue and before the drain (untimed),
+/// and is refused with a server of someone else's, whose database the bench does not own.
+#[tokio::test]
+async fn checkpoint_comes_before_the_drain_and_needs_the_bench_database() {
+    let (status, _, stderr) = aiki(
+        &["bench", "--checkpoint", "--server", "http://127.0.0.1:9"],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(status.code(), Some(1), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("--checkpoint needs the bench's own database"),
+        "says why it refuses; stderr:\n{stderr}"
+    );
+
+    let db = format!("aiki_bench_t_{}", uuid::Uuid::new_v4().simple());
+    let url = url_for(&db);
+    let args = [
+        "bench",
+        "--runs",
+        "100",
+        "--warmup",
+        "0",
+        "--phases",
+        "drain",
+        "--checkpoint",
+        "--output",
+        "json",
+        "--database-url",
+        &url,
+    ];
+    let (status, stdout, stderr) = aiki(&args, Duration::from_secs(120)).await;
+    assert!(status.success(), "aiki bench failed ({status}); stderr:\n{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    assert_eq!(report["parameters"]["checkpoint"], true, "{report:#}");
+    assert_eq!(report["drain_completed"], 100, "{report:#}");
+    let at = |what: &str| {
+        stderr
+            .find(what)
+            .unwrap_or_else(|| panic!("stderr says {what:?}:\n{stderr}"))
+    };
+    let (enqueued, checkpointed, drained) = (at("enqueue: "), at("checkpoint: checkpoint done"), at("drain: "));
+    assert!(
+        enqueued < checkpointed && checkpointed < drained,
+        "the checkpoint comes after the enqueue and before the drain; stderr:\n{stderr}"
+    );
+    assert!(!database_exists(&db).await, "the bench dropped its database {db}");
+}
+
 /// The `aiki bench` commands of the README's Performance section, scaled down: each runs with
 /// its own flags, but with 200 runs (and a backlog of 500 if it asks for one), a short latency
 /// phase and a database of its own, and must complete every run it drains.
