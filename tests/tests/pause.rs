@@ -99,6 +99,9 @@ async fn a_running_run_pauses_on_its_worker_and_resumes_without_repeating_a_task
                 }
             }
         })
+        .register("probe", |_ctx: aiki::Context, _: serde_json::Value| async {
+            Ok(json!("probed"))
+        })
         .build()
         .await
         .unwrap();
@@ -116,8 +119,15 @@ async fn a_running_run_pauses_on_its_worker_and_resumes_without_repeating_a_task
         || async { client.get(&run.id).await.unwrap().status == RunStatus::Paused },
     )
     .await;
-    // Paused: the idle worker does not lease it again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Paused: the worker does not lease it again. A run started after the pause, on the same
+    // queue, is leased and completed: the worker has polled since, and the paused run, older,
+    // would have come first had it been ready.
+    let probe = client
+        .start_run("probe", &json!({}), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    let probed: serde_json::Value = probe.result(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(probed, json!("probed"));
     assert_eq!(client.get(&run.id).await.unwrap().status, RunStatus::Paused);
     assert_eq!(executions.load(Ordering::SeqCst), 1);
 
