@@ -359,6 +359,24 @@ impl TestDb {
     /// for skipped runs that follows a short claim has begun): a poll that found nothing is
     /// then waiting for a wake-up.
     pub async fn until_claimed(&self) {
+        self.until_claimed_since(None).await
+    }
+
+    /// The database's clock, for [`TestDb::until_claimed_since`].
+    pub async fn clock(&self) -> std::time::SystemTime {
+        self.connect()
+            .await
+            .query_one("SELECT clock_timestamp()", &[])
+            .await
+            .expect("clock_timestamp()")
+            .get(0)
+    }
+
+    /// [`TestDb::until_claimed`], counting only statements that began at `since` (the
+    /// database's [`TestDb::clock`]) or later: an earlier poll's claim, still shown by its idle
+    /// connection, does not count. A poll subscribes to wake-ups before it claims, so once its
+    /// claim has begun a wake-up reaches it.
+    pub async fn until_claimed_since(&self, since: Option<std::time::SystemTime>) {
         let claim = include_str!("../../server/src/store/sql/claim.sql");
         let skipped = include_str!("../../server/src/store/sql/claim_skipped.sql");
         let watcher = self.connect().await;
@@ -371,8 +389,9 @@ impl TestDb {
                     "SELECT count(*) FROM pg_stat_activity
                      WHERE datname = current_database()
                        AND ((left(query, 200) = left($1, 200) AND state = 'idle')
-                            OR left(query, 200) = left($2, 200))",
-                    &[&claim, &skipped],
+                            OR left(query, 200) = left($2, 200))
+                       AND ($3::timestamptz IS NULL OR query_start >= $3)",
+                    &[&claim, &skipped, &since],
                 )
                 .await
                 .expect("pg_stat_activity")

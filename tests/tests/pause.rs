@@ -40,12 +40,15 @@ async fn a_paused_queued_run_is_not_leased_until_resumed() {
     let queues = client.queues().await.unwrap();
     assert_eq!((queues[0].paused, queues[0].ready), (1, 0), "{queues:?}");
 
-    // Resuming wakes a waiting poll at once.
+    // Resuming wakes a waiting poll at once: once the poll has claimed (and found nothing),
+    // it waits up to 10 s, longer than the answer is waited for below.
+    let since = db.clock().await;
     let poll = tokio::spawn({
         let w = w.clone();
         async move { w.poll(10, Duration::from_secs(10)).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    db.until_claimed_since(Some(since)).await;
+    assert!(!poll.is_finished(), "the poll answered with nothing to lease");
     let resumed = client.resume(&run.id).await.unwrap();
     assert_eq!(resumed.status, RunStatus::Queued);
     let leased = tokio::time::timeout(Duration::from_secs(5), poll)
