@@ -13,35 +13,42 @@ const REAPER_LOCK: i64 = 0x6169_6b69_0000_0002;
 /// Most leases ended per statement.
 const BATCH: i64 = 1000;
 
-/// Runs until `shutdown`: tries to become the reaper, reaps while it is, retries otherwise.
+/// How often a server that is not the reaper tries again to take the lock: a takeover
+/// happens within this pause of the leader's going.
+const FOLLOWER_PAUSE: Duration = Duration::from_secs(3);
+
+/// Runs until `shutdown`: becomes the reaper when it can and reaps while it is; a connection
+/// that fails is opened again after a second.
 pub async fn run(shared: Arc<Shared>, pg: tokio_postgres::Config, shutdown: CancellationToken) {
     loop {
-        let pause = match lead(&shared, &pg, &shutdown).await {
-            // Another server leads: try again now and then (takeover within this pause).
-            Ok(()) => Duration::from_secs(3),
-            Err(e) => {
-                tracing::warn!(error = %e, "reaper connection failed");
-                Duration::from_secs(1)
-            }
-        };
+        match lead(&shared, &pg, &shutdown).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "reaper connection failed"),
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
 
-/// Holds the lock and reaps until the connection fails or the server stops. Returns `Ok` when
-/// the lock is held by another server.
+/// On one session, tries to take the lock until it holds it (every [`FOLLOWER_PAUSE`]; the
+/// session stays open meanwhile, so trying again costs no new connection), then reaps until
+/// the server stops (`Ok`) or the connection fails (`Err`).
 async fn lead(shared: &Shared, pg: &tokio_postgres::Config, shutdown: &CancellationToken) -> Result<(), String> {
     let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
     let conn = tokio::spawn(conn);
-    let got = crate::store::session::try_lock(&client, REAPER_LOCK)
-        .await
-        .map_err(|e| e.to_string())?;
-    if !got {
-        conn.abort();
-        return Ok(());
+    loop {
+        let got = crate::store::session::try_lock(&client, REAPER_LOCK)
+            .await
+            .map_err(|e| e.to_string())?;
+        if got {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => { conn.abort(); return Ok(()); }
+            _ = tokio::time::sleep(FOLLOWER_PAUSE) => {}
+        }
     }
     tracing::info!("this server is the reaper");
     let mut tick = tokio::time::interval(shared.config.reaper_interval);

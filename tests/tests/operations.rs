@@ -214,7 +214,21 @@ async fn one_reaper_per_database_and_another_takes_over() {
     })
     .await;
     let b = TestServer::start(&db).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // `b` has tried too: each server keeps the session it tries the lock on, so both show the
+    // lock statement as their last.
+    let lock_statement = include_str!("../../server/src/store/sql/reaper_lock.sql");
+    aiki_tests::eventually(Duration::from_secs(5), "the second server tried the lock", || async {
+        let tried: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = $1",
+                &[&lock_statement],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        tried == 2
+    })
+    .await;
     assert_eq!(reapers().await, 1, "the second server does not reap too");
 
     // The leader stops; expired leases are still reaped, by `b`.
