@@ -316,7 +316,7 @@ pub async fn run(args: &BenchArgs, target: &Target, json: bool) -> anyhow::Resul
         bail!("--server-pid is for a server given with --server; without it aiki bench starts its own");
     }
     if args.checkpoint && target.server.is_some() {
-        bail!("--checkpoint needs the bench's own database: it cannot be used with --server");
+        bail!(CHECKPOINT_NEEDS_OWN_DATABASE);
     }
     let phases: Vec<Phase> = Phase::ALL.into_iter().filter(|p| args.phases.contains(p)).collect();
     let namespace = target
@@ -586,11 +586,14 @@ impl Database {
     }
 }
 
+const CHECKPOINT_NEEDS_OWN_DATABASE: &str =
+    "--checkpoint needs the bench's own database: it cannot be used with --server";
+
 /// `--checkpoint`: a CHECKPOINT of the bench's PostgreSQL, so that the pages written so far are
 /// on disk before the drain starts.
 async fn checkpoint(stack: &Stack) -> anyhow::Result<()> {
     let Some(db) = &stack.database else {
-        bail!("--checkpoint needs the bench's own database: it cannot be used with --server");
+        bail!(CHECKPOINT_NEEDS_OWN_DATABASE);
     };
     let pb = bar(1, "checkpoint");
     db.session.batch_execute("CHECKPOINT").await.context(

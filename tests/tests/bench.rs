@@ -126,34 +126,31 @@ async fn smoke_run_reports_every_figure_and_cleans_up() {
     assert!(!database_exists(&db).await, "the bench dropped its database {db}");
 }
 
+/// Runs `aiki` with `args` and asserts that it exits with status 1, saying `why` on stderr.
+async fn assert_refused(args: &[&str], why: &str) {
+    let (status, _, stderr) = aiki(args, Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1), "stderr:\n{stderr}");
+    assert!(stderr.contains(why), "says why it refuses; stderr:\n{stderr}");
+}
+
 #[tokio::test]
 async fn refuses_a_database_not_named_for_benchmarks() {
-    let (status, _, stderr) = aiki(
+    assert_refused(
         &["bench", "--runs", "1", "--database-url", &url_for("aiki_precious")],
-        Duration::from_secs(30),
+        "must contain \"bench\"",
     )
     .await;
-    assert_eq!(status.code(), Some(1), "stderr:\n{stderr}");
-    assert!(
-        stderr.contains("must contain \"bench\""),
-        "says why it refuses; stderr:\n{stderr}"
-    );
 }
 
 /// `--checkpoint` has PostgreSQL checkpoint after the enqueue and before the drain (untimed),
 /// and is refused with a server of someone else's, whose database the bench does not own.
 #[tokio::test]
 async fn checkpoint_comes_before_the_drain_and_needs_the_bench_database() {
-    let (status, _, stderr) = aiki(
+    assert_refused(
         &["bench", "--checkpoint", "--server", "http://127.0.0.1:9"],
-        Duration::from_secs(30),
+        "--checkpoint needs the bench's own database",
     )
     .await;
-    assert_eq!(status.code(), Some(1), "stderr:\n{stderr}");
-    assert!(
-        stderr.contains("--checkpoint needs the bench's own database"),
-        "says why it refuses; stderr:\n{stderr}"
-    );
 
     let db = format!("aiki_bench_t_{}", uuid::Uuid::new_v4().simple());
     let url = url_for(&db);
