@@ -97,6 +97,32 @@ async fn a_silent_worker_loses_its_lease_and_its_reports_are_refused() {
         .complete_run(complete)
         .await
         .expect("a duplicate report succeeds");
+    // A heartbeat naming a lease its holder's own report ended says so: not lost. A's lease,
+    // taken over, is still lost.
+    let heartbeat = |w: &RawWorker, token: &str| {
+        let (mut client, worker_id) = (w.client.clone(), w.id.clone());
+        let lease = Lease {
+            run_id: id.clone(),
+            lease_token: token.to_owned(),
+        };
+        async move {
+            client
+                .heartbeat(HeartbeatRequest {
+                    namespace: String::new(),
+                    worker_id,
+                    leases: vec![lease],
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let hb = heartbeat(&b, &leased_b.lease_token).await;
+    assert!(hb.lost_run_ids.is_empty(), "B's lease ended by its own report: {hb:?}");
+    assert_eq!(hb.ended_run_ids, vec![id.clone()]);
+    let hb = heartbeat(&a, &leased_a.lease_token).await;
+    assert_eq!(hb.lost_run_ids, vec![id.clone()], "A's lease was taken over");
+    assert!(hb.ended_run_ids.is_empty());
     let run = wf
         .get_run_result(GetRunResultRequest {
             namespace: String::new(),

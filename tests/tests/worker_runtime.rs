@@ -193,7 +193,7 @@ async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
         .build()
         .await
         .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
+    let task = tokio::spawn(worker.clone().run(shutdown.clone()));
     started.recv().await.unwrap();
     // The lease runs out, as when heartbeats are delayed past the expiry: the next heartbeat
     // tells the worker, which stops the run.
@@ -219,6 +219,57 @@ async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
         "the worker reported nothing about a run it lost"
     );
     assert_eq!(run.status, aiki::RunStatus::Running, "left for the reaper");
+    assert_eq!(worker.lost(), 1, "the runtime counts the run as lost");
+}
+
+/// Heartbeats every 5 ms race the completions of 6,000 runs through 500 slots: a heartbeat that
+/// names a run whose completion commits while the heartbeat waits for the run's row must not
+/// make the runtime take the run for lost (and abandon its report).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_that_crosses_a_completion_does_not_lose_the_run() {
+    const RUNS: usize = 6_000;
+    let db = TestDb::new().await;
+    let mut config = aiki_tests::Config::for_test(&db.url);
+    config.heartbeat_interval = Duration::from_millis(5);
+    let server = TestServer::start_with(config).await;
+    let client = server.client().await;
+    let starts: Vec<_> = (0..RUNS)
+        .map(|i| ("quick", json!(i), aiki::StartOptions::default()))
+        .collect();
+    for chunk in starts.chunks(1000) {
+        client.start_runs(chunk).await.unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    let worker = WorkerBuilder::new(server.url())
+        .slots(500)
+        .register("quick", |_ctx: Context, i: u64| async move {
+            // A little work, so that many leases are held (and heartbeated) at each instant.
+            tokio::time::sleep(Duration::from_millis(i % 7)).await;
+            Ok(i)
+        })
+        .build()
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.clone().run(shutdown.clone()));
+    eventually(Duration::from_secs(120), "every run completed", || async {
+        worker.completed("quick") + worker.lost() >= RUNS as u64
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(worker.lost(), 0, "no run was taken for lost");
+    assert_eq!(worker.completed("quick"), RUNS as u64, "every completion was counted");
+    let pg = db.connect().await;
+    let row = pg
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE lease_expirations > 0)
+             FROM runs",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), RUNS as i64, "every run completed");
+    assert_eq!(row.get::<_, i64>(1), 0, "no lease expired");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,9 @@
 //! every lease it holds in one call, and reports the outcome under the lease token.
 //!
 //! - A run whose lease is lost (the heartbeat says so, a report is refused, or heartbeats have
-//!   failed for longer than the lease lasts) is stopped at once and never reported.
+//!   failed for longer than the lease lasts) is stopped at once and never reported. A run whose
+//!   workflow has returned is past stopping: its final report is sent, and its answer decides
+//!   ([`Worker::completed`], [`Worker::lost`]).
 //! - A run whose cancellation is requested is stopped and released; the server ends it.
 //! - When the server is away, polls, heartbeats and reports retry with backoff; a worker the
 //!   server no longer knows registers again.
@@ -22,7 +24,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -221,6 +223,7 @@ impl WorkerBuilder {
                 registering: tokio::sync::Mutex::new(()),
                 leases: Mutex::new(FastMap::default()),
                 settings: Mutex::new(Settings::default()),
+                lost: AtomicU64::new(0),
             }),
         })
     }
@@ -243,14 +246,28 @@ impl Default for Settings {
     }
 }
 
+/// Where an execution is: still running its workflow, stopped (its lease lost, or the run to be
+/// released), or reporting how it ended. The first move away from `RUNNING` wins, so a run is
+/// either stopped or reported, never both: a heartbeat that says a lease is lost cannot undo a
+/// report already on its way, whose answer settles the run.
+mod phase {
+    pub const RUNNING: u8 = 0;
+    /// The lease was lost: stop and report nothing.
+    pub const LOST: u8 = 1;
+    /// The run's cancellation or pause was requested: stop and release it.
+    pub const CANCELLED: u8 = 2;
+    /// The workflow returned: its final report is (about to be) on its way.
+    pub const REPORTING: u8 = 3;
+}
+
 struct Held {
     token: String,
     /// When the poll that leased the run was sent.
     leased_at: Instant,
     /// Stops the execution: cancelled when the lease is lost or the run is to be cancelled.
     stop: CancellationToken,
-    /// Set when the stop is a cancellation (release the run) rather than a loss (report nothing).
-    cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// The execution's [`phase`].
+    phase: Arc<AtomicU8>,
     /// Closed when the execution has ended, whatever way: its sender is dropped with it (a
     /// oneshot costs an execution less than a cancellation token and its drop guard).
     finished: tokio::sync::oneshot::Receiver<()>,
@@ -270,6 +287,8 @@ struct Inner {
     settings: Mutex<Settings>,
     /// Runs completed, by workflow (the registered ones, fixed at build).
     completed: FastMap<String, AtomicU64>,
+    /// Executions that ended because their lease was lost.
+    lost: AtomicU64,
 }
 
 /// A running worker; see the crate docs.
@@ -317,6 +336,14 @@ impl Worker {
             .completed
             .get(workflow)
             .map_or(0, |n| n.load(Ordering::Relaxed))
+    }
+
+    /// How many executions this worker stopped, or whose report the server refused, because
+    /// the run's lease was lost (it expired, or the run was leased to another worker): those
+    /// runs were not reported by this worker. A lease that ended by this worker's own report is
+    /// never counted here, whatever a heartbeat sent meanwhile said.
+    pub fn lost(&self) -> u64 {
+        self.inner.lost.load(Ordering::Relaxed)
     }
 
     /// Runs until `shutdown` is cancelled, then drains (see the crate docs) and returns.
@@ -500,13 +527,13 @@ impl Inner {
 
     async fn execute(self: &Arc<Self>, run: LeasedRun, leased_at: Instant) {
         let stop = CancellationToken::new();
-        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let phase = Arc::new(AtomicU8::new(phase::RUNNING));
         let (_finished, finished) = tokio::sync::oneshot::channel::<()>();
         let held = Held {
             token: run.lease_token.clone(),
             leased_at,
             stop: stop.clone(),
-            cancel: cancel.clone(),
+            phase: phase.clone(),
             finished,
         };
         let previous = self
@@ -518,6 +545,9 @@ impl Inner {
             // This worker leased the run again after losing the earlier lease (before its
             // heartbeat said so): the earlier execution must not go on beside this one.
             tracing::warn!(run_id = %run.run_id, "run leased again; stopping the earlier execution");
+            let _ = previous
+                .phase
+                .compare_exchange(phase::RUNNING, phase::LOST, Ordering::SeqCst, Ordering::SeqCst);
             previous.stop.cancel();
             // Its sender never sends: the answer is that it was dropped.
             let _ = previous.finished.await;
@@ -565,8 +595,14 @@ impl Inner {
             })),
             _ = stop.cancelled() => None,
         };
+        // The workflow's outcome is reported only if no stop came first (see `phase`).
+        let outcome = outcome.filter(|_| {
+            phase
+                .compare_exchange(phase::RUNNING, phase::REPORTING, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        });
         match outcome {
-            None if cancel.load(std::sync::atomic::Ordering::SeqCst) => {
+            None if phase.load(Ordering::SeqCst) == phase::CANCELLED => {
                 tracing::info!(run_id = %run.run_id, "run cancelled or paused; releasing it");
                 // Boxed, like the other rare endings, so that the future every execution
                 // carries (and moves) stays small.
@@ -587,9 +623,11 @@ impl Inner {
                 .await;
             }
             None => {
+                self.lost.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(run_id = %run.run_id, "lease lost; run stopped and not reported")
             }
             Some(Err(e)) if e.is_lease_lost() => {
+                self.lost.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(run_id = %run.run_id, error = %e.message, "lease lost; run stopped and not reported")
             }
             Some(Ok(output)) => {
@@ -603,7 +641,7 @@ impl Inner {
                 };
                 // Boxed too: the report and its retry state are most of what an execution
                 // would otherwise carry from its start, and every spawn moves that.
-                let sent = Box::pin(self.report(&run.run_id, &stop, || {
+                let sent = Box::pin(self.report(&run.run_id, || {
                     let req = req.clone();
                     async move { self.reporter.complete_run(req).await.map(|_| ()) }
                 }))
@@ -623,24 +661,25 @@ impl Inner {
                         format!("the server refused the output: {}", s.message()),
                     )
                     .non_retryable();
-                    Box::pin(self.fail(&run, &stop, &e)).await;
+                    Box::pin(self.fail(&run, &e)).await;
                 }
             }
-            Some(Err(e)) => Box::pin(self.end_attempt(&run, &stop, &progress, e)).await,
+            Some(Err(e)) => Box::pin(self.end_attempt(&run, &progress, e)).await,
         }
         self.forget(&run.run_id, &run.lease_token);
     }
 
     /// Ends an execution that returned an error: a suspension or a failed attempt, after
     /// checkpointing the tasks it ran.
-    async fn end_attempt(&self, run: &LeasedRun, stop: &CancellationToken, progress: &Context, e: WorkflowError) {
+    async fn end_attempt(&self, run: &LeasedRun, progress: &Context, e: WorkflowError) {
         match (e.suspension(), progress.flush().await) {
             (_, Err(lost)) if lost.is_lease_lost() => {
+                self.lost.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(run_id = %run.run_id, error = %lost.message, "lease lost; run stopped and not reported")
             }
             (_, Err(refused)) => {
                 tracing::info!(run_id = %run.run_id, error = %refused, "a task result was refused; the attempt fails");
-                self.fail(run, stop, &refused).await;
+                self.fail(run, &refused).await;
             }
             (Some(s), Ok(())) => {
                 let mut req = v1::SuspendRunRequest {
@@ -662,7 +701,7 @@ impl Inner {
                 }
                 tracing::debug!(run_id = %run.run_id, wait = ?s.wait, "run waits; suspending it");
                 let _ = self
-                    .report(&run.run_id, stop, || {
+                    .report(&run.run_id, || {
                         let req = req.clone();
                         async move { self.reporter.suspend_run(req).await.map(|_| ()) }
                     })
@@ -670,12 +709,12 @@ impl Inner {
             }
             (None, Ok(())) => {
                 tracing::info!(run_id = %run.run_id, error = %e, "run attempt failed");
-                self.fail(run, stop, &e).await;
+                self.fail(run, &e).await;
             }
         }
     }
 
-    async fn fail(&self, run: &LeasedRun, stop: &CancellationToken, e: &WorkflowError) {
+    async fn fail(&self, run: &LeasedRun, e: &WorkflowError) {
         let req = FailRunRequest {
             namespace: self.cfg.namespace.clone(),
             run_id: run.run_id.clone(),
@@ -689,17 +728,18 @@ impl Inner {
             retry_after: e.retry_after.map(aiki_proto::duration_to_proto),
         };
         let _ = self
-            .report(&run.run_id, stop, || {
+            .report(&run.run_id, || {
                 let req = req.clone();
                 async move { self.reporter.fail_run(req).await.map(|_| ()) }
             })
             .await;
     }
 
-    /// Sends a final report, retrying transient failures for about a minute, or until the lease
-    /// is lost. A report that cannot be sent is given up: the lease then expires and the run
-    /// is executed again elsewhere.
-    async fn report<F, Fut>(&self, run_id: &str, stop: &CancellationToken, send: F) -> Result<(), Status>
+    /// Sends a final report, retrying transient failures for about a minute. A report that
+    /// cannot be sent is given up: the lease then expires and the run is executed again
+    /// elsewhere. Nothing else cuts it short (a heartbeat saying the lease is lost included):
+    /// its answer says whether it was applied, and a report under a lost lease is refused.
+    async fn report<F, Fut>(&self, run_id: &str, send: F) -> Result<(), Status>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<(), Status>>,
@@ -709,13 +749,11 @@ impl Inner {
             .with_max_delay(Duration::from_secs(5))
             .with_max_times(15)
             .with_jitter();
-        let result = tokio::select! {
-            r = send.retry(policy).when(transient) => r,
-            _ = stop.cancelled() => Err(Status::failed_precondition("lease lost while reporting")),
-        };
+        let result = send.retry(policy).when(transient).await;
         match &result {
             Ok(()) => {}
             Err(s) if s.code() == Code::FailedPrecondition => {
+                self.lost.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(run_id, reason = s.message(), "report refused: lease lost");
             }
             Err(s) => tracing::error!(run_id, error = %s, "report failed"),
@@ -751,15 +789,20 @@ impl Inner {
     }
 
     /// Stops the executions named, as lost (report nothing) or cancelled (release). Answers
-    /// the runs it stopped: those still held under the lease named.
+    /// the runs it stopped: those still held under the lease named and still running their
+    /// workflow (one whose final report is on its way is settled by that report's answer).
     fn stop(&self, leases: &[(String, String)], cancelled: bool) -> Vec<String> {
+        let to = if cancelled { phase::CANCELLED } else { phase::LOST };
         let held = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         let mut stopped = Vec::new();
         for (id, token) in leases {
             // Only the execution under the lease named: the run may have been leased to this
             // worker again since.
-            if let Some(h) = held.get(id).filter(|h| &h.token == token) {
-                h.cancel.store(cancelled, std::sync::atomic::Ordering::SeqCst);
+            if let Some(h) = held.get(id).filter(|h| &h.token == token)
+                && h.phase
+                    .compare_exchange(phase::RUNNING, to, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
                 h.stop.cancel();
                 stopped.push(id.clone());
             }

@@ -280,13 +280,16 @@ impl WorkerService for WorkerSvc {
                 Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first")).into(),
             );
         }
+        // Lost: neither held nor ended by this worker's own report (which its answer settles).
+        let answered: std::collections::HashSet<&Uuid> = out.held.iter().chain(&out.ended).collect();
         let lost_run_ids = ids
             .iter()
-            .filter(|id| !out.held.contains(id))
+            .filter(|id| !answered.contains(id))
             .map(Uuid::to_string)
             .collect();
         Ok(Response::new(HeartbeatResponse {
             lost_run_ids,
+            ended_run_ids: out.ended.iter().map(Uuid::to_string).collect(),
             cancel_run_ids: out.cancel.iter().map(Uuid::to_string).collect(),
             pause_run_ids: out.pause.iter().map(Uuid::to_string).collect(),
             lease_expires_at: Some(out.expires.into()),

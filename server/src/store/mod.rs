@@ -121,6 +121,9 @@ pub struct RunFilter {
 pub struct HeartbeatOutcome {
     pub worker_known: bool,
     pub held: Vec<Uuid>,
+    /// Named leases that ended by their holder's own report (complete, fail, suspend,
+    /// release): not lost, whatever the heartbeat raced with.
+    pub ended: Vec<Uuid>,
     pub cancel: Vec<Uuid>,
     pub pause: Vec<Uuid>,
     pub expires: SystemTime,
@@ -710,6 +713,7 @@ impl Store {
         Ok(HeartbeatOutcome {
             worker_known: row.get("worker_known"),
             held: row.get("held"),
+            ended: row.get("ended"),
             cancel: row.get("cancel"),
             pause: row.get("pause"),
             expires: row.get("expires"),
