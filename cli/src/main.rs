@@ -296,15 +296,18 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         .with_namespace(cli.namespace.clone()))
 }
 
-fn read_input(arg: &str) -> anyhow::Result<serde_json::Value> {
+/// The JSON value of flag `flag` (`--input`, `--data`): inline, `@file`, or `@-` for stdin.
+/// Refused here, with the flag named, if it is not JSON or nests deeper than the server takes.
+fn read_json(flag: &str, arg: &str) -> anyhow::Result<serde_json::Value> {
     let text = match arg.strip_prefix('@') {
         Some("-") => std::io::read_to_string(std::io::stdin())?,
-        Some(path) => {
-            std::fs::read_to_string(PathBuf::from(path)).map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))?
-        }
+        Some(path) => std::fs::read_to_string(PathBuf::from(path))
+            .map_err(|e| anyhow::anyhow!("{flag}: cannot read {path}: {e}"))?,
         None => arg.to_owned(),
     };
-    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--input is not valid JSON: {e}"))
+    let json = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{flag} is not valid JSON: {e}"))?;
+    aiki_proto::check_depth(flag, &json)?;
+    Ok(json)
 }
 
 fn parse_status(s: &str) -> anyhow::Result<RunStatus> {
@@ -350,7 +353,7 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
     let client = connect(cli).await?;
     match cmd {
         RunCmd::Start(a) => {
-            let input = read_input(&a.input)?;
+            let input = read_json("--input", &a.input)?;
             let opts = StartOptions {
                 idempotency_key: a.key.clone(),
                 return_existing: a.return_existing,
@@ -444,7 +447,7 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
             data,
             event_key,
         } => {
-            let payload = read_input(data).map_err(|e| anyhow::anyhow!("--data: {e}"))?;
+            let payload = read_json("--data", data)?;
             let event_key = event_key.as_deref();
             let sent = match (key, args.as_slice()) {
                 (Some(key), [name]) => client.send_event_by_key(key, name, &payload, event_key).await?,

@@ -11,7 +11,7 @@ pub mod v1 {
 
 mod json;
 
-pub use json::{JsonError, json_to_value, value_to_json};
+pub use json::{JsonError, MAX_PAYLOAD_DEPTH, TooDeep, check_depth, json_depth, json_to_value, value_to_json};
 pub use prost_types;
 
 /// The encoded `FileDescriptorSet` of `aiki.v1` and its imports, for server reflection.

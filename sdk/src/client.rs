@@ -247,7 +247,7 @@ impl Client {
     }
 
     fn start_request<I: Serialize>(&self, workflow: &str, input: &I, opts: &StartOptions) -> Result<StartRunRequest> {
-        let input = serde_json::to_value(input)?;
+        let input = payload("input", input)?;
         Ok(StartRunRequest {
             namespace: self.namespace.clone(),
             workflow: workflow.to_owned(),
@@ -491,7 +491,7 @@ impl Client {
             namespace: self.namespace.clone(),
             r#ref: Some(target),
             name: name.to_owned(),
-            payload: Some(aiki_proto::json_to_value(&serde_json::to_value(payload)?)),
+            payload: Some(aiki_proto::json_to_value(&self::payload("payload", payload)?)),
             event_key: event_key.unwrap_or_default().to_owned(),
         };
         let resp = self.call(req, |mut c, r| async move { c.send_event(r).await }).await?;
@@ -608,4 +608,12 @@ pub async fn connect_channel(addr: String) -> Result<Channel> {
         .notify(|e, d| tracing::debug!(error = %e, delay = ?d, "server not reachable yet"))
         .await
         .map_err(|e| Error::Unavailable(format!("cannot connect to {addr}: {e}")))
+}
+
+/// `value` as the JSON payload `what`, refused here (as the server would refuse it) if it nests
+/// deeper than [`aiki_proto::MAX_PAYLOAD_DEPTH`].
+fn payload<T: Serialize + ?Sized>(what: &str, value: &T) -> Result<serde_json::Value> {
+    let json = serde_json::to_value(value)?;
+    aiki_proto::check_depth(what, &json).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    Ok(json)
 }

@@ -107,6 +107,25 @@ impl WorkflowError {
         self.suspension.as_deref()
     }
 
+    /// The error as the protocol carries it (a failure report, a recorded task failure).
+    /// Details that could not be stored (nested deeper than
+    /// [`aiki_proto::MAX_PAYLOAD_DEPTH`]) are replaced by a note saying why, so that the
+    /// failure itself is always reported.
+    pub fn to_proto(&self) -> aiki_proto::v1::RunError {
+        let details = self
+            .details
+            .as_ref()
+            .map(|d| match aiki_proto::check_depth("error details", d) {
+                Ok(()) => aiki_proto::json_to_value(d),
+                Err(e) => aiki_proto::json_to_value(&serde_json::json!({ "dropped": e.to_string() })),
+            });
+        aiki_proto::v1::RunError {
+            r#type: self.kind.clone(),
+            message: self.message.clone(),
+            details,
+        }
+    }
+
     pub(crate) fn lease_lost(message: impl Into<String>) -> Self {
         Self {
             lease_lost: true,
@@ -265,8 +284,7 @@ impl Context {
                 return Err(e.into());
             }
         };
-        let value = serde_json::to_value(&output)
-            .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?} output: {e}")).non_retryable())?;
+        let value = task_output(name, &output)?;
         self.defer(TaskResult {
             key,
             name: name.to_owned(),
@@ -319,9 +337,7 @@ impl Context {
             }
             let e: WorkflowError = match f(input.clone()).await {
                 Ok(output) => {
-                    let value = serde_json::to_value(&output).map_err(|e| {
-                        WorkflowError::new("Serialization", format!("task {name:?} output: {e}")).non_retryable()
-                    })?;
+                    let value = task_output(name, &output)?;
                     self.defer(TaskResult {
                         key: key.clone(),
                         name: name.to_owned(),
@@ -342,11 +358,7 @@ impl Context {
                     key: key.clone(),
                     name: name.to_owned(),
                     seq,
-                    result: Some(task_result::Result::Error(aiki_proto::v1::RunError {
-                        r#type: e.kind.clone(),
-                        message: e.message.clone(),
-                        details: e.details.as_ref().map(aiki_proto::json_to_value),
-                    })),
+                    result: Some(task_result::Result::Error(e.to_proto())),
                 });
                 return Err(e.non_retryable());
             }
@@ -771,6 +783,16 @@ fn suspend(key: String, name: &str, seq: u32, wait: WaitFor, message: String) ->
         })),
         ..WorkflowError::new("Suspended", message)
     }
+}
+
+/// A task's output as JSON. One that cannot be recorded fails the attempt non-retryably: the
+/// task would produce it again.
+fn task_output<O: Serialize>(name: &str, output: &O) -> Result<serde_json::Value, WorkflowError> {
+    let value = serde_json::to_value(output)
+        .map_err(|e| WorkflowError::new("Serialization", format!("task {name:?} output: {e}")).non_retryable())?;
+    aiki_proto::check_depth(&format!("task {name:?} output"), &value)
+        .map_err(|e| WorkflowError::new("PayloadTooDeep", e.to_string()).non_retryable())?;
+    Ok(value)
 }
 
 fn decode<O: DeserializeOwned>(name: &str, t: TaskResult) -> Result<O, WorkflowError> {

@@ -87,3 +87,46 @@ impl From<Error> for Status {
         Status::new(code, e.to_string())
     }
 }
+
+/// Rewrites the transport's answer to a request it could not decode (bytes that are not the
+/// method's message, bad UTF-8 in a string, a frame cut short, nesting past the decoder's
+/// limit) from `INTERNAL` to `INVALID_ARGUMENT`: the fault is the caller's. The transport
+/// answers these before any handler runs, so this is a layer around every service; a
+/// handler's own `INTERNAL` (a real server fault) never carries these messages.
+pub fn undecodable_is_invalid_argument(
+    mut resp: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    const UNDECODABLE: [&str; 4] = [
+        "failed to decode Protobuf message",
+        "Unexpected EOF decoding stream",
+        "Missing request message",
+        "protocol error: received message with",
+    ];
+    let headers = resp.headers_mut();
+    if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"13") {
+        return resp;
+    }
+    let Some(status) = Status::from_header_map(headers) else {
+        return resp;
+    };
+    let m = status.message();
+    if !UNDECODABLE.iter().any(|p| m.starts_with(p)) {
+        return resp;
+    }
+    let hint = if m.contains("recursion limit") {
+        format!(
+            "; payloads may nest at most {} levels of arrays and objects",
+            aiki_proto::MAX_PAYLOAD_DEPTH
+        )
+    } else {
+        String::new()
+    };
+    let refused = Status::invalid_argument(format!(
+        "the request is not a valid message of the method's type ({m}){hint}"
+    ));
+    headers.remove("grpc-status-details-bin");
+    if refused.add_header(headers).is_err() {
+        tracing::warn!(message = m, "could not rewrite the status of an undecodable request");
+    }
+    resp
+}

@@ -128,6 +128,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         }
     };
     let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            error::undecodable_is_invalid_argument,
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

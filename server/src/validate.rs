@@ -61,6 +61,7 @@ pub fn payload(what: &str, v: Option<&prost_types::Value>, max_bytes: usize) -> 
         None => Json::Null,
         Some(v) => aiki_proto::value_to_json(v).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?,
     };
+    aiki_proto::check_depth(what, &json).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     if has_nul(&json) {
         return Err(Error::InvalidArgument(format!(
             "{what} contains a NUL character (\\u0000), which cannot be stored; encode binary data, e.g. as base64"
@@ -165,6 +166,17 @@ mod tests {
             Err(Error::InvalidArgument(_))
         ));
         assert_eq!(text("a\0b", 10), "a\u{fffd}b");
+    }
+
+    #[test]
+    fn a_payload_nested_past_the_limit_is_refused_naming_it() {
+        let deep = (0..aiki_proto::MAX_PAYLOAD_DEPTH + 1).fold(Json::Null, |v, _| Json::Array(vec![v]));
+        match payload("input", Some(&aiki_proto::json_to_value(&deep)), 1024) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("at most 32 levels"), "{m}"),
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+        let at_limit = (0..aiki_proto::MAX_PAYLOAD_DEPTH).fold(Json::Null, |v, _| Json::Array(vec![v]));
+        assert!(payload("input", Some(&aiki_proto::json_to_value(&at_limit)), 1024).is_ok());
     }
 
     #[test]

@@ -198,12 +198,25 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         ..Default::default()
     };
     check("no queues", wk.register_worker(reg).await, Code::InvalidArgument);
+    let some_workflow = vec![aiki_proto::v1::WorkflowRef {
+        name: "w".into(),
+        version: String::new(),
+    }];
     let reg = RegisterWorkerRequest {
         queues: vec!["q".into()],
+        workflows: some_workflow.clone(),
         slots: 0,
         ..Default::default()
     };
     check("no slots", wk.register_worker(reg).await, Code::InvalidArgument);
+    let reg = RegisterWorkerRequest {
+        queues: vec!["q".into()],
+        slots: 1,
+        ..Default::default()
+    };
+    let e = wk.register_worker(reg).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "no workflows: {}", e.message());
+    assert!(e.message().contains("1 to 1000 workflows"), "{}", e.message());
     let poll = |worker: &str, max| PollTasksRequest {
         namespace: String::new(),
         worker_id: worker.into(),
@@ -314,4 +327,87 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             .into_inner()
             .created
     );
+}
+
+/// `depth` arrays inside each other around `1`.
+fn nested(depth: usize) -> serde_json::Value {
+    (0..depth).fold(json!(1), |v, _| serde_json::Value::Array(vec![v]))
+}
+
+/// Sends `message` (the bytes of a protobuf message, or anything else) as the one gRPC frame of
+/// a call to `path`, declaring `declared` bytes in the frame's header; answers the call's status.
+async fn raw_call(server: &TestServer, path: &str, message: &[u8], declared: u32) -> tonic::Status {
+    let mut body = vec![0u8];
+    body.extend_from_slice(&declared.to_be_bytes());
+    body.extend_from_slice(message);
+    let req = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}{path}", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(
+            body,
+        ))))
+        .unwrap();
+    let resp = tower::ServiceExt::oneshot(server.channel().await, req).await.unwrap();
+    // A refusal is a trailers-only answer: the status is in the headers.
+    tonic::Status::from_header_map(resp.headers()).expect("a status in the answer's headers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_and_too_deep_requests_are_invalid_argument() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    let start = "/aiki.v1.WorkflowService/StartRun";
+
+    let garbage = raw_call(&server, start, &[0xff; 16], 16).await;
+    let bad_utf8 = raw_call(&server, start, &[0x12, 2, 0xff, 0xfe], 4).await;
+    let truncated = raw_call(&server, start, b"abc", 100).await;
+    for (what, status) in [
+        ("garbage", garbage),
+        ("bad UTF-8", bad_utf8),
+        ("a truncated frame", truncated),
+    ] {
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {}", status.message());
+        assert!(
+            status.message().starts_with("the request is not a valid message"),
+            "{what}: {}",
+            status.message()
+        );
+    }
+
+    // Past the decoder's own limit (about 49 levels), and past Aiki's (32) but decodable: both
+    // refused, both naming the limit.
+    for depth in [60, aiki_proto::MAX_PAYLOAD_DEPTH + 1] {
+        let e = wf.start_run(start_req("w", nested(depth))).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{depth} deep: {}", e.message());
+        assert!(
+            e.message().contains("at most 32 levels"),
+            "{depth} deep: {}",
+            e.message()
+        );
+    }
+    wf.start_run(start_req("w", nested(aiki_proto::MAX_PAYLOAD_DEPTH)))
+        .await
+        .expect("a payload at the limit is taken");
+
+    // Created before 1970 by way of negative nanos.
+    let list = aiki_proto::v1::ListRunsRequest {
+        created_after: Some(prost_types::Timestamp { seconds: 5, nanos: -1 }),
+        ..Default::default()
+    };
+    let e = wf.list_runs(list).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("nanos"), "{}", e.message());
+
+    // Nothing was stored but the one valid run, and the server still serves.
+    let n: i64 = db
+        .connect()
+        .await
+        .query_one("SELECT count(*) FROM runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
 }

@@ -311,6 +311,15 @@ fn backoff() -> ExponentialBuilder {
         .without_max_times()
 }
 
+/// A refusal that sending the same report again cannot change: the report itself is wrong
+/// (too large, too deep, not valid). The attempt fails with the reason instead.
+fn refused_for_good(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange
+    )
+}
+
 fn transient(s: &Status) -> bool {
     matches!(
         s.code(),
@@ -601,6 +610,16 @@ impl Inner {
                 .compare_exchange(phase::RUNNING, phase::REPORTING, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
         });
+        // An output the server would refuse is not sent: the attempt fails with the reason (and
+        // is not retried: the workflow would produce it again).
+        let outcome = outcome.map(|r| {
+            r.and_then(
+                |output| match aiki_proto::check_depth("the workflow's output", &output) {
+                    Ok(()) => Ok(output),
+                    Err(too_deep) => Err(WorkflowError::new("PayloadTooDeep", too_deep.to_string()).non_retryable()),
+                },
+            )
+        });
         match outcome {
             None if phase.load(Ordering::SeqCst) == phase::CANCELLED => {
                 tracing::info!(run_id = %run.run_id, "run cancelled or paused; releasing it");
@@ -652,7 +671,7 @@ impl Inner {
                     n.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Err(s) = sent
-                    && matches!(s.code(), Code::InvalidArgument | Code::ResourceExhausted)
+                    && refused_for_good(&s)
                 {
                     // The output itself was refused (too large, not storable): retrying the
                     // run would produce it again, so end the run with the reason.
@@ -700,12 +719,23 @@ impl Inner {
                     WaitFor::Child { run_id } => req.child_run_id = run_id.clone(),
                 }
                 tracing::debug!(run_id = %run.run_id, wait = ?s.wait, "run waits; suspending it");
-                let _ = self
+                let sent = self
                     .report(&run.run_id, || {
                         let req = req.clone();
                         async move { self.reporter.suspend_run(req).await.map(|_| ()) }
                     })
                     .await;
+                if let Err(refused) = sent
+                    && refused_for_good(&refused)
+                {
+                    // The workflow would ask for the same wait again.
+                    let e = WorkflowError::new(
+                        "WaitRefused",
+                        format!("the server refused the run's wait: {}", refused.message()),
+                    )
+                    .non_retryable();
+                    self.fail(run, &e).await;
+                }
             }
             (None, Ok(())) => {
                 tracing::info!(run_id = %run.run_id, error = %e, "run attempt failed");
@@ -715,24 +745,39 @@ impl Inner {
     }
 
     async fn fail(&self, run: &LeasedRun, e: &WorkflowError) {
+        let refused = match self.fail_once(run, e).await {
+            Err(s) if refused_for_good(&s) => s,
+            _ => return,
+        };
+        // The failure report itself was refused: report a plain one (no details, no retry hint)
+        // that says why, so that the run ends (or is retried) now rather than when its lease
+        // expires.
+        let plain = WorkflowError::new(
+            e.kind.clone(),
+            format!(
+                "{} (the failure's report was refused: {})",
+                e.message,
+                refused.message()
+            ),
+        );
+        let plain = if e.non_retryable { plain.non_retryable() } else { plain };
+        let _ = self.fail_once(run, &plain).await;
+    }
+
+    async fn fail_once(&self, run: &LeasedRun, e: &WorkflowError) -> Result<(), Status> {
         let req = FailRunRequest {
             namespace: self.cfg.namespace.clone(),
             run_id: run.run_id.clone(),
             lease_token: run.lease_token.clone(),
-            error: Some(v1::RunError {
-                r#type: e.kind.clone(),
-                message: e.message.clone(),
-                details: e.details.as_ref().map(aiki_proto::json_to_value),
-            }),
+            error: Some(e.to_proto()),
             non_retryable: e.non_retryable,
             retry_after: e.retry_after.map(aiki_proto::duration_to_proto),
         };
-        let _ = self
-            .report(&run.run_id, || {
-                let req = req.clone();
-                async move { self.reporter.fail_run(req).await.map(|_| ()) }
-            })
-            .await;
+        self.report(&run.run_id, || {
+            let req = req.clone();
+            async move { self.reporter.fail_run(req).await.map(|_| ()) }
+        })
+        .await
     }
 
     /// Sends a final report, retrying transient failures for about a minute. A report that

@@ -157,8 +157,12 @@ impl WorkerService for WorkerSvc {
             .iter()
             .map(|q| validate::name("queue", q, 128))
             .collect::<Result<Vec<_>>>()?;
-        if req.workflows.len() > 1000 {
-            return Err(Error::InvalidArgument("a worker serves at most 1000 workflows".into()).into());
+        if req.workflows.is_empty() || req.workflows.len() > 1000 {
+            return Err(Error::InvalidArgument(format!(
+                "a worker serves 1 to 1000 workflows, got {} (name \"*\" serves every workflow)",
+                req.workflows.len()
+            ))
+            .into());
         }
         let mut workflows = Vec::new();
         for w in &req.workflows {

@@ -347,6 +347,12 @@ impl WorkflowService for WorkflowSvc {
         }
         let bound = |t: &Option<prost_types::Timestamp>| -> Result<Option<Uuid>> {
             let Some(t) = t else { return Ok(None) };
+            if !(0..1_000_000_000).contains(&t.nanos) {
+                return Err(Error::InvalidArgument(format!(
+                    "created_after/created_before: nanos must be 0 to 999999999, got {}",
+                    t.nanos
+                )));
+            }
             // UUIDv7 holds 48 bits of milliseconds: up to the year 10889.
             let secs = u64::try_from(t.seconds)
                 .ok()
@@ -354,7 +360,7 @@ impl WorkflowService for WorkflowSvc {
                 .ok_or_else(|| {
                     Error::InvalidArgument("created_after/created_before must be between 1970 and 10000".into())
                 })?;
-            let ts = uuid::Timestamp::from_unix(uuid::NoContext, secs, t.nanos.clamp(0, 999_999_999) as u32);
+            let ts = uuid::Timestamp::from_unix(uuid::NoContext, secs, t.nanos as u32);
             Ok(Some(min_v7(Uuid::new_v7(ts))))
         };
         let filter = RunFilter {
