@@ -26,7 +26,9 @@ pub struct Config {
     /// The longest a poll may wait for work.
     #[serde(with = "humantime_serde")]
     pub max_poll_wait: Duration,
-    /// A run whose lease expires more often than this ends `failed`.
+    /// A run whose lease expires more often than this ends `failed`: the detector of a run that
+    /// crashes every worker that takes it. High enough that restarts of a worker fleet, each of
+    /// which can cost a run a lease, do not trip it.
     pub max_lease_expirations: u32,
     /// How often the reaper looks for expired leases.
     #[serde(with = "humantime_serde")]
@@ -89,7 +91,7 @@ impl Default for Config {
             lease_ttl: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(10),
             max_poll_wait: Duration::from_secs(60),
-            max_lease_expirations: 3,
+            max_lease_expirations: 10,
             reaper_interval: Duration::from_secs(1),
             max_payload_bytes: 2 * 1024 * 1024,
             default_retry: RetryDefaults::default(),

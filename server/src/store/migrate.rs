@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../../migrations/0011_final_task_seqs.sql"),
     ),
     (12, "ready_key", include_str!("../../../migrations/0012_ready_key.sql")),
+    (
+        13,
+        "queue_place",
+        include_str!("../../../migrations/0013_queue_place.sql"),
+    ),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

@@ -1,4 +1,5 @@
--- Ends up to $1 expired leases: the run is queued again (or paused, if that was asked), or
+-- Ends up to $1 expired leases: the run is queued again at its place in the queue (its
+-- `visible_at` kept; see the migration `queue_place`) or paused, if that was asked, or
 -- ends `failed` once its lease has expired more than $2 times, or `cancelled` if that was
 -- requested. Records the events. Runs with a heartbeat timeout are left to the timeouts
 -- (`runs_heartbeat_timeout.sql`): for them an expired lease is a failed attempt.
@@ -20,12 +21,15 @@ WITH expired AS (
             WHEN r.cancel_requested THEN jsonb_build_object('type', 'Cancelled', 'message',
                 'cancelled: the worker did not acknowledge before its lease expired')
             WHEN r.lease_expirations + 1 > $2 THEN jsonb_build_object('type', 'LeaseExpired',
-                'message', format('the lease expired %s times without a report (limit %s)',
-                                  r.lease_expirations + 1, $2))
+                'message', format('the lease expired %s times without a report (limit %s): each '
+                    'worker that held the run stopped heartbeating (it crashed, was killed, or '
+                    'lost the server); if the run itself makes its worker crash (out of memory, a '
+                    'fatal signal), fix that, else raise max_lease_expirations',
+                    r.lease_expirations + 1, $2))
             ELSE r.error END,
         finished_at = CASE WHEN r.cancel_requested OR r.lease_expirations + 1 > $2
                            THEN now() END,
-        lease_end = 'expire', lease_expires_at = NULL, visible_at = now(), updated_at = now(),
+        lease_end = 'expire', lease_expires_at = NULL, requeued_at = now(), updated_at = now(),
         leased_seq = NULL, leased_at = NULL
     FROM expired
     WHERE r.namespace = expired.namespace AND r.id = expired.id
