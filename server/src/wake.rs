@@ -238,7 +238,7 @@ impl Timers {
     }
 }
 
-/// Listens on the channel `aiki_ready` (`store/sql/listen_ready.sql`) with a dedicated connection and wakes local pollers. After
+/// Listens on the channel `aiki_ready` (`store/sql/session/listen_ready.sql`) with a dedicated connection and wakes local pollers. After
 /// each (re)connection it wakes every poller and re-arms the timers of delayed runs (a
 /// notification may have been missed meanwhile), and it checks the connection every 30 s so a
 /// half-open one is noticed. Reconnects with backoff.

@@ -377,8 +377,8 @@ impl TestDb {
     /// connection, does not count. A poll subscribes to wake-ups before it claims, so once its
     /// claim has begun a wake-up reaches it.
     pub async fn until_claimed_since(&self, since: Option<std::time::SystemTime>) {
-        let claim = include_str!("../../server/src/store/sql/claim.sql");
-        let skipped = include_str!("../../server/src/store/sql/claim_skipped.sql");
+        let claim = include_str!("../../server/src/store/sql/leases/claim.sql");
+        let skipped = include_str!("../../server/src/store/sql/leases/claim_skipped.sql");
         let watcher = self.connect().await;
         // Looked for without a pause: the poll's connection shows the claim only until the
         // pool lends it to another statement (the reaper's, every 100 ms in tests).

@@ -44,10 +44,10 @@ const MIGRATION_LOCK: i64 = 0x6169_6b69_0000_0001;
 /// Applies the migrations not applied yet; returns the names of those it applied.
 pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
     let tx = client.transaction().await?;
-    tx.execute(sql!("migrations_lock"), &[&MIGRATION_LOCK]).await?;
-    tx.batch_execute(sql!("migrations_table")).await?;
+    tx.execute(sql!("migrations/lock"), &[&MIGRATION_LOCK]).await?;
+    tx.batch_execute(sql!("migrations/table")).await?;
     let applied: Vec<i32> = tx
-        .query(sql!("migrations_applied"), &[])
+        .query(sql!("migrations/applied"), &[])
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -58,7 +58,7 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
             continue;
         }
         tx.batch_execute(migration).await?;
-        tx.execute(sql!("migration_record"), &[version, name]).await?;
+        tx.execute(sql!("migrations/record"), &[version, name]).await?;
         tracing::info!(version, name, "applied migration");
         done.push(*name);
     }

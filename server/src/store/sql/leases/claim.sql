@@ -8,7 +8,7 @@
 -- The update finds each locked row by its `ctid` rather than by its key: no second index
 -- descent per run. The lock keeps that row version in place until the transaction ends; a row
 -- whose locked version is newer than the statement's snapshot is not found, so it is simply
--- not leased this time (it stays queued, and the poll looks again: see `claim_skipped.sql`).
+-- not leased this time (it stays queued, and the poll looks again: see `leases/claim_skipped.sql`).
 -- The first condition is the key of the ready index, a hash of namespace and queue (see the
 -- migration `ready_key`); the names are tested too.
 WITH ready AS (

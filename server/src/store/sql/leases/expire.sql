@@ -2,7 +2,7 @@
 -- `visible_at` kept; see the migration `queue_place`) or paused, if that was asked, or
 -- ends `failed` once its lease has expired more than $2 times, or `cancelled` if that was
 -- requested. Records the events. Runs with a heartbeat timeout are left to the timeouts
--- (`runs_heartbeat_timeout.sql`): for them an expired lease is a failed attempt.
+-- (`waits/heartbeat_timeouts.sql`): for them an expired lease is a failed attempt.
 WITH expired AS (
     SELECT namespace, id, leased_seq, leased_at, attempt, lease_owner FROM runs
     WHERE status = 'running' AND lease_expires_at < now() AND heartbeat_timeout_ms IS NULL

@@ -1,6 +1,6 @@
 -- Ends run ($1, $2) `failed` with error $3 because a timeout of the whole run passed, whatever
 -- its state; an open lease ends with it (its `run_leased` event written out, as in
--- `run_end_lease.sql`). The caller holds the row lock.
+-- `reports/end_lease.sql`). The caller holds the row lock.
 WITH lease AS (
     INSERT INTO run_events (namespace, run_id, seq, type, at, attempt, worker_id)
     OVERRIDING SYSTEM VALUE

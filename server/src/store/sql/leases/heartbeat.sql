@@ -4,7 +4,7 @@
 -- the reaper has ended it: it is lost. An open lease is `lease_end IS NULL` rather than a status
 -- test: see `runs_running_iff_leased`.
 -- The runs are locked first, in key order, as every statement that locks many runs does (a
--- completion batch, `runs_lock.sql`): locked in the order the worker named them, a heartbeat and
+-- completion batch, `reports/lock_runs.sql`): locked in the order the worker named them, a heartbeat and
 -- a completion of the same runs could each wait for the other. Every named run that still has
 -- the named token is locked, ended leases too: a row lock reads the newest version of the row,
 -- so a report that committed while this statement waited for the lock is seen as the end of

@@ -1,5 +1,5 @@
 -- Whether queue $2 of namespace $1 holds a ready run that a worker serving ($3
--- workflows, $4 pinned versions) could take; the filter of `claim.sql`. Asked after a claim
+-- workflows, $4 pinned versions) could take; the filter of `leases/claim.sql`. Asked after a claim
 -- that leased nothing: such a run was skipped because another transaction
 -- held its row lock (a concurrent claim, a report batch, a heartbeat whose recheck of a lease
 -- that ended meanwhile leaves the row locked), or became ready since the claim looked.

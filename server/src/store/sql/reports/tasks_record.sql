@@ -1,5 +1,5 @@
 -- Records many task results at once, under leases the caller has checked and holds locked
--- (`runs_lock.sql`). Input rows are ($1 namespace, $2 run id, $3 key, $4 name, $5 seq,
+-- (`reports/lock_runs.sql`). Input rows are ($1 namespace, $2 run id, $3 key, $4 name, $5 seq,
 -- $6 output, $7 error, $8 attempt, $9 worker). A task already recorded is kept. Each row is its
 -- own `task_recorded` event (`event_seq`, drawn by its default; see the migrations). Answers
 -- the (namespace, run, key) of each row recorded.
