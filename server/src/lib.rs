@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod reaper;
 pub mod service;
+pub mod status;
 pub mod store;
 pub mod validate;
 pub mod wake;

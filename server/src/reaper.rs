@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::service::Shared;
+use crate::{service::Shared, status::RunStatus};
 
 /// "aiki" + 2: the reaper's advisory lock key.
 const REAPER_LOCK: i64 = 0x6169_6b69_0000_0002;
@@ -71,7 +71,7 @@ async fn lead(shared: &Shared, pg: &tokio_postgres::Config, shutdown: &Cancellat
                     for e in &expired {
                         tracing::warn!(run_id = %e.id, status = %e.status, "lease expired");
                         shared.wakers.runs.wake(&e.id);
-                        if e.status == "queued" {
+                        if e.status == RunStatus::Queued {
                             shared.wakers.queue_ready((e.namespace.clone(), e.queue.clone()), None);
                         }
                     }
@@ -90,7 +90,7 @@ async fn lead(shared: &Shared, pg: &tokio_postgres::Config, shutdown: &Cancellat
                 for m in &moved {
                     tracing::info!(run_id = %m.id, status = %m.status, "run timed out");
                     shared.wakers.runs.wake(&m.id);
-                    if m.status == "queued" {
+                    if m.status == RunStatus::Queued {
                         shared.wakers.queue_ready((m.namespace.clone(), m.queue.clone()), None);
                     }
                 }

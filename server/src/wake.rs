@@ -27,7 +27,7 @@ use futures::StreamExt;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::{status::RunStatus, store::Store};
 
 /// Waiters keyed by `K`, each key with one shared [`Notify`].
 #[derive(Debug)]
@@ -385,7 +385,7 @@ pub async fn wake_due(store: &Store, wakers: &Wakers) {
                 for w in &woken {
                     tracing::debug!(run_id = %w.id, status = %w.status, "run woke");
                     wakers.runs.wake(&w.id);
-                    if w.status == "queued" {
+                    if w.status == RunStatus::Queued {
                         wakers.queue_ready((w.namespace.clone(), w.queue.clone()), None);
                     }
                 }

@@ -549,10 +549,9 @@ impl WorkerSvc {
             retry_after,
         };
         let run = self.end_lease(ns, id, token, end, bytes).await?;
-        let status = RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified);
         Ok(FailRunResponse {
             status: run.status,
-            retry_at: if status == RunStatus::Queued {
+            retry_at: if crate::status::RunStatus::from_proto(run.status) == Some(crate::status::RunStatus::Queued) {
                 run.visible_at
             } else {
                 None
@@ -602,7 +601,7 @@ impl WorkerSvc {
                 .ok_or_else(|| Error::NotFound(format!("run {id} not found")));
         };
         run_changed(&self.0, id);
-        if RunStatus::try_from(run.status) == Ok(RunStatus::Queued) {
+        if crate::status::RunStatus::from_proto(run.status) == Some(crate::status::RunStatus::Queued) {
             self.0
                 .wakers
                 .queue_ready((run.namespace.clone(), run.queue.clone()), Some(delay));

@@ -5,9 +5,8 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 use aiki_proto::v1::{
     CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunHistoryResponse, GetRunRequest, GetRunResultRequest,
     GetRunResultResponse, HistoryEvent, ListRunsRequest, ListRunsResponse, PauseRunRequest, ResumeRunRequest, Run,
-    RunStatus, SendEventRequest, SendEventResponse, StartRunRequest, StartRunResponse, StartRunsRequest,
-    StartRunsResponse, WakeRunRequest, WatchRunRequest, get_run_request, send_event_request,
-    workflow_service_server::WorkflowService,
+    SendEventRequest, SendEventResponse, StartRunRequest, StartRunResponse, StartRunsRequest, StartRunsResponse,
+    WakeRunRequest, WatchRunRequest, get_run_request, send_event_request, workflow_service_server::WorkflowService,
 };
 use futures::Stream;
 use prost::Message;
@@ -18,6 +17,7 @@ use uuid::Uuid;
 use super::{Shared, run_changed};
 use crate::{
     error::{Error, Result},
+    status::RunStatus,
     store::{NewRun, RetryPolicy, RunFilter, RunRef, Timeouts},
     validate,
 };
@@ -314,7 +314,7 @@ impl WorkflowService for WorkflowSvc {
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 let run = self.get(&ns, id).await?;
-                let done = status_of_run(&run).is_terminal();
+                let done = status_of_run(&run).is_some_and(RunStatus::is_terminal);
                 if done || tokio::time::Instant::now() >= deadline || self.0.shutdown.is_cancelled() {
                     return Ok(GetRunResultResponse { run: Some(run), done });
                 }
@@ -336,15 +336,14 @@ impl WorkflowService for WorkflowSvc {
                 return Err(Error::InvalidArgument(format!("page_size must be 1 to 1000, got {n}")).into());
             }
         };
-        let mut statuses = Vec::new();
-        for s in &req.statuses {
-            match RunStatus::try_from(*s) {
-                Ok(RunStatus::Unspecified) | Err(_) => {
-                    return Err(Error::InvalidArgument(format!("unknown status {s} in statuses")).into());
-                }
-                Ok(s) => statuses.push(s.as_str().to_owned()),
-            }
-        }
+        let statuses = req
+            .statuses
+            .iter()
+            .map(|s| {
+                crate::status::RunStatus::from_proto(*s)
+                    .ok_or_else(|| Error::InvalidArgument(format!("unknown status {s} in statuses")))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let bound = |t: &Option<prost_types::Timestamp>| -> Result<Option<Uuid>> {
             let Some(t) = t else { return Ok(None) };
             if !(0..1_000_000_000).contains(&t.nanos) {
@@ -415,7 +414,7 @@ impl WorkflowService for WorkflowSvc {
         let id = validate::uuid("run_id", &req.run_id)?;
         let run = self.0.store.wake_run(&ns, id).await?;
         run_changed(&self.0, id);
-        if run.status == RunStatus::Queued as i32 {
+        if status_of_run(&run) == Some(RunStatus::Queued) {
             self.0.wakers.queue_ready((ns, run.queue.clone()), None);
         }
         Ok(Response::new(run))
@@ -441,7 +440,7 @@ impl WorkflowService for WorkflowSvc {
         if let Ok(id) = Uuid::parse_str(&run.id) {
             run_changed(&self.0, id);
         }
-        if delivered && run.status == RunStatus::Queued as i32 {
+        if delivered && status_of_run(&run) == Some(RunStatus::Queued) {
             self.0.wakers.queue_ready((ns, run.queue.clone()), None);
         }
         Ok(Response::new(SendEventResponse {
@@ -509,7 +508,7 @@ impl WorkflowService for WorkflowSvc {
                             return Ok(());
                         }
                     }
-                    let ended = run.is_none_or(|r| status_of_run(&r).is_terminal());
+                    let ended = run.is_none_or(|r| status_of_run(&r).is_some_and(RunStatus::is_terminal));
                     if (ended && !more) || shared.shutdown.is_cancelled() {
                         return Ok(());
                     }
@@ -532,8 +531,8 @@ impl WorkflowService for WorkflowSvc {
     }
 }
 
-fn status_of_run(run: &Run) -> RunStatus {
-    RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified)
+fn status_of_run(run: &Run) -> Option<RunStatus> {
+    RunStatus::from_proto(run.status)
 }
 
 /// The smallest UUIDv7 of a millisecond: `new_v7` fills random bits, which a range bound

@@ -40,9 +40,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aiki_proto::v1::{
-    HistoryEvent, LeasedRun, Queue, Run, RunStatus, TaskResult, UnservedRuns, Worker, WorkflowVersion,
-};
+use aiki_proto::v1::{HistoryEvent, LeasedRun, Queue, Run, TaskResult, UnservedRuns, Worker, WorkflowVersion};
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use serde_json::{Value as Json, json};
 use tokio_postgres::types::Json as PgJson;
@@ -58,6 +56,7 @@ pub use workers::Registration;
 use workers::*;
 
 use crate::error::{Error, Result};
+pub use crate::status::RunStatus;
 
 /// A run to insert, already validated.
 #[derive(Debug, Clone)]
@@ -129,7 +128,7 @@ pub struct NewTask {
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
     pub workflow: Option<String>,
-    pub statuses: Vec<String>,
+    pub statuses: Vec<RunStatus>,
     pub queue: Option<String>,
     pub created_after: Option<Uuid>,
     pub created_before: Option<Uuid>,
@@ -157,7 +156,7 @@ pub struct MovedRun {
     pub namespace: String,
     pub id: Uuid,
     pub queue: String,
-    pub status: String,
+    pub status: RunStatus,
 }
 
 /// How a lease ends through a [`Report::End`].
@@ -317,7 +316,7 @@ pub enum RunRef {
 /// that ran meanwhile skipped it (`SKIP LOCKED`), so its queue's pollers are woken when `tx`
 /// commits, to look again.
 async fn wake_if_queued(tx: &Transaction<'_>, row: &tokio_postgres::Row) -> Result<()> {
-    if row.get::<_, String>("status") == "queued" {
+    if row.get::<_, RunStatus>("status") == RunStatus::Queued {
         let (namespace, queue): (String, String) = (row.get("namespace"), row.get("queue"));
         notify_ready(tx, vec![crate::wake::ready_payload(&namespace, &queue, Duration::ZERO)]).await?;
     }
@@ -352,7 +351,7 @@ async fn moved_runs(tx: &Transaction<'_>, rows: &[tokio_postgres::Row]) -> Resul
         .collect();
     let payloads = moved
         .iter()
-        .filter(|m| m.status == "queued")
+        .filter(|m| m.status == RunStatus::Queued)
         .map(|m| crate::wake::ready_payload(&m.namespace, &m.queue, Duration::ZERO))
         .collect();
     notify_ready(tx, payloads).await?;
@@ -373,16 +372,9 @@ fn not_found(id: Uuid) -> Error {
     Error::NotFound(format!("run {id} not found"))
 }
 
-/// A run's status as stored ("queued", ...).
-fn status_of_run(run: &Run) -> &'static str {
-    RunStatus::try_from(run.status)
-        .unwrap_or(RunStatus::Unspecified)
-        .as_str()
-}
-
-/// The run's status as the enum.
-pub fn status_of(s: &str) -> RunStatus {
-    RunStatus::parse(s).unwrap_or(RunStatus::Unspecified)
+/// A run's status, as the protocol message carries it.
+fn status_of_run(run: &Run) -> Option<RunStatus> {
+    RunStatus::from_proto(run.status)
 }
 
 #[cfg(test)]

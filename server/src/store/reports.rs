@@ -305,7 +305,7 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
             } => {
                 let ended = end_one(tx, namespace, *id, *token, end).await;
                 if let Ok(Some((run, delay))) = &ended
-                    && run.status == RunStatus::Queued as i32
+                    && status_of_run(run) == Some(RunStatus::Queued)
                 {
                     notify.push(crate::wake::ready_payload(namespace, &run.queue, *delay));
                 }
@@ -433,7 +433,7 @@ pub(super) async fn end_one(
             let message = reason.unwrap_or_else(|| "cancelled at the request of a client".to_owned());
             let error = json!({"type": "Cancelled", "message": message});
             (
-                "cancelled",
+                RunStatus::Cancelled,
                 Some(error.clone()),
                 attempt,
                 Duration::ZERO,
@@ -457,7 +457,7 @@ pub(super) async fn end_one(
                 || policy.non_retryable_error_types.iter().any(|t| t == etype);
             if give_up {
                 (
-                    "failed",
+                    RunStatus::Failed,
                     Some(error.clone()),
                     attempt,
                     Duration::ZERO,
@@ -468,7 +468,7 @@ pub(super) async fn end_one(
                 let delay = retry_after.unwrap_or_else(|| policy.backoff(attempt as u32, rand::random()));
                 let details = json!({"error": error, "retry_in_ms": ms(delay)});
                 (
-                    "queued",
+                    RunStatus::Queued,
                     Some(error.clone()),
                     attempt + 1,
                     delay,
@@ -480,7 +480,7 @@ pub(super) async fn end_one(
         LeaseEnd::Release { reason, delay } => {
             let previous: Option<Json> = row.get("error");
             (
-                "queued",
+                RunStatus::Queued,
                 previous,
                 attempt,
                 *delay,
@@ -500,7 +500,7 @@ pub(super) async fn end_one(
                 Wait::Child(child) => details["child"] = json!(child),
             }
             (
-                "suspended",
+                RunStatus::Suspended,
                 previous,
                 attempt,
                 wait.deadline().unwrap_or_default(),
@@ -510,8 +510,8 @@ pub(super) async fn end_one(
         }
     };
     // A run that would be queued again is paused instead if that was asked.
-    let next = if next == "queued" && pause_requested {
-        "paused"
+    let next = if next == RunStatus::Queued && pause_requested {
+        RunStatus::Paused
     } else {
         next
     };
@@ -524,14 +524,14 @@ pub(super) async fn end_one(
     let insert = tx.prepare_cached(sql!("history/insert")).await?;
     tx.execute(&insert, &[&namespace, &id, &event, &attempt, &owner, &details])
         .await?;
-    if next == "paused" {
+    if next == RunStatus::Paused {
         tx.execute(
             &insert,
             &[&namespace, &id, &"run_paused", &attempt, &owner, &None::<Json>],
         )
         .await?;
     }
-    if let (LeaseEnd::Suspend { key, name, seq, wait }, "suspended") = (end, next) {
+    if let (LeaseEnd::Suspend { key, name, seq, wait }, RunStatus::Suspended) = (end, next) {
         let (event, child_id) = match wait {
             Wait::Sleep(_) => (None, None),
             Wait::Event { name, .. } => (Some(name.as_str()), None),

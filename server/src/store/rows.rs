@@ -11,7 +11,7 @@ use serde_json::Value as Json;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{RetryPolicy, status_of};
+use super::{RetryPolicy, RunStatus};
 use crate::error::{Error, Result};
 
 fn ts(t: SystemTime) -> Timestamp {
@@ -111,7 +111,7 @@ pub fn runs_from_rows(rows: &[Row]) -> Result<Vec<Run>> {
 /// [`run_from_row`] with the positions of the statement's columns found once.
 fn run_from_row_at(row: &Row, c: &RunCols) -> Result<Run> {
     let retry = retry_at(row, c)?;
-    let status = status_of(need(row, c.status, "status")?);
+    let status = need::<RunStatus>(row, c.status, "status")?.to_proto();
     let owner: Option<Uuid> = opt(row, c.lease_owner);
     let ts_of = |at: Option<usize>| opt::<SystemTime>(row, at).map(ts);
     let ms_of = |at: Option<usize>| {
@@ -269,12 +269,13 @@ pub fn queue_from_row(row: &Row) -> Queue {
         name: row.get("queue"),
         ready: n("ready"),
         delayed: n("delayed"),
-        running: n("running"),
-        suspended: n("suspended"),
-        completed: n("completed"),
-        failed: n("failed"),
-        cancelled: n("cancelled"),
-        paused: n("paused"),
+        // Counted per status: each column is named as its status is stored.
+        running: n(RunStatus::Running.as_sql()),
+        suspended: n(RunStatus::Suspended.as_sql()),
+        completed: n(RunStatus::Completed.as_sql()),
+        failed: n(RunStatus::Failed.as_sql()),
+        cancelled: n(RunStatus::Cancelled.as_sql()),
+        paused: n(RunStatus::Paused.as_sql()),
         oldest_ready_age: row
             .get::<_, Option<f64>>("oldest_ready_secs")
             .map(|s| aiki_proto::duration_to_proto(Duration::from_secs_f64(s.max(0.0)))),

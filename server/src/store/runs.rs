@@ -135,13 +135,13 @@ impl Store {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = lock_run(&tx, namespace, id).await?;
-        let status: String = row.get("status");
+        let status: RunStatus = row.get("status");
         let requested: bool = row.get("pause_requested");
         let cancelling: bool = row.get("cancel_requested");
-        let now = match status.as_str() {
-            "queued" => true,
-            "running" if !requested && !cancelling => false,
-            "running" | "paused" => return run_from_row(&row),
+        let now = match status {
+            RunStatus::Queued => true,
+            RunStatus::Running if !requested && !cancelling => false,
+            RunStatus::Running | RunStatus::Paused => return run_from_row(&row),
             other => {
                 return Err(Error::FailedPrecondition(format!(
                     "run {id} is {other}; only a queued or running run can be paused"
@@ -176,12 +176,12 @@ impl Store {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = lock_run(&tx, namespace, id).await?;
-        let status: String = row.get("status");
+        let status: RunStatus = row.get("status");
         let requested: bool = row.get("pause_requested");
-        match status.as_str() {
-            "paused" => {}
-            "running" if requested => {}
-            "queued" | "running" | "suspended" => {
+        match status {
+            RunStatus::Paused => {}
+            RunStatus::Running if requested => {}
+            RunStatus::Queued | RunStatus::Running | RunStatus::Suspended => {
                 wake_if_queued(&tx, &row).await?;
                 tx.commit().await?;
                 return Ok((run_from_row(&row)?, None));
@@ -196,13 +196,13 @@ impl Store {
             .query_one(&tx.prepare_cached(sql!("runs/resume")).await?, &[&namespace, &id])
             .await?;
         let attempt: i32 = row.get("attempt");
-        let details = json!({"pause_withdrawn": status == "running"});
+        let details = json!({"pause_withdrawn": status == RunStatus::Running});
         tx.execute(
             &tx.prepare_cached(sql!("history/insert")).await?,
             &[&namespace, &id, &"run_resumed", &attempt, &None::<Uuid>, &details],
         )
         .await?;
-        let queued = if status == "paused" {
+        let queued = if status == RunStatus::Paused {
             let delay = Duration::from_millis(row.get::<_, i64>("delay_ms").max(0) as u64);
             let queue: String = row.get("queue");
             notify_ready(&tx, vec![crate::wake::ready_payload(namespace, &queue, delay)]).await?;
@@ -507,7 +507,7 @@ pub(super) async fn lock_parents(tx: &Transaction<'_>, runs: &[NewRun]) -> Resul
     for row in &rows {
         wake_if_queued(tx, row).await?;
         let key: (String, Uuid) = (row.get("namespace"), row.get("id"));
-        let status: String = row.get("status");
+        let status: RunStatus = row.get("status");
         let cancelling: bool = row.get("cancel_requested");
         open.insert(key.clone(), row.get::<_, i32>("attempt"));
         state.insert(key, (status, cancelling));
@@ -518,7 +518,7 @@ pub(super) async fn lock_parents(tx: &Transaction<'_>, runs: &[NewRun]) -> Resul
             None => {
                 refused.insert(i, Error::NotFound(format!("parent run {p} not found")));
             }
-            Some((status, _)) if matches!(status.as_str(), "completed" | "failed" | "cancelled") => {
+            Some((status, _)) if status.is_terminal() => {
                 refused.insert(
                     i,
                     Error::FailedPrecondition(format!(
@@ -571,12 +571,12 @@ pub(super) async fn cancel_in(
     reason: &str,
 ) -> Result<tokio_postgres::Row> {
     let row = lock_run(tx, namespace, id).await?;
-    let status: String = row.get("status");
+    let status: RunStatus = row.get("status");
     let requested: bool = row.get("cancel_requested");
-    let now = match status.as_str() {
-        "queued" | "suspended" | "paused" => true,
-        "running" if !requested => false,
-        "running" | "cancelled" => return Ok(row),
+    let now = match status {
+        RunStatus::Queued | RunStatus::Suspended | RunStatus::Paused => true,
+        RunStatus::Running if !requested => false,
+        RunStatus::Running | RunStatus::Cancelled => return Ok(row),
         done => {
             return Err(Error::FailedPrecondition(format!(
                 "run {id} already {done}; only a queued, suspended, paused or running run can be cancelled"

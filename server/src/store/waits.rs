@@ -44,7 +44,7 @@ impl Store {
                     namespace: ns,
                     id,
                     queue: run.get("queue"),
-                    status: "failed".into(),
+                    status: RunStatus::Failed,
                 });
             }
         }
@@ -69,15 +69,16 @@ impl Store {
                 )
                 .await?;
                 if let Some((run, delay)) = end_one(&tx, &ns, id, token, &LeaseEnd::Timeout { error }).await? {
-                    let status = status_of_run(&run);
-                    if status == "queued" {
+                    let status =
+                        status_of_run(&run).ok_or_else(|| Error::Internal(format!("run {id} has no status")))?;
+                    if status == RunStatus::Queued {
                         notify_ready(&tx, vec![crate::wake::ready_payload(&ns, &run.queue, delay)]).await?;
                     }
                     moved.push(MovedRun {
                         namespace: ns,
                         id,
                         queue: run.queue,
-                        status: status.into(),
+                        status,
                     });
                 }
             }
@@ -106,8 +107,8 @@ impl Store {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = lock_run(&tx, namespace, id).await?;
-        let status: String = row.get("status");
-        if status != "suspended" {
+        let status: RunStatus = row.get("status");
+        if status != RunStatus::Suspended {
             wake_if_queued(&tx, &row).await?;
             tx.commit().await?;
             return Err(Error::FailedPrecondition(format!(
@@ -156,7 +157,7 @@ impl Store {
                 .ok_or_else(|| Error::NotFound(format!("no run has idempotency key {key:?}")))?,
         };
         let id: Uuid = row.get("id");
-        let status: String = row.get("status");
+        let status: RunStatus = row.get("status");
         let duplicate = match event_key {
             Some(key) => tx
                 .query_one(
@@ -172,7 +173,7 @@ impl Store {
             tx.commit().await?;
             return Ok((false, false, run_from_row(&row)?));
         }
-        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+        if status.is_terminal() {
             return Err(Error::FailedPrecondition(format!(
                 "run {id} is {status}; events can only be sent to a run that has not ended"
             )));
@@ -197,7 +198,8 @@ impl Store {
             ],
         )
         .await?;
-        let waiting = status == "suspended" && row.get::<_, Option<String>>("wait_event").as_deref() == Some(name);
+        let waiting =
+            status == RunStatus::Suspended && row.get::<_, Option<String>>("wait_event").as_deref() == Some(name);
         let mut run = row;
         if waiting {
             let key: String = run.get("wait_key");
@@ -271,8 +273,8 @@ pub(super) async fn take_event(
 
 /// A child run's outcome as its parent's wait step records it, if the child has ended.
 pub(super) fn child_outcome(child: &tokio_postgres::Row) -> Option<(Json, Json)> {
-    let status: String = child.get("status");
-    if !matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+    let status: RunStatus = child.get("status");
+    if !status.is_terminal() {
         return None;
     }
     let id: Uuid = child.get("id");
@@ -300,8 +302,7 @@ pub(super) async fn end_wait(
         )
         .await?
         .ok_or_else(|| Error::Internal(format!("run {id} was not suspended")))?;
-    let status: String = row.get("status");
-    if status == "queued" {
+    if row.get::<_, RunStatus>("status") == RunStatus::Queued {
         let queue: String = row.get("queue");
         notify_ready(tx, vec![crate::wake::ready_payload(namespace, &queue, Duration::ZERO)]).await?;
     }
