@@ -22,6 +22,18 @@ pub enum Error {
     Internal(String),
 }
 
+impl Error {
+    /// The error about the part `part` of a request (`runs[3]`, `tasks[0]`): a mistake in it
+    /// names it; other errors stay as they are.
+    pub fn within(self, part: &str) -> Self {
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(format!("{part}: {m}")),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(format!("{part}: {m}")),
+            e => e,
+        }
+    }
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -70,9 +82,11 @@ impl From<deadpool_postgres::PoolError> for Error {
     }
 }
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Self {
-        let code = match &e {
+impl Error {
+    /// The error's code: the one vocabulary every surface uses, as a gRPC code here and as an
+    /// HTTP status through [`Error::http_status`].
+    pub fn code(&self) -> Code {
+        match self {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
@@ -80,7 +94,27 @@ impl From<Error> for Status {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Internal(_) => Code::Internal,
-        };
+        }
+    }
+
+    /// The HTTP status of the error's code, as Google's API design maps gRPC codes.
+    pub fn http_status(&self) -> u16 {
+        match self.code() {
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => 400,
+            Code::Unauthenticated => 401,
+            Code::PermissionDenied => 403,
+            Code::NotFound => 404,
+            Code::AlreadyExists | Code::Aborted => 409,
+            Code::ResourceExhausted => 429,
+            Code::Unavailable => 503,
+            _ => 500,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = e.code();
         if matches!(code, Code::Internal | Code::Unavailable) {
             tracing::warn!(error = %e, "request failed");
         }
@@ -129,4 +163,26 @@ pub fn undecodable_is_invalid_argument(
         tracing::warn!(message = m, "could not rewrite the status of an undecodable request");
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_code_maps_to_grpc_and_http() {
+        let cases = [
+            (Error::InvalidArgument("x".into()), Code::InvalidArgument, 400),
+            (Error::NotFound("x".into()), Code::NotFound, 404),
+            (Error::AlreadyExists("x".into()), Code::AlreadyExists, 409),
+            (Error::FailedPrecondition("x".into()), Code::FailedPrecondition, 400),
+            (Error::ResourceExhausted("x".into()), Code::ResourceExhausted, 429),
+            (Error::Unavailable("x".into()), Code::Unavailable, 503),
+            (Error::Internal("x".into()), Code::Internal, 500),
+        ];
+        for (e, code, http) in cases {
+            assert_eq!((e.code(), e.http_status()), (code, http), "{e:?}");
+            assert_eq!(Status::from(e).code(), code);
+        }
+    }
 }

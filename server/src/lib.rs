@@ -11,6 +11,7 @@
 
 pub mod commit;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod reaper;
 pub mod service;
@@ -30,7 +31,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-use service::{Shared, admin::AdminSvc, worker::WorkerSvc, workflow::WorkflowSvc};
+use engine::Engine;
+use service::{admin::AdminSvc, worker::WorkerSvc, workflow::WorkflowSvc};
 use store::Store;
 
 /// Largest gRPC message the server decodes (unless `max_payload_bytes` asks for more).
@@ -70,7 +72,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     let committer = commit::Committer::start(commit::Reports(store.clone()), (config.pool_size / 4).clamp(1, 8));
     let starter = commit::Committer::start(commit::Starts(store.clone()), (config.pool_size / 8).clamp(1, 4));
     let (sleepers, deadlines) = tokio::sync::mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
+    let engine = Arc::new(Engine {
         store,
         committer,
         starter,
@@ -81,13 +83,13 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     });
     let listen_task = tokio::spawn(wake::listen(
         pg.clone(),
-        shared.store.clone(),
+        engine.store.clone(),
         wakers.clone(),
         inner.clone(),
     ));
-    let reaper_task = tokio::spawn(reaper::run(shared.clone(), pg, inner.clone()));
+    let reaper_task = tokio::spawn(reaper::run(engine.clone(), pg, inner.clone()));
     let sleepers_task = tokio::spawn(wake::sleepers(
-        shared.store.clone(),
+        engine.store.clone(),
         wakers.clone(),
         deadlines,
         inner.clone(),
@@ -135,9 +137,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(WorkflowServiceServer::new(WorkflowSvc(shared.clone())).max_decoding_message_size(max_message))
-        .add_service(WorkerServiceServer::new(WorkerSvc(shared.clone())).max_decoding_message_size(max_message))
-        .add_service(AdminServiceServer::new(AdminSvc(shared.clone())))
+        .add_service(WorkflowServiceServer::new(WorkflowSvc(engine.clone())).max_decoding_message_size(max_message))
+        .add_service(WorkerServiceServer::new(WorkerSvc(engine.clone())).max_decoding_message_size(max_message))
+        .add_service(AdminServiceServer::new(AdminSvc(engine.clone())))
         .serve_with_incoming_shutdown(incoming, signal);
     let grace = config.shutdown_grace;
     let result = tokio::select! {

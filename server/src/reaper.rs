@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{service::Shared, status::RunStatus};
+use crate::engine::Engine;
 
 /// "aiki" + 2: the reaper's advisory lock key.
 const REAPER_LOCK: i64 = 0x6169_6b69_0000_0002;
@@ -19,9 +19,9 @@ const FOLLOWER_PAUSE: Duration = Duration::from_secs(3);
 
 /// Runs until `shutdown`: becomes the reaper when it can and reaps while it is; a connection
 /// that fails is opened again after a second.
-pub async fn run(shared: Arc<Shared>, pg: tokio_postgres::Config, shutdown: CancellationToken) {
+pub async fn run(engine: Arc<Engine>, pg: tokio_postgres::Config, shutdown: CancellationToken) {
     loop {
-        match lead(&shared, &pg, &shutdown).await {
+        match lead(&engine, &pg, &shutdown).await {
             Ok(()) => return,
             Err(e) => tracing::warn!(error = %e, "reaper connection failed"),
         }
@@ -35,7 +35,7 @@ pub async fn run(shared: Arc<Shared>, pg: tokio_postgres::Config, shutdown: Canc
 /// On one session, tries to take the lock until it holds it (every [`FOLLOWER_PAUSE`]; the
 /// session stays open meanwhile, so trying again costs no new connection), then reaps until
 /// the server stops (`Ok`) or the connection fails (`Err`).
-async fn lead(shared: &Shared, pg: &tokio_postgres::Config, shutdown: &CancellationToken) -> Result<(), String> {
+async fn lead(engine: &Engine, pg: &tokio_postgres::Config, shutdown: &CancellationToken) -> Result<(), String> {
     let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
     let conn = tokio::spawn(conn);
     loop {
@@ -51,7 +51,7 @@ async fn lead(shared: &Shared, pg: &tokio_postgres::Config, shutdown: &Cancellat
         }
     }
     tracing::info!("this server is the reaper");
-    let mut tick = tokio::time::interval(shared.config.reaper_interval);
+    let mut tick = tokio::time::interval(engine.config.reaper_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -62,18 +62,15 @@ async fn lead(shared: &Shared, pg: &tokio_postgres::Config, shutdown: &Cancellat
             return Err("the lock connection closed".into());
         }
         loop {
-            match shared
+            match engine
                 .store
-                .expire_leases(BATCH, shared.config.max_lease_expirations)
+                .expire_leases(BATCH, engine.config.max_lease_expirations)
                 .await
             {
                 Ok(expired) => {
                     for e in &expired {
                         tracing::warn!(run_id = %e.id, status = %e.status, "lease expired");
-                        shared.wakers.runs.wake(&e.id);
-                        if e.status == RunStatus::Queued {
-                            shared.wakers.queue_ready((e.namespace.clone(), e.queue.clone()), None);
-                        }
+                        engine.wakers.moved(e);
                     }
                     if (expired.len() as i64) < BATCH {
                         break;
@@ -85,19 +82,16 @@ async fn lead(shared: &Shared, pg: &tokio_postgres::Config, shutdown: &Cancellat
                 }
             }
         }
-        match shared.store.time_out_runs(BATCH).await {
+        match engine.store.time_out_runs(BATCH).await {
             Ok(moved) => {
                 for m in &moved {
                     tracing::info!(run_id = %m.id, status = %m.status, "run timed out");
-                    shared.wakers.runs.wake(&m.id);
-                    if m.status == RunStatus::Queued {
-                        shared.wakers.queue_ready((m.namespace.clone(), m.queue.clone()), None);
-                    }
+                    engine.wakers.moved(m);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "applying timeouts failed"),
         }
         // Sleeping runs whose timer was on a server that went away.
-        crate::wake::wake_due(&shared.store, &shared.wakers).await;
+        crate::wake::wake_due(&engine.store, &engine.wakers).await;
     }
 }

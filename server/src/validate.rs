@@ -57,6 +57,14 @@ pub fn uuid(what: &str, s: &str) -> Result<Uuid> {
 
 /// A payload converted to JSON and checked against the size limit.
 pub fn payload(what: &str, v: Option<&prost_types::Value>, max_bytes: usize) -> Result<Json> {
+    let json = payload_json(what, v)?;
+    payload_size(what, &json, max_bytes)?;
+    Ok(json)
+}
+
+/// A payload converted to JSON, checked for what can be stored whatever its size: a JSON form
+/// (no NaN), no NUL character, at most `aiki_proto::MAX_PAYLOAD_DEPTH` levels deep.
+pub fn payload_json(what: &str, v: Option<&prost_types::Value>) -> Result<Json> {
     let json = match v {
         None => Json::Null,
         Some(v) => aiki_proto::value_to_json(v).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?,
@@ -67,13 +75,18 @@ pub fn payload(what: &str, v: Option<&prost_types::Value>, max_bytes: usize) -> 
             "{what} contains a NUL character (\\u0000), which cannot be stored; encode binary data, e.g. as base64"
         )));
     }
-    let size = json_len(&json);
+    Ok(json)
+}
+
+/// Checks a payload's size against the server's limit (`RESOURCE_EXHAUSTED`).
+pub fn payload_size(what: &str, json: &Json, max_bytes: usize) -> Result<()> {
+    let size = json_len(json);
     if size > max_bytes {
         return Err(Error::ResourceExhausted(format!(
             "{what} is {size} bytes of JSON; the limit is {max_bytes} bytes (store large data elsewhere and pass a reference)"
         )));
     }
-    Ok(json)
+    Ok(())
 }
 
 /// The length of `j` serialized as JSON, counted without building the text.

@@ -141,6 +141,16 @@ impl Wakers {
         }
     }
 
+    /// Wakes whoever waits on what a transition did: the run's result and history waiters,
+    /// and, if it is queued, its queue's pollers (when it becomes visible). Every transition's
+    /// wake-ups go through here.
+    pub fn moved(&self, m: &crate::store::Moved) {
+        self.runs.wake(&m.id);
+        if m.status == RunStatus::Queued {
+            self.queue_ready((m.namespace.clone(), m.queue.clone()), m.visible_in);
+        }
+    }
+
     /// Handles one `aiki_ready` payload: `namespace \n queue \n delay-ms`.
     fn on_payload(&self, payload: &str) {
         let mut parts = payload.split('\n');
@@ -384,10 +394,7 @@ pub async fn wake_due(store: &Store, wakers: &Wakers) {
             Ok(woken) => {
                 for w in &woken {
                     tracing::debug!(run_id = %w.id, status = %w.status, "run woke");
-                    wakers.runs.wake(&w.id);
-                    if w.status == RunStatus::Queued {
-                        wakers.queue_ready((w.namespace.clone(), w.queue.clone()), None);
-                    }
+                    wakers.moved(w);
                 }
                 if (woken.len() as i64) < WAKE_BATCH {
                     return;

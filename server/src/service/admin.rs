@@ -9,28 +9,24 @@ use aiki_proto::v1::{
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::Shared;
-use crate::validate;
+use super::caller;
+use crate::engine::Engine;
 
 #[derive(Debug, Clone)]
-pub struct AdminSvc(pub Arc<Shared>);
+pub struct AdminSvc(pub Arc<Engine>);
 
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
     #[instrument(name = "rpc.ListWorkers", skip_all)]
     async fn list_workers(&self, req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
-        let ns = validate::namespace(&req.get_ref().namespace)?;
-        Ok(Response::new(ListWorkersResponse {
-            workers: self.0.store.list_workers(&ns).await?,
-        }))
+        let workers = self.0.list_workers(&caller(&req), &req.get_ref().namespace).await?;
+        Ok(Response::new(ListWorkersResponse { workers }))
     }
 
     #[instrument(name = "rpc.ListQueues", skip_all)]
     async fn list_queues(&self, req: Request<ListQueuesRequest>) -> Result<Response<ListQueuesResponse>, Status> {
-        let ns = validate::namespace(&req.get_ref().namespace)?;
-        Ok(Response::new(ListQueuesResponse {
-            queues: self.0.store.list_queues(&ns, self.0.config.lease_ttl).await?,
-        }))
+        let queues = self.0.list_queues(&caller(&req), &req.get_ref().namespace).await?;
+        Ok(Response::new(ListQueuesResponse { queues }))
     }
 
     #[instrument(name = "rpc.ListWorkflows", skip_all)]
@@ -38,9 +34,7 @@ impl AdminService for AdminSvc {
         &self,
         req: Request<ListWorkflowsRequest>,
     ) -> Result<Response<ListWorkflowsResponse>, Status> {
-        let ns = validate::namespace(&req.get_ref().namespace)?;
-        Ok(Response::new(ListWorkflowsResponse {
-            workflows: self.0.store.list_workflows(&ns, self.0.config.lease_ttl).await?,
-        }))
+        let workflows = self.0.list_workflows(&caller(&req), &req.get_ref().namespace).await?;
+        Ok(Response::new(ListWorkflowsResponse { workflows }))
     }
 }

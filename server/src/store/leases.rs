@@ -87,7 +87,7 @@ impl Store {
 
     /// Ends up to `limit` expired leases (see `sql/leases/expire.sql`).
     #[instrument(name = "store.leases.expire", skip_all)]
-    pub async fn expire_leases(&self, limit: i64, max_expirations: u32) -> Result<Vec<MovedRun>> {
+    pub async fn expire_leases(&self, limit: i64, max_expirations: u32) -> Result<Vec<Moved>> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let stmt = tx.prepare_cached(sql!("leases/expire")).await?;

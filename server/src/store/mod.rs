@@ -150,13 +150,17 @@ pub struct HeartbeatOutcome {
     pub expires: SystemTime,
 }
 
-/// A run a background statement moved: its lease expired (reaper), or its sleep ended.
+/// What a transition did to a run: where it is now, and when it becomes visible if it was
+/// queued. Whoever must react (wake pollers and waiters, later count a metric) reads this one
+/// value: see `Wakers::moved`.
 #[derive(Debug, Clone)]
-pub struct MovedRun {
+pub struct Moved {
     pub namespace: String,
     pub id: Uuid,
     pub queue: String,
     pub status: RunStatus,
+    /// For a queued run: visible after this long (`None`: now).
+    pub visible_in: Option<Duration>,
 }
 
 /// How a lease ends through a [`Report::End`].
@@ -339,14 +343,15 @@ async fn notify_ready(tx: &impl GenericClient, payloads: Vec<String>) -> Result<
 
 /// The runs a statement moved (the reaper's expiry, the wake-up of sleepers), from its rows
 /// of (namespace, id, queue, status); wakes the pollers of the queues that got runs back.
-async fn moved_runs(tx: &Transaction<'_>, rows: &[tokio_postgres::Row]) -> Result<Vec<MovedRun>> {
-    let moved: Vec<MovedRun> = rows
+async fn moved_runs(tx: &Transaction<'_>, rows: &[tokio_postgres::Row]) -> Result<Vec<Moved>> {
+    let moved: Vec<Moved> = rows
         .iter()
-        .map(|r| MovedRun {
+        .map(|r| Moved {
             namespace: r.get(0),
             id: r.get(1),
             queue: r.get(2),
             status: r.get(3),
+            visible_in: None,
         })
         .collect();
     let payloads = moved

@@ -9,7 +9,7 @@ impl Store {
     /// heartbeat timeouts fail the attempt, which the retry policy may retry. Each writes a
     /// `timed_out` event. Answers the runs moved.
     #[instrument(name = "store.runs.time_out", skip_all)]
-    pub async fn time_out_runs(&self, limit: i64) -> Result<Vec<MovedRun>> {
+    pub async fn time_out_runs(&self, limit: i64) -> Result<Vec<Moved>> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let mut moved = Vec::new();
@@ -40,11 +40,12 @@ impl Store {
                 .await?;
                 tx.execute(&insert, &[&ns, &id, &"run_failed", &attempt, &owner, &error])
                     .await?;
-                moved.push(MovedRun {
+                moved.push(Moved {
                     namespace: ns,
                     id,
                     queue: run.get("queue"),
                     status: RunStatus::Failed,
+                    visible_in: None,
                 });
             }
         }
@@ -74,11 +75,12 @@ impl Store {
                     if status == RunStatus::Queued {
                         notify_ready(&tx, vec![crate::wake::ready_payload(&ns, &run.queue, delay)]).await?;
                     }
-                    moved.push(MovedRun {
+                    moved.push(Moved {
                         namespace: ns,
                         id,
                         queue: run.queue,
                         status,
+                        visible_in: Some(delay),
                     });
                 }
             }
@@ -90,7 +92,7 @@ impl Store {
     /// Wakes up to `limit` suspended runs whose wake time has come (see
     /// `sql/waits/wake_due.sql`), with one NOTIFY per queue that got runs back.
     #[instrument(name = "store.runs.wake_due", skip_all)]
-    pub async fn wake_due(&self, limit: i64) -> Result<Vec<MovedRun>> {
+    pub async fn wake_due(&self, limit: i64) -> Result<Vec<Moved>> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let stmt = tx.prepare_cached(sql!("waits/wake_due")).await?;

@@ -1,0 +1,112 @@
+//! The engine: every operation of Aiki, defined once, on domain types, for a [`Caller`].
+//!
+//! **Architecture Invariant:** the engine is the only module that knows the caller and the
+//! rules. A surface (the gRPC services today; HTTP later) only decodes a request into the
+//! engine's types ([`requests`]), calls one operation and encodes its answer; the store only
+//! stores. Every operation starts by authorizing its caller for its [`Op`] in its namespace.
+//!
+//! - [`runs`]: start, get, wait for the result, list, cancel, pause, resume, wake, send an
+//!   event, read and watch the history;
+//! - [`workers`]: register, poll (the long poll and the sizing of claims), heartbeat, and the
+//!   reports (task checkpoints, completions, failures, releases, suspensions);
+//! - [`admin`]: workers, queues and workflows, for operators.
+
+pub mod admin;
+pub mod requests;
+pub mod runs;
+pub mod workers;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    commit::{Committer, Reports, Starts},
+    config::Config,
+    error::Result,
+    status::RunStatus,
+    store::Store,
+    wake::Wakers,
+};
+
+/// Who makes a request. Today every caller is anonymous and may do everything; identities,
+/// namespaces and roles come with authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A caller the server does not authenticate.
+    Anonymous,
+}
+
+/// Every operation, as authorization names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    StartRun,
+    GetRun,
+    ListRuns,
+    GetHistory,
+    CancelRun,
+    PauseRun,
+    ResumeRun,
+    WakeRun,
+    SendEvent,
+    RegisterWorker,
+    PollTasks,
+    Heartbeat,
+    Report,
+    ListWorkers,
+    ListQueues,
+    ListWorkflows,
+}
+
+/// The engine of one server: the store, the group committers, the wake-ups and the settings.
+#[derive(Debug)]
+pub struct Engine {
+    pub store: Store,
+    /// Applies worker reports, coalescing concurrent ones into one transaction.
+    pub committer: Committer<Reports>,
+    /// Starts runs of single `StartRun` calls, coalescing concurrent ones likewise.
+    pub starter: Committer<Starts>,
+    /// When runs suspended through this server wake (see `wake::sleepers`).
+    pub sleepers: tokio::sync::mpsc::UnboundedSender<std::time::Instant>,
+    pub config: Config,
+    pub wakers: Arc<Wakers>,
+    /// Cancelled when the server shuts down: long polls and watches return early.
+    pub shutdown: CancellationToken,
+}
+
+impl Engine {
+    /// Checks that `caller` may do `op` in `namespace`. Every operation asks first.
+    pub fn authorize(&self, caller: &Caller, op: Op, namespace: &str) -> Result<()> {
+        match caller {
+            Caller::Anonymous => {
+                let _ = (op, namespace);
+                Ok(())
+            }
+        }
+    }
+
+    /// A run changed: wake its result and history waiters on this server.
+    pub(crate) fn run_changed(&self, id: Uuid) {
+        self.wakers.runs.wake(&id);
+    }
+
+    /// A run changed to `status` on `queue`: wake its waiters and, if it is queued (visible
+    /// after `visible_in`), its queue's pollers.
+    pub(crate) fn moved(
+        &self,
+        namespace: &str,
+        id: Uuid,
+        queue: &str,
+        status: RunStatus,
+        visible_in: Option<std::time::Duration>,
+    ) {
+        self.wakers.moved(&crate::store::Moved {
+            namespace: namespace.to_owned(),
+            id,
+            queue: queue.to_owned(),
+            status,
+            visible_in,
+        });
+    }
+}

@@ -1,0 +1,354 @@
+//! Operations on runs: start, read, wait, list, cancel, pause, resume, wake, events, history.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use aiki_proto::v1::{HistoryEvent, Run};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::{
+    Caller, Engine, Op,
+    requests::{AwaitResult, ListRuns, RunId, RunSelector, SendEvent, StartRun, WithReason},
+};
+use crate::{
+    error::{Error, Result},
+    status::RunStatus,
+    store::{NewRun, RetryPolicy, RunRef},
+    validate,
+};
+
+/// Most events in one history answer or one read of a watch.
+pub const HISTORY_PAGE: i64 = 1000;
+
+/// A started run (or the one its idempotency key or request id already named).
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// A created run's input is what the caller just sent: left out.
+    pub run: Run,
+    pub created: bool,
+}
+
+/// A page of runs, and the token of the next page (empty: the last).
+#[derive(Debug, Clone)]
+pub struct RunPage {
+    pub runs: Vec<Run>,
+    pub next_page_token: String,
+}
+
+/// What sending an event did.
+#[derive(Debug, Clone)]
+pub struct EventSent {
+    /// False for a duplicate of an event key.
+    pub stored: bool,
+    /// The run was waiting for it and got it at once.
+    pub delivered: bool,
+    pub run: Run,
+}
+
+fn status_of(run: &Run) -> Option<RunStatus> {
+    RunStatus::from_proto(run.status)
+}
+
+impl Engine {
+    /// The run a start asks for, with the server's settings applied: the payload limit, the
+    /// default retry policy, the floor of a heartbeat timeout.
+    fn new_run(&self, s: StartRun) -> Result<NewRun> {
+        let c = &self.config;
+        validate::payload_size("input", &s.input, c.max_payload_bytes)?;
+        let d = &c.default_retry;
+        let retry = match s.retry {
+            None => RetryPolicy {
+                max_attempts: d.max_attempts,
+                initial_interval: d.initial_interval,
+                max_interval: d.max_interval,
+                backoff_coefficient: d.backoff_coefficient,
+                non_retryable_error_types: Vec::new(),
+            },
+            Some(p) => {
+                let initial = p.initial_interval.unwrap_or(d.initial_interval);
+                let max = p.max_interval.unwrap_or_else(|| d.max_interval.max(initial));
+                if max < initial {
+                    return Err(Error::InvalidArgument(
+                        "retry_policy.max_interval must not be shorter than initial_interval".into(),
+                    ));
+                }
+                RetryPolicy {
+                    max_attempts: if p.max_attempts == 0 {
+                        d.max_attempts
+                    } else {
+                        p.max_attempts
+                    },
+                    initial_interval: initial,
+                    max_interval: max,
+                    backoff_coefficient: if p.backoff_coefficient == 0.0 {
+                        d.backoff_coefficient
+                    } else {
+                        p.backoff_coefficient
+                    },
+                    non_retryable_error_types: p.non_retryable_error_types,
+                }
+            }
+        };
+        let floor = c.heartbeat_interval * 2;
+        if let Some(h) = s.timeouts.heartbeat
+            && h < floor
+        {
+            return Err(Error::InvalidArgument(format!(
+                "heartbeat_timeout must be at least {floor:?}, twice the server's heartbeat interval, got {h:?}"
+            )));
+        }
+        Ok(NewRun {
+            namespace: s.namespace,
+            id: s.id,
+            id_from_request: s.id_from_request,
+            workflow: s.workflow,
+            version: s.version,
+            queue: s.queue,
+            priority: s.priority,
+            input: s.input,
+            idempotency_key: s.idempotency_key,
+            request_id: s.request_id,
+            return_existing: s.return_existing,
+            delay: s.delay,
+            retry,
+            parent: s.parent,
+            timeouts: s.timeouts,
+        })
+    }
+
+    /// Wakes the pollers of a created run's queue and builds the answer.
+    fn started(&self, namespace: &str, queue: &str, delay: Duration, mut run: Run, created: bool) -> Started {
+        if created {
+            self.wakers
+                .queue_ready((namespace.to_owned(), queue.to_owned()), Some(delay));
+            run.input = None;
+        }
+        Started { run, created }
+    }
+
+    /// Starts one run, coalesced with other single starts arriving at the same time into one
+    /// transaction. `bytes`: the request's size, which the coalescing weighs.
+    pub async fn start(&self, caller: &Caller, start: StartRun, bytes: usize) -> Result<Started> {
+        self.authorize(caller, Op::StartRun, &start.namespace)?;
+        let new = self.new_run(start)?;
+        let (namespace, queue, delay) = (new.namespace.clone(), new.queue.clone(), new.delay);
+        let (run, created) = self.starter.apply(new, bytes).await?;
+        Ok(self.started(&namespace, &queue, delay, run, created))
+    }
+
+    /// Starts many runs: all of them, or none.
+    pub async fn start_many(&self, caller: &Caller, starts: Vec<StartRun>) -> Result<Vec<Started>> {
+        for s in &starts {
+            self.authorize(caller, Op::StartRun, &s.namespace)?;
+        }
+        let runs = starts
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| self.new_run(s).map_err(|e| e.within(&format!("runs[{i}]"))))
+            .collect::<Result<Vec<_>>>()?;
+        let started = self.store.start_runs(&runs, true).await?;
+        runs.iter()
+            .zip(started)
+            .map(|(new, answer)| {
+                answer.map(|(run, created)| self.started(&new.namespace, &new.queue, new.delay, run, created))
+            })
+            .collect()
+    }
+
+    async fn run(&self, namespace: &str, id: Uuid) -> Result<Run> {
+        self.store
+            .get_run(namespace, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("run {id} not found")))
+    }
+
+    /// A run, by id or idempotency key.
+    pub async fn get(&self, caller: &Caller, sel: RunSelector) -> Result<Run> {
+        self.authorize(caller, Op::GetRun, &sel.namespace)?;
+        match sel.run {
+            RunRef::Id(id) => self.run(&sel.namespace, id).await,
+            RunRef::Key(key) => self
+                .store
+                .get_run_by_key(&sel.namespace, &key)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("no run has idempotency key {key:?}"))),
+        }
+    }
+
+    /// The run once it has ended, or as it is when the wait is over; and whether it ended.
+    pub async fn result(&self, caller: &Caller, req: AwaitResult) -> Result<(Run, bool)> {
+        let RunId { namespace, id } = req.run;
+        self.authorize(caller, Op::GetRun, &namespace)?;
+        let deadline = tokio::time::Instant::now() + req.timeout;
+        let notify = self.wakers.runs.subscribe(&id);
+        loop {
+            let notified = notify.notify().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let run = self.run(&namespace, id).await?;
+            let done = status_of(&run).is_some_and(RunStatus::is_terminal);
+            if done || tokio::time::Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                return Ok((run, done));
+            }
+            self.wait_change(notified, deadline).await;
+        }
+    }
+
+    /// Waits until `notified` fires, `recheck_interval` passes, `deadline` comes or the server
+    /// shuts down: run waiters of other replicas are not notified, they look again.
+    async fn wait_change(
+        &self,
+        notified: Pin<&mut tokio::sync::futures::Notified<'_>>,
+        deadline: tokio::time::Instant,
+    ) {
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(self.config.recheck_interval) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+    }
+
+    /// A page of runs, newest first.
+    pub async fn list(&self, caller: &Caller, req: ListRuns) -> Result<RunPage> {
+        self.authorize(caller, Op::ListRuns, &req.namespace)?;
+        let runs = self.store.list_runs(&req.namespace, &req.filter).await?;
+        let next_page_token = if runs.len() == req.filter.limit as usize {
+            runs.last().map(|r| r.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(RunPage { runs, next_page_token })
+    }
+
+    /// Cancels a run and every descendant that has not ended.
+    pub async fn cancel(&self, caller: &Caller, req: WithReason) -> Result<Run> {
+        let RunId { namespace, id } = req.run;
+        self.authorize(caller, Op::CancelRun, &namespace)?;
+        let run = self.store.cancel_run(&namespace, id, &req.reason).await?;
+        self.run_changed(id);
+        Ok(run)
+    }
+
+    /// Pauses a run: a queued one at once, a running one when its worker releases it.
+    pub async fn pause(&self, caller: &Caller, req: WithReason) -> Result<Run> {
+        let RunId { namespace, id } = req.run;
+        self.authorize(caller, Op::PauseRun, &namespace)?;
+        let run = self.store.pause_run(&namespace, id, &req.reason).await?;
+        self.run_changed(id);
+        Ok(run)
+    }
+
+    /// Resumes a paused run, or withdraws a pause not yet taken effect.
+    pub async fn resume(&self, caller: &Caller, req: RunId) -> Result<Run> {
+        self.authorize(caller, Op::ResumeRun, &req.namespace)?;
+        let (run, queued) = self.store.resume_run(&req.namespace, req.id).await?;
+        self.run_changed(req.id);
+        if let Some(delay) = queued {
+            self.wakers.queue_ready((req.namespace, run.queue.clone()), Some(delay));
+        }
+        Ok(run)
+    }
+
+    /// Ends a suspended run's wait now.
+    pub async fn wake(&self, caller: &Caller, req: RunId) -> Result<Run> {
+        self.authorize(caller, Op::WakeRun, &req.namespace)?;
+        let run = self.store.wake_run(&req.namespace, req.id).await?;
+        if let Some(status) = status_of(&run) {
+            self.moved(&req.namespace, req.id, &run.queue, status, None);
+        }
+        Ok(run)
+    }
+
+    /// Stores an event in a run's inbox; a run waiting for it gets it at once.
+    pub async fn send_event(&self, caller: &Caller, req: SendEvent) -> Result<EventSent> {
+        self.authorize(caller, Op::SendEvent, &req.namespace)?;
+        validate::payload_size("payload", &req.payload, self.config.max_payload_bytes)?;
+        let (stored, delivered, run) = self
+            .store
+            .send_event(
+                &req.namespace,
+                &req.run,
+                &req.name,
+                &req.payload,
+                req.event_key.as_deref(),
+            )
+            .await?;
+        if let Ok(id) = Uuid::parse_str(&run.id) {
+            self.run_changed(id);
+        }
+        if delivered && status_of(&run) == Some(RunStatus::Queued) {
+            self.wakers.queue_ready((req.namespace, run.queue.clone()), None);
+        }
+        Ok(EventSent { stored, delivered, run })
+    }
+
+    /// A page of a run's history after `after_seq`, and whether more follows.
+    pub async fn history(&self, caller: &Caller, req: RunId, after_seq: i64) -> Result<(Vec<HistoryEvent>, bool)> {
+        self.authorize(caller, Op::GetHistory, &req.namespace)?;
+        let events = self
+            .store
+            .history(&req.namespace, req.id, after_seq, HISTORY_PAGE)
+            .await?;
+        if events.is_empty() && after_seq <= 0 {
+            // No event at all: is there such a run?
+            self.run(&req.namespace, req.id).await?;
+        }
+        let more = events.len() as i64 == HISTORY_PAGE;
+        Ok((events, more))
+    }
+
+    /// A run's history after `after_seq` as it is written, until the run ends (or the server
+    /// shuts down, or the receiver is dropped).
+    pub async fn watch(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: RunId,
+        after_seq: i64,
+    ) -> Result<mpsc::Receiver<Result<HistoryEvent>>> {
+        self.authorize(caller, Op::GetHistory, &req.namespace)?;
+        let RunId { namespace: ns, id } = req;
+        self.run(&ns, id).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let engine = self.clone();
+        let mut after = after_seq;
+        tokio::spawn(async move {
+            let notify = engine.wakers.runs.subscribe(&id);
+            let result: Result<()> = async {
+                loop {
+                    let notified = notify.notify().notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    // Read the status first: events written before a terminal status are then
+                    // all visible to the history read that follows.
+                    let run = engine.store.get_run(&ns, id).await?;
+                    let events = engine.store.history(&ns, id, after, HISTORY_PAGE).await?;
+                    let more = events.len() as i64 == HISTORY_PAGE;
+                    for e in events {
+                        after = e.seq;
+                        if tx.send(Ok(e)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    let ended = run.is_none_or(|r| status_of(&r).is_some_and(RunStatus::is_terminal));
+                    if (ended && !more) || engine.shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    if !more {
+                        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+                        tokio::select! {
+                            _ = engine.wait_change(notified, far) => {}
+                            // The client went away: stop reading for it.
+                            _ = tx.closed() => return Ok(()),
+                        }
+                    }
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(rx)
+    }
+}
