@@ -196,3 +196,27 @@ async fn a_run_locked_when_the_poll_looked_is_leased_once_the_lock_goes() {
         released.elapsed()
     );
 }
+
+/// The ready notification's payload is built by the server (`wake::ready_payload`) and, for a
+/// child's end, by the database (`aiki_ready_payload`): both must build the same text, which
+/// every replica's listener parses.
+#[tokio::test]
+async fn the_server_and_the_database_build_the_same_ready_payload() {
+    let db = TestDb::new().await;
+    let pg = db.connect().await;
+    for (ns, queue, ms) in [
+        ("default", "default", 0u64),
+        ("billing-eu", "q\u{e9}", 1500),
+        ("a", "b", 86_400_000),
+    ] {
+        let sql: String = pg
+            .query_one("SELECT aiki_ready_payload($1, $2, $3)", &[&ns, &queue, &(ms as i64)])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            sql,
+            aiki_server::wake::ready_payload(ns, queue, Duration::from_millis(ms))
+        );
+    }
+}

@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "queue_place",
         include_str!("../../../migrations/0013_queue_place.sql"),
     ),
+    (
+        14,
+        "transitions",
+        include_str!("../../../migrations/0014_transitions.sql"),
+    ),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

@@ -1,10 +1,12 @@
 -- Ends up to $1 expired leases: the run is queued again at its place in the queue (its
 -- `visible_at` kept; see the migration `queue_place`) or paused, if that was asked, or
 -- ends `failed` once its lease has expired more than $2 times, or `cancelled` if that was
--- requested. Records the events. Runs with a heartbeat timeout are left to the timeouts
+-- requested. Records the events (the `run_leased` event is written out by the trigger of the
+-- migration `transitions` as `leased_seq` is cleared). Runs with a heartbeat timeout are left
+-- to the timeouts
 -- (`waits/heartbeat_timeouts.sql`): for them an expired lease is a failed attempt.
 WITH expired AS (
-    SELECT namespace, id, leased_seq, leased_at, attempt, lease_owner FROM runs
+    SELECT namespace, id FROM runs
     WHERE status = 'running' AND lease_expires_at < now() AND heartbeat_timeout_ms IS NULL
     ORDER BY lease_expires_at
     LIMIT $1
@@ -34,12 +36,6 @@ WITH expired AS (
     FROM expired
     WHERE r.namespace = expired.namespace AND r.id = expired.id
     RETURNING r.*
-), lease AS (
-    -- The expired lease's `run_leased` event, kept on the row while it lasted.
-    INSERT INTO run_events (namespace, run_id, seq, type, at, attempt, worker_id)
-    OVERRIDING SYSTEM VALUE
-    SELECT namespace, id, leased_seq, 'run_leased', leased_at, attempt, lease_owner
-    FROM expired WHERE leased_seq IS NOT NULL
 ), events AS (
     INSERT INTO run_events (namespace, run_id, type, attempt, worker_id, details)
     SELECT namespace, id, 'lease_expired', attempt, lease_owner,

@@ -1,16 +1,9 @@
 -- Ends the current lease of a run: the new status, error, visibility and finish time are
 -- decided by the caller, which holds the row lock. A pause request is fulfilled (or moot),
--- except by a suspension: it then takes effect when the run wakes. The lease's `run_leased`
--- event, kept on the row while the lease lasted, is written out as a row of `run_events`.
+-- except by a suspension: it then takes effect when the run wakes. Clearing `leased_seq` has
+-- the lease's `run_leased` event written out (the trigger of the migration `transitions`).
 -- A release without a delay keeps the run's place in its queue (`visible_at` stays; see the
 -- migration `queue_place`).
-WITH lease AS (
-    INSERT INTO run_events (namespace, run_id, seq, type, at, attempt, worker_id)
-    OVERRIDING SYSTEM VALUE
-    SELECT namespace, id, leased_seq, 'run_leased', leased_at, attempt, lease_owner
-    FROM runs
-    WHERE namespace = $1 AND id = $2 AND leased_seq IS NOT NULL
-)
 UPDATE runs
 SET status = $3, error = $4, lease_end = $5, lease_expires_at = NULL,
     pause_requested = ($3 = 'suspended' AND pause_requested),

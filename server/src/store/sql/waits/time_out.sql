@@ -1,14 +1,6 @@
 -- Ends run ($1, $2) `failed` with error $3 because a timeout of the whole run passed, whatever
--- its state; an open lease ends with it (its `run_leased` event written out, as in
--- `reports/end_lease.sql`). The caller holds the row lock.
-WITH lease AS (
-    INSERT INTO run_events (namespace, run_id, seq, type, at, attempt, worker_id)
-    OVERRIDING SYSTEM VALUE
-    SELECT namespace, id, leased_seq, 'run_leased', leased_at, attempt, lease_owner
-    FROM runs
-    WHERE namespace = $1 AND id = $2 AND leased_seq IS NOT NULL
-      AND status IN ('queued', 'running', 'suspended', 'paused')
-)
+-- its state; an open lease ends with it (clearing `leased_seq` has its `run_leased` event
+-- written out: the trigger of the migration `transitions`). The caller holds the row lock.
 UPDATE runs
 SET status = 'failed', error = $3, finished_at = now(), updated_at = now(),
     lease_end = CASE WHEN status = 'running' THEN 'timeout' ELSE lease_end END,
