@@ -5,15 +5,17 @@
 //! - [`service`]: `WorkflowService`, `WorkerService`, `AdminService`.
 //! - [`commit`]: group commit of worker reports (one transaction for many).
 //! - [`wake`]: LISTEN/NOTIFY, in-process wake-ups and timers for waiting polls.
-//! - [`reaper`]: ends expired leases; one per database (advisory lock).
+//! - [`engine`]: every operation, once, for a caller; the gRPC services only translate.
+//! - [`background`]: the notification listener, the timers of suspended runs, and the reaper
+//!   (expired leases, timeouts; one per database, by advisory lock).
 //!
 //! [`serve`] runs everything on a bound listener until a shutdown token is cancelled.
 
+pub mod background;
 pub mod commit;
 pub mod config;
 pub mod engine;
 pub mod error;
-pub mod reaper;
 pub mod service;
 pub mod status;
 pub mod store;
@@ -81,14 +83,23 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         wakers: wakers.clone(),
         shutdown: shutdown.clone(),
     });
-    let listen_task = tokio::spawn(wake::listen(
+    let listen_task = tokio::spawn(background::listener::listen(
         pg.clone(),
         engine.store.clone(),
         wakers.clone(),
         inner.clone(),
     ));
-    let reaper_task = tokio::spawn(reaper::run(engine.clone(), pg, inner.clone()));
-    let sleepers_task = tokio::spawn(wake::sleepers(
+    let reaper_task = tokio::spawn(background::reaper::run(
+        engine.store.clone(),
+        wakers.clone(),
+        background::reaper::Settings {
+            interval: config.reaper_interval,
+            max_lease_expirations: config.max_lease_expirations,
+        },
+        pg,
+        inner.clone(),
+    ));
+    let sleepers_task = tokio::spawn(background::timers::sleepers(
         engine.store.clone(),
         wakers.clone(),
         deadlines,

@@ -6,11 +6,11 @@
 //!
 //! - A write made by this replica wakes its own waiters in-process right after commit.
 //! - Every transaction that makes runs ready sends one `NOTIFY aiki_ready` (Postgres folds
-//!   identical payloads of one transaction into one); the [`listen`] task of every replica
+//!   identical payloads of one transaction into one); the listener (`background::listener`) of every replica
 //!   turns it into a wake of that queue, so pollers on other replicas wake within milliseconds.
 //! - A run that becomes visible later (delay, retry backoff) carries its delay in the payload,
 //!   relative to the writing transaction, so clocks of servers and database need not agree; the
-//!   [`Timers`] task wakes the queue's pollers when that time comes (never before: the local
+//!   `Timers` task wakes the queue's pollers when that time comes (never before: the local
 //!   clock starts after the transaction did).
 //! - Run waiters of other replicas are not notified through Postgres (that would cost one
 //!   NOTIFY per report); they re-check on a slow period instead (see `service::workflow`).
@@ -23,11 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::{status::RunStatus, store::Store};
+use crate::status::RunStatus;
 
 /// Waiters keyed by `K`, each key with one shared [`Notify`].
 #[derive(Debug)]
@@ -152,7 +151,7 @@ impl Wakers {
     }
 
     /// Handles one `aiki_ready` payload: `namespace \n queue \n delay-ms`.
-    fn on_payload(&self, payload: &str) {
+    pub(crate) fn on_payload(&self, payload: &str) {
         let mut parts = payload.split('\n');
         let (Some(ns), Some(queue)) = (parts.next(), parts.next()) else {
             tracing::warn!(payload, "malformed ready notification");
@@ -167,7 +166,7 @@ impl Wakers {
 }
 
 /// How late timers fire, so that the run is visible when the poller looks.
-const TIMER_SLACK: Duration = Duration::from_millis(2);
+pub(crate) const TIMER_SLACK: Duration = Duration::from_millis(2);
 /// Most timers kept; past this the furthest are dropped, and those runs are found by the
 /// next poll that ends its wait (at most one poll wait late).
 const MAX_TIMERS: usize = 100_000;
@@ -243,166 +242,6 @@ impl Timers {
                         self.armed.remove(&(slot, key));
                     }
                 }
-            }
-        }
-    }
-}
-
-/// Listens on the channel `aiki_ready` (`store/sql/session/listen_ready.sql`) with a dedicated connection and wakes local pollers. After
-/// each (re)connection it wakes every poller and re-arms the timers of delayed runs (a
-/// notification may have been missed meanwhile), and it checks the connection every 30 s so a
-/// half-open one is noticed. Reconnects with backoff.
-pub async fn listen(
-    pg: tokio_postgres::Config,
-    store: crate::store::Store,
-    wakers: Arc<Wakers>,
-    shutdown: CancellationToken,
-) {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match listen_once(&pg, &store, &wakers, &shutdown).await {
-            Ok(()) => return,
-            Err((connected, e)) => {
-                tracing::warn!(error = %e, "notification listener lost its connection");
-                if connected {
-                    delay = Duration::from_millis(100);
-                }
-            }
-        }
-        wakers.queues.wake_all();
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
-}
-
-/// Returns `Ok` at shutdown, else the error and whether it had connected.
-async fn listen_once(
-    pg: &tokio_postgres::Config,
-    store: &crate::store::Store,
-    wakers: &Wakers,
-    shutdown: &CancellationToken,
-) -> Result<(), (bool, String)> {
-    let (client, mut conn) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| (false, e.to_string()))?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(msg) = messages.next().await {
-            match msg {
-                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    if tx.send(Ok(n.payload().to_owned())).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
-    let result = async {
-        crate::store::session::listen_ready(&client).await.map_err(|e| (false, e.to_string()))?;
-        tracing::debug!("listening for ready notifications");
-        // Whatever became ready, or was delayed, while we were not listening.
-        wakers.queues.wake_all();
-        for (ns, queue, delay) in store.next_visible().await.map_err(|e| (true, e.to_string()))? {
-            wakers.queue_ready((ns, queue), Some(delay));
-        }
-        let mut check = tokio::time::interval(Duration::from_secs(30));
-        check.tick().await;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                msg = rx.recv() => match msg {
-                    Some(Ok(payload)) => wakers.on_payload(&payload),
-                    Some(Err(e)) => return Err((true, e.to_string())),
-                    None => return Err((true, "the connection closed".to_owned())),
-                },
-                _ = check.tick() => {
-                    let ping = tokio::time::timeout(Duration::from_secs(10), crate::store::session::ping(&client)).await;
-                    if !matches!(ping, Ok(Ok(_))) {
-                        return Err((true, "the connection stopped answering".to_owned()));
-                    }
-                }
-            }
-        }
-    }
-    .await;
-    driver.abort();
-    result
-}
-
-/// Most suspended runs woken per statement.
-const WAKE_BATCH: i64 = 1000;
-/// Most sleep timers kept; the earliest always is, and every firing re-arms from the database.
-const MAX_SLEEP_TIMERS: usize = 100_000;
-
-/// Wakes suspended runs when their sleep ends: a timer per suspension made through this server
-/// (`deadlines`), and after each firing and at start the earliest wake time in the database,
-/// so runs suspended through other servers (or before a restart) wake on time too. The
-/// reaper's tick is the last resort (see `reaper.rs`).
-pub async fn sleepers(
-    store: Store,
-    wakers: Arc<Wakers>,
-    mut deadlines: mpsc::UnboundedReceiver<Instant>,
-    shutdown: CancellationToken,
-) {
-    let mut heap: BinaryHeap<Reverse<Instant>> = BinaryHeap::new();
-    let arm_from_db = |heap: &mut BinaryHeap<Reverse<Instant>>, next: Option<Duration>| {
-        if let Some(d) = next {
-            heap.push(Reverse(Instant::now() + d + TIMER_SLACK));
-        }
-    };
-    if let Ok(next) = store.next_wake().await {
-        arm_from_db(&mut heap, next);
-    }
-    loop {
-        let next = heap.peek().map(|r| r.0);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            at = deadlines.recv() => match at {
-                Some(at) if heap.len() < MAX_SLEEP_TIMERS || next.is_some_and(|n| at < n) => {
-                    heap.push(Reverse(at + TIMER_SLACK));
-                }
-                Some(_) => {}
-                None => return,
-            },
-            _ = async { tokio::time::sleep_until(next.unwrap_or_else(Instant::now).into()).await }, if next.is_some() => {
-                while heap.peek().is_some_and(|r| r.0 <= Instant::now()) {
-                    heap.pop();
-                }
-                wake_due(&store, &wakers).await;
-                if let Ok(next) = store.next_wake().await {
-                    arm_from_db(&mut heap, next);
-                }
-            }
-        }
-    }
-}
-
-/// Wakes every suspended run whose time has come, and the pollers of their queues.
-pub async fn wake_due(store: &Store, wakers: &Wakers) {
-    loop {
-        match store.wake_due(WAKE_BATCH).await {
-            Ok(woken) => {
-                for w in &woken {
-                    tracing::debug!(run_id = %w.id, status = %w.status, "run woke");
-                    wakers.moved(w);
-                }
-                if (woken.len() as i64) < WAKE_BATCH {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "waking suspended runs failed");
-                return;
             }
         }
     }

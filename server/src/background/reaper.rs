@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Engine;
+use crate::{store::Store, wake::Wakers};
 
 /// "aiki" + 2: the reaper's advisory lock key.
 const REAPER_LOCK: i64 = 0x6169_6b69_0000_0002;
@@ -17,11 +17,38 @@ const BATCH: i64 = 1000;
 /// happens within this pause of the leader's going.
 const FOLLOWER_PAUSE: Duration = Duration::from_secs(3);
 
+/// What the reaper needs to know of the server's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How often it looks for expired leases, timeouts and overdue sleepers.
+    pub interval: Duration,
+    /// A run whose lease expires more often ends `failed`.
+    pub max_lease_expirations: u32,
+}
+
+/// The reaper's parts.
+struct Reaper {
+    store: Store,
+    wakers: Arc<Wakers>,
+    settings: Settings,
+}
+
 /// Runs until `shutdown`: becomes the reaper when it can and reaps while it is; a connection
 /// that fails is opened again after a second.
-pub async fn run(engine: Arc<Engine>, pg: tokio_postgres::Config, shutdown: CancellationToken) {
+pub async fn run(
+    store: Store,
+    wakers: Arc<Wakers>,
+    settings: Settings,
+    pg: tokio_postgres::Config,
+    shutdown: CancellationToken,
+) {
+    let reaper = Reaper {
+        store,
+        wakers,
+        settings,
+    };
     loop {
-        match lead(&engine, &pg, &shutdown).await {
+        match lead(&reaper, &pg, &shutdown).await {
             Ok(()) => return,
             Err(e) => tracing::warn!(error = %e, "reaper connection failed"),
         }
@@ -35,7 +62,7 @@ pub async fn run(engine: Arc<Engine>, pg: tokio_postgres::Config, shutdown: Canc
 /// On one session, tries to take the lock until it holds it (every [`FOLLOWER_PAUSE`]; the
 /// session stays open meanwhile, so trying again costs no new connection), then reaps until
 /// the server stops (`Ok`) or the connection fails (`Err`).
-async fn lead(engine: &Engine, pg: &tokio_postgres::Config, shutdown: &CancellationToken) -> Result<(), String> {
+async fn lead(reaper: &Reaper, pg: &tokio_postgres::Config, shutdown: &CancellationToken) -> Result<(), String> {
     let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
     let conn = tokio::spawn(conn);
     loop {
@@ -51,7 +78,7 @@ async fn lead(engine: &Engine, pg: &tokio_postgres::Config, shutdown: &Cancellat
         }
     }
     tracing::info!("this server is the reaper");
-    let mut tick = tokio::time::interval(engine.config.reaper_interval);
+    let mut tick = tokio::time::interval(reaper.settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -62,15 +89,15 @@ async fn lead(engine: &Engine, pg: &tokio_postgres::Config, shutdown: &Cancellat
             return Err("the lock connection closed".into());
         }
         loop {
-            match engine
+            match reaper
                 .store
-                .expire_leases(BATCH, engine.config.max_lease_expirations)
+                .expire_leases(BATCH, reaper.settings.max_lease_expirations)
                 .await
             {
                 Ok(expired) => {
                     for e in &expired {
                         tracing::warn!(run_id = %e.id, status = %e.status, "lease expired");
-                        engine.wakers.moved(e);
+                        reaper.wakers.moved(e);
                     }
                     if (expired.len() as i64) < BATCH {
                         break;
@@ -82,16 +109,16 @@ async fn lead(engine: &Engine, pg: &tokio_postgres::Config, shutdown: &Cancellat
                 }
             }
         }
-        match engine.store.time_out_runs(BATCH).await {
+        match reaper.store.time_out_runs(BATCH).await {
             Ok(moved) => {
                 for m in &moved {
                     tracing::info!(run_id = %m.id, status = %m.status, "run timed out");
-                    engine.wakers.moved(m);
+                    reaper.wakers.moved(m);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "applying timeouts failed"),
         }
         // Sleeping runs whose timer was on a server that went away.
-        crate::wake::wake_due(&engine.store, &engine.wakers).await;
+        super::timers::wake_due(&reaper.store, &reaper.wakers).await;
     }
 }
