@@ -39,17 +39,9 @@ impl RunStatus {
         Self::Paused,
     ];
 
-    /// The text stored in `runs.status`.
-    pub const fn as_sql(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Suspended => "suspended",
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-            Self::Paused => "paused",
-        }
+    /// The text stored in `runs.status`: the protocol's lowercase name of the status.
+    pub fn as_sql(self) -> &'static str {
+        self.to_proto().as_str()
     }
 
     /// The status stored as `s`.
