@@ -4,7 +4,7 @@
 
 use std::{path::Path, process::Stdio, sync::Arc, time::Duration};
 
-use aiki_tests::{TestDb, bin};
+use aiki_tests::{TestDb, bin, eventually};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -248,6 +248,143 @@ non_retryable_exit_codes = [3]
     let workers: serde_json::Value = serde_json::from_str(&workers.stdout).unwrap();
     assert_eq!(workers.as_array().unwrap().len(), 1);
 
+    worker.terminate().await;
+    server.terminate().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A process's state, parent and process group, from `/proc/PID/stat`; `None` once it is reaped.
+fn stat(pid: i32) -> Option<(char, i32, i32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses: state, ppid, pgrp.
+    let mut fields = text.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
+/// The processes of process group `group` that still run: zombies, dead already, are not.
+fn running_in_group(group: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| stat(*pid).is_some_and(|(state, _, pgrp)| pgrp == group && state != 'Z'))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_commands_die_with_it_and_its_run_is_executed_again() {
+    let db = TestDb::new().await;
+    let (server, addr) = server(&db).await;
+    let dir = temp_dir("kill9");
+    let config = dir.join("worker.toml");
+    // The first execution starts a grandchild and waits for it; the second one is done at once.
+    let script = "if [ -e started ]; then echo '{\"again\":true}'; exit 0; fi; touch started; \
+                  sleep 300 & echo $! > grandchild.pid; echo $$ > command.pid; wait";
+    std::fs::write(
+        &config,
+        format!(
+            "[workflows.hang]\ncommand = [\"sh\", \"-c\", {script:?}]\ncwd = {:?}\ntimeout = \"60s\"\n",
+            dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut first = worker(&config, &addr);
+    let start = aiki(&addr, &["run", "start", "hang", "--output", "json"]).await;
+    assert_eq!(start.code, 0, "{}", start.stderr);
+    let start: serde_json::Value = serde_json::from_str(&start.stdout).unwrap();
+    let id = start["id"].as_str().unwrap().to_owned();
+    let pid = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the command and its grandchild run",
+        || async { pid("command.pid").is_some() && pid("grandchild.pid").is_some() },
+    )
+    .await;
+    let (command, grandchild) = (pid("command.pid").unwrap(), pid("grandchild.pid").unwrap());
+    // The command's parent is its guard, which leads the group and is the worker's child.
+    let (_, guard, group) = stat(command).unwrap();
+    assert_eq!(guard, group, "the guard leads the command's group");
+    assert_eq!(stat(guard).map(|s| s.1), first.child.id().map(|p| p as i32));
+    let mut members = running_in_group(group);
+    members.sort();
+    let mut expected = vec![guard, command, grandchild];
+    expected.sort();
+    assert_eq!(members, expected);
+
+    let killed = std::time::Instant::now();
+    first.child.start_kill().unwrap();
+    loop {
+        let left = running_in_group(group);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "a second after the worker's SIGKILL its command's group still runs: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = first.child.wait().await.unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+
+    // A worker started again finds nothing of its predecessor's, and executes the run again
+    // once its lease has expired.
+    let second = worker(&config, &addr);
+    second.wait_for("worker registered", Duration::from_secs(30)).await;
+    assert_eq!(running_in_group(group), Vec::<i32>::new());
+    for pid in [guard, command, grandchild] {
+        assert!(stat(pid).is_none_or(|(state, ..)| state == 'Z'), "{pid} still runs");
+    }
+    let result = aiki(&addr, &["run", "result", &id, "--wait", "60"]).await;
+    assert_eq!(result.code, 0, "{}", result.stderr);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&result.stdout).unwrap(),
+        serde_json::json!({"again": true})
+    );
+    let history = aiki(&addr, &["run", "history", &id]).await;
+    assert!(history.stdout.contains("lease_expired"), "{}", history.stdout);
+
+    second.terminate().await;
+    server.terminate().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_executable_was_removed_still_starts_guarded_commands() {
+    let db = TestDb::new().await;
+    let (server, addr) = server(&db).await;
+    let dir = temp_dir("removed");
+    let config = dir.join("worker.toml");
+    std::fs::write(&config, "[workflows.echo]\ncommand = [\"cat\"]\n").unwrap();
+    // A deploy that installs a new binary while the old worker drains: the running image is
+    // the guard still.
+    let exe = dir.join("aiki-worker");
+    std::fs::copy(bin("aiki-worker"), &exe).unwrap();
+    let worker = Proc::spawn(
+        Command::new(&exe)
+            .arg("--config")
+            .arg(&config)
+            .args(["--server", &format!("http://{addr}")]),
+    );
+    worker.wait_for("worker registered", Duration::from_secs(30)).await;
+    std::fs::remove_file(&exe).unwrap();
+    let start = aiki(
+        &addr,
+        &["run", "start", "echo", "--input", r#"{"x":1}"#, "--output", "json"],
+    )
+    .await;
+    assert_eq!(start.code, 0, "{}", start.stderr);
+    let start: serde_json::Value = serde_json::from_str(&start.stdout).unwrap();
+    let result = aiki(&addr, &["run", "result", start["id"].as_str().unwrap(), "--wait", "30"]).await;
+    assert_eq!(result.code, 0, "{}", result.stderr);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&result.stdout).unwrap(),
+        serde_json::json!({"x": 1})
+    );
     worker.terminate().await;
     server.terminate().await;
     let _ = std::fs::remove_dir_all(dir);

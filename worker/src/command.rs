@@ -4,6 +4,12 @@
 //! its output as JSON on stdout (empty stdout is `null`). A non-zero exit fails the attempt
 //! with the command's stderr; exit codes listed in `non_retryable_exit_codes` end the run at
 //! once. A command that outlives its `timeout` is killed and the attempt fails `Timeout`.
+//!
+//! A command runs in its own process group, killed whole when its attempt ends. A [`Runner`]
+//! with a [`guard::Guard`] also has it killed when the worker process dies, however it dies;
+//! the `aiki-worker` binary runs every command so.
+
+pub mod guard;
 
 use std::{collections::BTreeMap, path::PathBuf, process::Stdio, time::Duration};
 
@@ -107,29 +113,86 @@ impl Drop for GroupGuard {
 /// Most bytes of stderr kept in an error.
 const STDERR_LIMIT: usize = 8 * 1024;
 
-/// Runs `spec` for one run, as the task "command": a re-executed run whose command already
-/// succeeded gets the recorded output back without running it again.
+/// How commands are started: directly, or under a [`guard::Guard`].
+#[derive(Debug, Clone, Default)]
+pub struct Runner {
+    guard: Option<guard::Guard>,
+}
+
+impl Runner {
+    /// Starts commands directly. A command is killed when its attempt ends, but it outlives a
+    /// worker process that dies (SIGKILL, a crash) before the attempt ends.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts every command under `guard`, which kills the command's whole process group when
+    /// this process dies, however it dies (see [`guard`]).
+    pub fn guarded(guard: guard::Guard) -> Self {
+        Self { guard: Some(guard) }
+    }
+
+    /// Runs `spec` for one run, as the task "command": a re-executed run whose command already
+    /// succeeded gets the recorded output back without running it again.
+    pub async fn run(
+        &self,
+        spec: &CommandSpec,
+        ctx: Context,
+        input: serde_json::Value,
+    ) -> Result<serde_json::Value, WorkflowError> {
+        let run_id = ctx.run_id().to_owned();
+        let attempt = ctx.attempt();
+        ctx.task("command", input, |input| self.exec(spec, &run_id, attempt, input))
+            .await
+    }
+
+    /// Runs `spec` once with `input`, as attempt `attempt` of run `run_id`, without a
+    /// checkpoint: what [`Runner::run`] records.
+    pub async fn exec(
+        &self,
+        spec: &CommandSpec,
+        run_id: &str,
+        attempt: u32,
+        input: serde_json::Value,
+    ) -> Result<serde_json::Value, WorkflowError> {
+        exec(spec, self.guard.as_ref(), run_id, attempt, input).await
+    }
+}
+
+/// Runs `spec` for one run, as the task "command", started directly: [`Runner::run`] of
+/// [`Runner::new`].
 pub async fn run(
     spec: &CommandSpec,
     ctx: Context,
     input: serde_json::Value,
 ) -> Result<serde_json::Value, WorkflowError> {
-    let run_id = ctx.run_id().to_owned();
-    let attempt = ctx.attempt();
-    ctx.task("command", input, |input| exec(spec, run_id, attempt, input))
-        .await
+    Runner::new().run(spec, ctx, input).await
 }
 
 async fn exec(
     spec: &CommandSpec,
-    run_id: String,
+    guard: Option<&guard::Guard>,
+    run_id: &str,
     attempt: u32,
     input: serde_json::Value,
 ) -> Result<serde_json::Value, WorkflowError> {
-    let mut cmd = tokio::process::Command::new(&spec.command[0]);
-    cmd.args(&spec.command[1..])
-        .envs(&spec.env)
-        .env("AIKI_RUN_ID", &run_id)
+    let cannot_start = |e: &dyn std::fmt::Display| {
+        WorkflowError::new("Spawn", format!("cannot start {:?}: {e}", spec.command[0])).non_retryable()
+    };
+    let mut cmd = match guard {
+        // The kernel sends the guard its parent-death signal when the thread that started it
+        // exits, not the process: here a tokio runtime's worker thread, which lives as long as
+        // the runtime. (The guard also checks that the worker process is gone before it acts.)
+        Some(guard) => guard.command(&spec.command),
+        None => {
+            let mut cmd = tokio::process::Command::new(&spec.command[0]);
+            cmd.args(&spec.command[1..]);
+            cmd
+        }
+    };
+    // The guard, if any, passes its environment, working directory and stdin to the command.
+    cmd.envs(&spec.env)
+        .env("AIKI_RUN_ID", run_id)
         .env("AIKI_ATTEMPT", attempt.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -140,9 +203,7 @@ async fn exec(
     if let Some(dir) = &spec.cwd {
         cmd.current_dir(dir);
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| WorkflowError::new("Spawn", format!("cannot start {:?}: {e}", spec.command[0])).non_retryable())?;
+    let mut child = cmd.spawn().map_err(|e| cannot_start(&e))?;
     // Kills the whole group when this attempt ends in any way: done, timed out, or dropped
     // because the lease was lost or the run cancelled.
     let _group = child.id().map(|pid| GroupGuard(nix::unistd::Pid::from_raw(pid as i32)));
@@ -170,6 +231,10 @@ async fn exec(
                 ),
             ));
         }
+    };
+    let stdout = match guard {
+        Some(_) => guard::command_stdout(out.stdout).map_err(|e| cannot_start(&e))?,
+        None => out.stdout,
     };
     if !out.status.success() {
         let code = out.status.code();
@@ -199,7 +264,7 @@ async fn exec(
             _ => err,
         });
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&stdout);
     if stdout.trim().is_empty() {
         return Ok(serde_json::Value::Null);
     }
@@ -229,7 +294,8 @@ mod tests {
 
     #[tokio::test]
     async fn stdin_to_stdout() {
-        let out = exec(&spec(&["cat"]), "r".into(), 1, serde_json::json!({"a": 1}))
+        let out = Runner::new()
+            .exec(&spec(&["cat"]), "r", 1, serde_json::json!({"a": 1}))
             .await
             .unwrap();
         assert_eq!(out, serde_json::json!({"a": 1}));
@@ -237,14 +303,15 @@ mod tests {
 
     #[tokio::test]
     async fn failure_carries_stderr_and_exit_code() {
-        let e = exec(
-            &spec(&["sh", "-c", "echo nope >&2; exit 2"]),
-            "r".into(),
-            1,
-            serde_json::Value::Null,
-        )
-        .await
-        .unwrap_err();
+        let e = Runner::new()
+            .exec(
+                &spec(&["sh", "-c", "echo nope >&2; exit 2"]),
+                "r",
+                1,
+                serde_json::Value::Null,
+            )
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, "ExitStatus");
         assert!(e.message.contains("nope"), "{}", e.message);
         assert_eq!(
@@ -252,7 +319,8 @@ mod tests {
             Some(&serde_json::json!(2))
         );
         assert!(!e.non_retryable);
-        let e = exec(&spec(&["sh", "-c", "exit 3"]), "r".into(), 1, serde_json::Value::Null)
+        let e = Runner::new()
+            .exec(&spec(&["sh", "-c", "exit 3"]), "r", 1, serde_json::Value::Null)
             .await
             .unwrap_err();
         assert!(e.non_retryable);
@@ -262,7 +330,10 @@ mod tests {
     async fn timeout_kills() {
         let mut s = spec(&["sleep", "10"]);
         s.timeout = Duration::from_millis(100);
-        let e = exec(&s, "r".into(), 1, serde_json::Value::Null).await.unwrap_err();
+        let e = Runner::new()
+            .exec(&s, "r", 1, serde_json::Value::Null)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, "Timeout");
     }
 
@@ -274,7 +345,10 @@ mod tests {
         let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
         let mut s = spec(&["sh", "-c", &script]);
         s.timeout = Duration::from_secs(2);
-        let e = exec(&s, "r".into(), 1, serde_json::Value::Null).await.unwrap_err();
+        let e = Runner::new()
+            .exec(&s, "r", 1, serde_json::Value::Null)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, "Timeout");
         let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
         // Gone, or a zombie waiting for its new parent to reap it: either way not running.

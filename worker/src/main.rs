@@ -1,8 +1,11 @@
 //! `aiki-worker`: runs the workflows of a TOML file as commands (see `aiki_worker::command`).
 
-use std::{path::PathBuf, sync::Arc};
+use std::{ffi::OsStr, path::PathBuf, sync::Arc};
 
-use aiki_worker::{WorkerBuilder, command};
+use aiki_worker::{
+    WorkerBuilder,
+    command::{self, guard},
+};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -24,8 +27,18 @@ struct Args {
     server: Option<String>,
 }
 
+fn main() -> std::process::ExitCode {
+    let mut args = std::env::args_os();
+    // Started again by itself as a command's guard (see `command::guard`): that and nothing
+    // else, before any runtime, logging or argument parsing.
+    if args.nth(1).as_deref() == Some(OsStr::new(guard::ARG)) {
+        guard::main(args);
+    }
+    serve()
+}
+
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn serve() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -61,11 +74,13 @@ async fn run() -> anyhow::Result<()> {
     for q in &config.queues {
         builder = builder.queue(q);
     }
+    let runner = Arc::new(command::Runner::guarded(guard::Guard::this_executable()?));
     for (name, spec) in config.workflows {
         let spec = Arc::new(spec);
+        let runner = runner.clone();
         builder = builder.register(name, move |ctx, input: serde_json::Value| {
-            let spec = spec.clone();
-            async move { command::run(&spec, ctx, input).await }
+            let (spec, runner) = (spec.clone(), runner.clone());
+            async move { runner.run(&spec, ctx, input).await }
         });
     }
     let worker = builder.build().await?;
