@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use aiki_tests::{TestDb, TestServer};
+use aiki_worker::Context;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -46,7 +47,7 @@ async fn cancelling_a_running_run_stops_it_on_its_worker() {
     use aiki_tests::OnDrop;
     let shutdown = CancellationToken::new();
     let worker = aiki_worker::WorkerBuilder::new(server.url())
-        .register("forever", move |_ctx: aiki::Context, _: serde_json::Value| {
+        .register("forever", move |_ctx: Context, _: serde_json::Value| {
             let started_tx = started_tx.clone();
             let guard = OnDrop(dropped_tx.clone());
             async move {
@@ -56,9 +57,10 @@ async fn cancelling_a_running_run_stops_it_on_its_worker() {
                 Ok(())
             }
         })
-        .register("quick", |_ctx: aiki::Context, input: serde_json::Value| async move {
-            Ok(input)
-        })
+        .register(
+            "quick",
+            |_ctx: Context, input: serde_json::Value| async move { Ok(input) },
+        )
         .build()
         .await
         .unwrap();

@@ -13,6 +13,7 @@ use std::{
 use aiki::{ListFilter, RunStatus, StartOptions};
 use aiki_proto::v1::SuspendRunRequest;
 use aiki_tests::{RawWorker, TestDb, TestServer, aiki_cli, eventually, history_types, start_req};
+use aiki_worker::{Context, WorkflowError};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -25,7 +26,7 @@ fn family_worker(server: &TestServer, starts: Arc<AtomicU32>) -> aiki_worker::Wo
     let s1 = starts.clone();
     aiki_worker::WorkerBuilder::new(server.url())
         .slots(8)
-        .register("family", move |ctx: aiki::Context, _: Value| {
+        .register("family", move |ctx: Context, _: Value| {
             let starts = s1.clone();
             async move {
                 let mut children = Vec::new();
@@ -46,32 +47,32 @@ fn family_worker(server: &TestServer, starts: Arc<AtomicU32>) -> aiki_worker::Wo
                 Ok(seen)
             }
         })
-        .register("child", |ctx: aiki::Context, input: Value| async move {
+        .register("child", |ctx: Context, input: Value| async move {
             if input["fail"] == json!(true) {
-                return Err(aiki::WorkflowError::new("Boom", "the child failed").non_retryable());
+                return Err(WorkflowError::new("Boom", "the child failed").non_retryable());
             }
             let n = input["n"].as_u64().unwrap_or(0);
-            ctx.task("work", n, |n| async move { Ok::<_, aiki::WorkflowError>(n * 10) })
+            ctx.task("work", n, |n| async move { Ok::<_, WorkflowError>(n * 10) })
                 .await
         })
-        .register("tree", |ctx: aiki::Context, _: Value| async move {
+        .register("tree", |ctx: Context, _: Value| async move {
             let waiter = ctx.start_child("waiter", &json!({}), StartOptions::default()).await?;
             ctx.start_child("busy", &json!({}), StartOptions::default()).await?;
             waiter
                 .result::<Value>()
                 .await?
-                .map_err(|e| aiki::WorkflowError::new(e.kind, e.message))
+                .map_err(|e| WorkflowError::new(e.kind, e.message))
         })
-        .register("waiter", |ctx: aiki::Context, _: Value| async move {
+        .register("waiter", |ctx: Context, _: Value| async move {
             let leaf = ctx.start_child("leaf", &json!({}), StartOptions::default()).await?;
             leaf.result::<Value>()
                 .await?
-                .map_err(|e| aiki::WorkflowError::new(e.kind, e.message))
+                .map_err(|e| WorkflowError::new(e.kind, e.message))
         })
-        .register("leaf", |ctx: aiki::Context, _: Value| async move {
+        .register("leaf", |ctx: Context, _: Value| async move {
             ctx.wait_event::<Value>("never", None).await
         })
-        .register("busy", |_ctx: aiki::Context, _: Value| async move {
+        .register("busy", |_ctx: Context, _: Value| async move {
             std::future::pending::<()>().await;
             Ok(())
         })

@@ -10,6 +10,7 @@ use std::{
 use aiki::{RunStatus, StartOptions};
 use aiki_proto::v1::{SendEventRequest, SuspendRunRequest, send_event_request};
 use aiki_tests::{RawWorker, TestDb, TestServer, aiki_cli, eventually, history_types, start_req};
+use aiki_worker::Context;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -21,7 +22,7 @@ use tonic::Code;
 fn inbox_worker(server: &TestServer, reached: Arc<Mutex<u32>>) -> aiki_worker::WorkerBuilder {
     aiki_worker::WorkerBuilder::new(server.url())
         .slots(8)
-        .register("inbox", move |ctx: aiki::Context, input: Value| {
+        .register("inbox", move |ctx: Context, input: Value| {
             let reached = reached.clone();
             async move {
                 let mut got = Vec::new();

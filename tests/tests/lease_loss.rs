@@ -7,7 +7,7 @@ use aiki_proto::v1::{
     CompleteRunRequest, EventType, GetRunResultRequest, HeartbeatRequest, Lease, RecordTaskRequest, RunStatus,
 };
 use aiki_tests::{Counts, RawWorker, TestDb, TestServer, start_req};
-use aiki_worker::WorkerBuilder;
+use aiki_worker::{Context, WorkerBuilder, WorkflowError};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -201,7 +201,7 @@ async fn a_re_executed_run_skips_recorded_tasks() {
     let make_worker = |die_in_three: bool| {
         let effects = effects.clone();
         let in_three_tx = in_three_tx.clone();
-        WorkerBuilder::new(server.url()).register("three", move |ctx: aiki::Context, input: serde_json::Value| {
+        WorkerBuilder::new(server.url()).register("three", move |ctx: Context, input: serde_json::Value| {
             let effects = effects.clone();
             let in_three_tx = in_three_tx.clone();
             async move {
@@ -217,7 +217,7 @@ async fn a_re_executed_run_skips_recorded_tasks() {
                                 std::future::pending::<()>().await;
                             }
                             *e.lock().unwrap().entry(step.to_owned()).or_default() += 1;
-                            Ok::<_, aiki::WorkflowError>(format!("{step} done"))
+                            Ok::<_, WorkflowError>(format!("{step} done"))
                         })
                         .await?;
                     acc.push(out);

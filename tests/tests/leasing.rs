@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use aiki_proto::v1::{PollTasksRequest, StartRunsRequest};
 use aiki_tests::{Counts, RawWorker, TestDb, TestServer, eventually, start_req};
-use aiki_worker::WorkerBuilder;
+use aiki_worker::{Context, WorkerBuilder};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -35,7 +35,7 @@ async fn four_workers_complete_two_thousand_runs_exactly_once() {
         let worker = WorkerBuilder::new(server.url())
             .identity(format!("w{w}"))
             .slots(16)
-            .register("count", move |ctx: aiki::Context, input: serde_json::Value| {
+            .register("count", move |ctx: Context, input: serde_json::Value| {
                 let executions = executions.clone();
                 async move {
                     *executions.lock().unwrap().entry(ctx.run_id().to_owned()).or_default() += 1;

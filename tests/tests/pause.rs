@@ -11,6 +11,7 @@ use std::{
 
 use aiki::RunStatus;
 use aiki_tests::{RawWorker, TestDb, TestServer, bin, eventually, history_types};
+use aiki_worker::{Context, WorkflowError};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -80,14 +81,14 @@ async fn a_running_run_pauses_on_its_worker_and_resumes_without_repeating_a_task
     let worker = aiki_worker::WorkerBuilder::new(server.url())
         .register("two-steps", {
             let (first_steps, executions, gate_open) = (first_steps.clone(), executions.clone(), gate_open.clone());
-            move |ctx: aiki::Context, _: serde_json::Value| {
+            move |ctx: Context, _: serde_json::Value| {
                 let (first_steps, executions, gate_open) = (first_steps.clone(), executions.clone(), gate_open.clone());
                 let at_gate_tx = at_gate_tx.clone();
                 async move {
                     let execution = executions.fetch_add(1, Ordering::SeqCst) + 1;
                     let a: u32 = ctx
                         .task("first", (), |()| async {
-                            Ok::<_, aiki::WorkflowError>(first_steps.fetch_add(1, Ordering::SeqCst) + 1)
+                            Ok::<_, WorkflowError>(first_steps.fetch_add(1, Ordering::SeqCst) + 1)
                         })
                         .await?;
                     // The first execution waits here until it is stopped; later ones go on.
@@ -95,14 +96,12 @@ async fn a_running_run_pauses_on_its_worker_and_resumes_without_repeating_a_task
                         let _ = at_gate_tx.send(());
                         gate_open.notified().await;
                     }
-                    let b: u32 = ctx
-                        .task("second", (), |()| async { Ok::<_, aiki::WorkflowError>(2) })
-                        .await?;
+                    let b: u32 = ctx.task("second", (), |()| async { Ok::<_, WorkflowError>(2) }).await?;
                     Ok(json!({"a": a, "b": b}))
                 }
             }
         })
-        .register("probe", |_ctx: aiki::Context, _: serde_json::Value| async {
+        .register("probe", |_ctx: Context, _: serde_json::Value| async {
             Ok(json!("probed"))
         })
         .build()

@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use aiki::{Context, WorkflowError};
 use aiki_proto::MAX_PAYLOAD_DEPTH;
 use aiki_tests::{TestDb, TestServer, aiki_cli, bin, eventually, history_types};
-use aiki_worker::WorkerBuilder;
+use aiki_worker::{Context, WorkerBuilder, WorkflowError};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 

@@ -10,9 +10,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aiki::{Context, StartOptions, Timeouts};
+use aiki::{StartOptions, Timeouts};
 use aiki_tests::{RawWorker, TestDb, TestServer, eventually, history_types};
-use aiki_worker::WorkerBuilder;
+use aiki_worker::{Context, WorkerBuilder};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use aiki_proto::v1::{FailRunRequest, GetRunRequest, RetryPolicy, RunError, RunStatus, get_run_request};
 use aiki_tests::{RawWorker, TestDb, TestServer, start_req};
+use aiki_worker::{Context, WorkflowError};
 use serde_json::json;
 
 fn fail(run_id: &str, token: &str, message: &str, non_retryable: bool) -> FailRunRequest {
@@ -158,17 +159,14 @@ async fn the_worker_runtime_retries_a_failing_workflow() {
         .unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = aiki_worker::WorkerBuilder::new(server.url())
-        .register(
-            "third-time-lucky",
-            |ctx: aiki::Context, _: serde_json::Value| async move {
-                if ctx.attempt() < 3 {
-                    return Err(aiki::WorkflowError::new("Flaky", format!("attempt {}", ctx.attempt())));
-                }
-                Ok(ctx.attempt())
-            },
-        )
-        .register("hopeless", |_ctx: aiki::Context, _: serde_json::Value| async move {
-            Err::<(), _>(aiki::WorkflowError::new("Declined", "card declined").non_retryable())
+        .register("third-time-lucky", |ctx: Context, _: serde_json::Value| async move {
+            if ctx.attempt() < 3 {
+                return Err(WorkflowError::new("Flaky", format!("attempt {}", ctx.attempt())));
+            }
+            Ok(ctx.attempt())
+        })
+        .register("hopeless", |_ctx: Context, _: serde_json::Value| async move {
+            Err::<(), _>(WorkflowError::new("Declined", "card declined").non_retryable())
         })
         .build()
         .await

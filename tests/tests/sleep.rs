@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use aiki_proto::v1::{RunStatus, SuspendRunRequest, WakeRunRequest};
 use aiki_tests::{RawWorker, TestDb, TestServer, history_types, start_req};
+use aiki_worker::{Context, WorkflowError};
 use serde_json::json;
 use tonic::Code;
 
@@ -213,26 +214,25 @@ fn sleeper(
     use std::sync::atomic::Ordering;
     aiki_worker::WorkerBuilder::new(server.url())
         .slots(slots)
-        .register("sleeper", move |ctx: aiki::Context, _: serde_json::Value| {
+        .register("sleeper", move |ctx: Context, _: serde_json::Value| {
             let before = before.clone();
             async move {
                 ctx.task("before", (), |()| async {
                     before.fetch_add(1, Ordering::SeqCst);
-                    Ok::<_, aiki::WorkflowError>(())
+                    Ok::<_, WorkflowError>(())
                 })
                 .await?;
                 ctx.sleep("nap", sleep).await?;
                 let after: String = ctx
-                    .task("after", (), |()| async {
-                        Ok::<_, aiki::WorkflowError>("awake".to_owned())
-                    })
+                    .task("after", (), |()| async { Ok::<_, WorkflowError>("awake".to_owned()) })
                     .await?;
                 Ok(after)
             }
         })
-        .register("quick", |_ctx: aiki::Context, input: serde_json::Value| async move {
-            Ok(input)
-        })
+        .register(
+            "quick",
+            |_ctx: Context, input: serde_json::Value| async move { Ok(input) },
+        )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

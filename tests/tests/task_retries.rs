@@ -9,15 +9,16 @@ use std::{
     time::Duration,
 };
 
-use aiki::{RetryPolicy, RunStatus, StartOptions, TaskOptions, WorkflowError};
+use aiki::{RetryPolicy, RunStatus, StartOptions};
 use aiki_tests::{TestDb, TestServer, history_types};
+use aiki_worker::{Context, TaskOptions, WorkflowError};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 /// "flaky" runs one task that fails its first `fails` calls, with a retry policy of
 /// `attempts` attempts and a first delay of `delay_ms`, waited inline up to 300 ms.
 fn worker(server: &TestServer, calls: Arc<AtomicU32>) -> aiki_worker::WorkerBuilder {
-    aiki_worker::WorkerBuilder::new(server.url()).register("flaky", move |ctx: aiki::Context, input: Value| {
+    aiki_worker::WorkerBuilder::new(server.url()).register("flaky", move |ctx: Context, input: Value| {
         let calls = calls.clone();
         async move {
             let opts = TaskOptions {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use aiki::{RunStatus, StartOptions};
 use aiki_proto::v1::{RegisterWorkerRequest, WorkflowRef};
 use aiki_tests::{TestDb, TestServer, aiki_cli, eventually, start_req};
+use aiki_worker::Context;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -17,7 +18,7 @@ async fn greeter(server: &TestServer, version: &str) -> (CancellationToken, toki
     let worker = aiki_worker::WorkerBuilder::new(server.url())
         .identity(format!("greeter-{version}"))
         .version(version)
-        .register("greet", move |_ctx: aiki::Context, input: Value| {
+        .register("greet", move |_ctx: Context, input: Value| {
             let v = v.clone();
             async move { Ok(json!({"served_by": v, "input": input})) }
         })

@@ -10,9 +10,8 @@ use std::{
     time::Duration,
 };
 
-use aiki::{Context, WorkflowError};
 use aiki_tests::{Counts, TestDb, TestServer, eventually};
-use aiki_worker::WorkerBuilder;
+use aiki_worker::{Context, WorkerBuilder, WorkflowError};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
