@@ -216,7 +216,7 @@ async fn one_reaper_per_database_and_another_takes_over() {
     let b = TestServer::start(&db).await;
     // `b` has tried too: each server keeps the session it tries the lock on, so both show the
     // lock statement as their last.
-    let lock_statement = include_str!("../../server/src/store/sql/reaper_lock.sql");
+    let lock_statement = include_str!("../../../server/src/store/sql/reaper_lock.sql");
     aiki_tests::eventually(Duration::from_secs(5), "the second server tried the lock", || async {
         let tried: i64 = pg
             .query_one(
@@ -304,7 +304,7 @@ fn plan_text(rows: &[tokio_postgres::Row]) -> String {
 #[tokio::test]
 async fn the_claim_walks_its_partial_index_without_sorting_the_queue() {
     let (_db, _server, pg) = analyzed_queue(10).await;
-    let claim = include_str!("../../server/src/store/sql/claim.sql");
+    let claim = include_str!("../../../server/src/store/sql/claim.sql");
     let explain = format!("EXPLAIN (FORMAT TEXT) {claim}");
     let worker = uuid::Uuid::now_v7();
     let rows = pg
@@ -344,7 +344,7 @@ async fn a_completion_of_a_thousand_runs_finds_them_by_key_not_by_scanning() {
         .map(|r| r.get(0))
         .collect();
     let n = ids.len();
-    let complete = include_str!("../../server/src/store/sql/runs_complete.sql");
+    let complete = include_str!("../../../server/src/store/sql/runs_complete.sql");
     pg.batch_execute(&format!(
         "PREPARE complete(text[], uuid[], uuid[], jsonb[], jsonb[], int[]) AS {complete}"
     ))
