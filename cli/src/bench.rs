@@ -55,7 +55,8 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use aiki::{Client, Context as WorkflowContext, ListFilter, RunStatus, StartOptions, WorkflowError};
+use aiki::{Client, ListFilter, RunStatus, StartOptions};
+use aiki_worker::{Context as WorkflowContext, WorkflowError};
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, ValueEnum};
 use comfy_table::{Table, presets::NOTHING};

@@ -1,11 +1,14 @@
-//! Aiki's Rust SDK.
+//! Aiki's Rust client, for applications that start workflow runs and read their results. It
+//! holds no worker code: writing workflows and executing them is the worker runtime's part
+//! (crate `aiki-worker`: `Context`, `WorkflowError`, `WorkerBuilder`).
 //!
 //! - [`Client`] starts runs ([`Client::start_run`], idempotent by key or by a generated request
-//!   id), reads them ([`Client::get`], [`Client::list`], [`Client::history`]), waits for them
-//!   ([`RunHandle::result`]) and cancels them. Calls retry with backoff while the server is
-//!   unreachable; errors are typed ([`Error`]).
-//! - [`workflow::Context`] is what workflow code running in a worker gets: [`Context::task`]
-//!   checkpoints each step so that a re-executed run never repeats a completed one.
+//!   id; [`Client::start_runs`] for a batch), reads them ([`Client::get`], [`Client::list`],
+//!   [`Client::history`], [`Client::watch`]), waits for them ([`RunHandle::result`]), cancels,
+//!   pauses, resumes and wakes them, sends them events ([`Client::send_event`]), and lists the
+//!   registered workers, queues and workflow versions. Calls retry with backoff while the
+//!   server is unreachable; errors are typed ([`Error`]; [`RunError`] says how a run failed).
+//! - [`connect_channel`] opens a channel to a server, for the generated clients of [`proto`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), aiki::Error> {
@@ -20,8 +23,6 @@
 
 mod client;
 mod error;
-pub mod reporter;
-pub mod workflow;
 
 pub use aiki_proto::v1::RunStatus;
 pub use client::{
@@ -29,8 +30,6 @@ pub use client::{
     Worker, WorkflowVersion, connect_channel,
 };
 pub use error::{Error, Result, RunError};
-pub use reporter::Reporter;
-pub use workflow::{ChildRun, Context, TaskOptions, WaitFor, WorkflowError};
 
 /// The generated protocol, for advanced use.
 pub use aiki_proto as proto;

@@ -1,6 +1,12 @@
 //! Test support: a fresh PostgreSQL database per test (cloned from a migrated template), an
 //! in-process server on a loopback port, raw protocol clients, and the workspace's binaries.
 //!
+//! A test of the client or the worker runtime starts from a [`TestEnv`] (a database, a server
+//! on it and an SDK client) and runs its workflows on a [`TestWorker`] (`env.worker(builder)`),
+//! which stops with the test. A test that speaks the raw protocol, or needs something special
+//! (several servers, a server it restarts, no server at all), builds what it needs from the
+//! parts: [`TestDb`], [`TestServer`], [`RawWorker`].
+//!
 //! The admin URL comes from `AIKI_TEST_DATABASE_URL` (default
 //! `postgres://aiki:aiki@127.0.0.1:5432/postgres`, the role `aiki dev postgres` creates).
 
@@ -262,6 +268,102 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// One test's environment: a database of its own, a server on it running in this process, and
+/// an SDK client of that server. Dropped, it stops the server and drops the database.
+#[derive(Debug)]
+pub struct TestEnv {
+    /// A client of [`TestEnv::server`].
+    pub client: aiki::Client,
+    pub server: TestServer,
+    pub db: TestDb,
+}
+
+impl TestEnv {
+    /// A fresh database and a server on it with [`Config::for_test`].
+    pub async fn new() -> Self {
+        Self::with_config(|_| {}).await
+    }
+
+    /// [`TestEnv::new`], with the server's [`Config::for_test`] changed by `change` first.
+    pub async fn with_config(change: impl FnOnce(&mut Config)) -> Self {
+        let db = TestDb::new().await;
+        let mut config = Config::for_test(&db.url);
+        change(&mut config);
+        let server = TestServer::start_with(config).await;
+        let client = server.client().await;
+        Self { client, server, db }
+    }
+
+    /// The server's address, for a [`aiki_worker::WorkerBuilder`] or another client.
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// Builds `builder` (a worker of this environment's server, see [`TestEnv::url`]) and runs
+    /// it until the returned guard is stopped or dropped.
+    pub async fn worker(&self, builder: aiki_worker::WorkerBuilder) -> TestWorker {
+        TestWorker::start(builder).await
+    }
+}
+
+/// A worker running in this process, on a task of its own. [`TestWorker::stop`] shuts it down
+/// (it drains as on SIGTERM) and checks that it ended cleanly. Dropped, it is shut down too,
+/// and waited for on a multi-threaded runtime unless the test is failing. It dereferences to
+/// the [`aiki_worker::Worker`], whose counters stay readable after it stops.
+#[derive(Debug)]
+pub struct TestWorker {
+    worker: aiki_worker::Worker,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), aiki::Error>>>,
+}
+
+impl TestWorker {
+    /// Builds `builder` and runs the worker.
+    pub async fn start(builder: aiki_worker::WorkerBuilder) -> Self {
+        let worker = builder.build().await.expect("build the worker");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(worker.clone().run(shutdown.clone()));
+        Self {
+            worker,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Shuts the worker down and waits until it has: what it was going to report has been
+    /// sent. Panics if the worker ended with an error.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("worker task").expect("worker result");
+        }
+    }
+}
+
+impl std::ops::Deref for TestWorker {
+    type Target = aiki_worker::Worker;
+
+    fn deref(&self) -> &Self::Target {
+        &self.worker
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        // Waiting blocks this thread, which a single-threaded runtime needs to run the worker;
+        // a failing test should not wait for the worker's drain either.
+        let multi_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_threaded && !std::thread::panicking() {
+            let _ = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(task));
+        }
     }
 }
 

@@ -13,9 +13,10 @@ pub mod guard;
 
 use std::{collections::BTreeMap, path::PathBuf, process::Stdio, time::Duration};
 
-use aiki::{Context, WorkflowError};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
+
+use crate::{Context, WorkflowError};
 
 /// The `aiki-worker` configuration file.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,8 +1,19 @@
-//! Aiki's worker runtime.
+//! Aiki's worker runtime: what a process that executes workflows links (the `aiki` crate is
+//! the client, for applications that start runs and read their results).
+//!
+//! - The workflow API: a workflow is an async function of a [`Context`] and its input that
+//!   returns its output or a [`WorkflowError`]. [`Context::task`] checkpoints each step so
+//!   that a re-executed run never repeats a completed one ([`Context::task_with`] retries a
+//!   task by its own [`TaskOptions`]); [`Context::sleep`], [`Context::wait_event`] and
+//!   [`ChildRun::result`] (of a child started by [`Context::start_child`]) wait durably,
+//!   giving the worker back ([`Suspension`], [`WaitFor`]).
+//! - The runtime: [`WorkerBuilder`] registers workflow functions and builds a [`Worker`];
+//!   [`Worker::run`] serves them until shut down.
 //!
 //! A [`Worker`] registers with the server, long-polls its queues for runs while it has free
-//! slots, executes each leased run's workflow function with a [`aiki::Context`], heartbeats
-//! every lease it holds in one call, and reports the outcome under the lease token.
+//! slots, executes each leased run's workflow function with a [`Context`], heartbeats
+//! every lease it holds in one call, and reports the outcome under the lease token (batched:
+//! the reports of all its executions travel many per `Report` call).
 //!
 //! - A run whose lease is lost (the heartbeat says so, a report is refused, or heartbeats have
 //!   failed for longer than the lease lasts) is stopped at once and never reported. A run whose
@@ -17,6 +28,8 @@
 //! [`command`] holds the workflows of the `aiki-worker` binary: commands fed JSON on stdin.
 
 pub mod command;
+mod reporter;
+mod workflow;
 
 use std::{
     collections::HashMap,
@@ -29,7 +42,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aiki::{Context, WaitFor, WorkflowError, workflow::Lease};
 use aiki_proto::v1::{
     self, CompleteRunRequest, FailRunRequest, HeartbeatRequest, LeasedRun, PollTasksRequest, RegisterWorkerRequest,
     ReleaseRunRequest, WorkflowRef, worker_service_client::WorkerServiceClient,
@@ -40,6 +52,9 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, transport::Channel};
+
+pub use crate::workflow::{ChildRun, Context, Suspension, TaskOptions, WaitFor, WorkflowError};
+use crate::{reporter::Reporter, workflow::Lease};
 
 /// The maps an execution looks up (workflows, leases, counts): keyed by names and run ids that
 /// come from this worker's own code and its server, so a fast hash needs no defence against
@@ -217,7 +232,7 @@ impl WorkerBuilder {
                 completed: self.workflows.keys().map(|w| (w.clone(), AtomicU64::new(0))).collect(),
                 runs,
                 client: client.clone(),
-                reporter: aiki::Reporter::new(client),
+                reporter: Reporter::new(client),
                 cfg: self,
                 worker_id: Mutex::new(String::new()),
                 registering: tokio::sync::Mutex::new(()),
@@ -279,7 +294,7 @@ struct Inner {
     /// Starts child runs for workflow code (`Context::start_child`).
     runs: Arc<aiki::Client>,
     /// Sends task results, completions, failures and releases, many per call.
-    reporter: aiki::Reporter,
+    reporter: Reporter,
     worker_id: Mutex<String>,
     /// Held while registering again (see [`Inner::register_again`]).
     registering: tokio::sync::Mutex<()>,

@@ -79,7 +79,7 @@ async fn a_guarded_command_behaves_as_a_direct_one() {
         let input = serde_json::json!({"a": 1});
         let direct = Runner::new().exec(&case, "r1", 2, input.clone()).await;
         let guarded = guarded().exec(&case, "r1", 2, input).await;
-        let view = |r: Result<serde_json::Value, aiki::WorkflowError>| {
+        let view = |r: Result<serde_json::Value, aiki_worker::WorkflowError>| {
             r.map_err(|e| (e.kind, e.message, e.details, e.non_retryable))
         };
         assert_eq!(view(guarded), view(direct), "{:?}", case.command);

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use aiki_proto::v1::{ConflictPolicy, GetRunRequest, StartRunsRequest, get_run_request};
-use aiki_tests::{TestDb, TestServer, start_req};
+use aiki_tests::{TestDb, TestEnv, TestServer, start_req};
 use serde_json::json;
 use tonic::Code;
 
@@ -200,9 +200,8 @@ async fn start_runs_is_one_transaction() {
 
 #[tokio::test]
 async fn sdk_start_run_reports_created_and_finds_by_key() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let client = &env.client;
     let a = client
         .start_run("greet", &json!({"n": 1}), aiki::StartOptions::key("greet-1"))
         .await

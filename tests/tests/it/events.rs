@@ -9,9 +9,9 @@ use std::{
 
 use aiki::{RunStatus, StartOptions};
 use aiki_proto::v1::{SendEventRequest, SuspendRunRequest, send_event_request};
-use aiki_tests::{RawWorker, TestDb, TestServer, aiki_cli, eventually, history_types, start_req};
+use aiki_tests::{RawWorker, TestDb, TestEnv, TestServer, TestWorker, aiki_cli, eventually, history_types, start_req};
+use aiki_worker::Context;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 /// A worker serving "inbox": for each entry of its input's `waits` (a timeout in ms, or null
@@ -21,7 +21,7 @@ use tonic::Code;
 fn inbox_worker(server: &TestServer, reached: Arc<Mutex<u32>>) -> aiki_worker::WorkerBuilder {
     aiki_worker::WorkerBuilder::new(server.url())
         .slots(8)
-        .register("inbox", move |ctx: aiki::Context, input: Value| {
+        .register("inbox", move |ctx: Context, input: Value| {
             let reached = reached.clone();
             async move {
                 let mut got = Vec::new();
@@ -47,9 +47,9 @@ async fn waiting_for_event(client: &aiki::Client, id: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_sent_before_and_during_waits_arrive_in_order_and_a_duplicate_key_is_stored_once() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let run = client
         .start_run(
             "inbox",
@@ -82,13 +82,12 @@ async fn events_sent_before_and_during_waits_arrive_in_order_and_a_duplicate_key
     client.send_event(&run.id, "other", &json!("x"), None).await.unwrap();
 
     let reached = Arc::new(Mutex::new(0));
-    let shutdown = CancellationToken::new();
-    let worker = inbox_worker(&server, reached.clone()).build().await.unwrap();
-    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    let builder = inbox_worker(server, reached.clone());
+    let mut worker = env.worker(builder).await;
 
     // The first two waits take the kept events; the third waits, holding no lease.
     eventually(Duration::from_secs(10), "the run waits for its third event", || {
-        waiting_for_event(&client, &run.id)
+        waiting_for_event(client, &run.id)
     })
     .await;
     let waiting = client.get(&run.id).await.unwrap();
@@ -105,7 +104,7 @@ async fn events_sent_before_and_during_waits_arrive_in_order_and_a_duplicate_key
     eventually(
         Duration::from_secs(10),
         "the run waits for its fourth event",
-        || async { *reached.lock().unwrap() >= 4 && waiting_for_event(&client, &run.id).await },
+        || async { *reached.lock().unwrap() >= 4 && waiting_for_event(client, &run.id).await },
     )
     .await;
     client
@@ -118,7 +117,7 @@ async fn events_sent_before_and_during_waits_arrive_in_order_and_a_duplicate_key
         out,
         [json!({"n": 1}), json!({"n": 2}), json!({"n": 3}), json!({"n": 4})]
     );
-    let history = history_types(&server, &run.id).await;
+    let history = history_types(server, &run.id).await;
     assert_eq!(
         history.iter().filter(|t| *t == "event_received").count(),
         5,
@@ -145,26 +144,24 @@ async fn events_sent_before_and_during_waits_arrive_in_order_and_a_duplicate_key
         .await
         .unwrap();
     assert!(!late.stored);
-    let pg = db.connect().await;
+    let pg = env.db.connect().await;
     let kept: i64 = pg
         .query_one("SELECT count(*) FROM run_inbox", &[])
         .await
         .unwrap()
         .get(0);
     assert_eq!(kept, 5);
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_times_out_and_an_event_sent_after_it_is_kept_for_the_next_wait() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let reached = Arc::new(Mutex::new(0));
-    let shutdown = CancellationToken::new();
-    let worker = inbox_worker(&server, reached.clone()).build().await.unwrap();
-    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    let builder = inbox_worker(server, reached.clone());
+    let mut worker = env.worker(builder).await;
 
     let run = client
         .start_run(
@@ -194,7 +191,7 @@ async fn a_wait_times_out_and_an_event_sent_after_it_is_kept_for_the_next_wait()
     assert_eq!(out, [json!("timeout"), json!({"late": true})]);
     // Three suspensions: the wait that timed out, the sleep, and the wait that found the kept
     // event (and was queued again at once).
-    let history = history_types(&server, &run.id).await;
+    let history = history_types(server, &run.id).await;
     assert_eq!(
         history.iter().filter(|t| *t == "run_suspended").count(),
         3,
@@ -211,8 +208,7 @@ async fn a_wait_times_out_and_an_event_sent_after_it_is_kept_for_the_next_wait()
         Some(json!({"event": "ping", "timeout": true})),
         "the timeout is in the history"
     );
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,9 +217,7 @@ async fn runs_waiting_for_events_and_sleeping_through_a_server_restart_all_compl
     let server = TestServer::start(&db).await;
     let client = server.client().await;
     let reached = Arc::new(Mutex::new(0));
-    let shutdown = CancellationToken::new();
-    let worker = inbox_worker(&server, reached.clone()).build().await.unwrap();
-    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    let mut worker = TestWorker::start(inbox_worker(&server, reached.clone())).await;
     let waits = [json!([null]), json!([1500]), json!(["sleep"])];
     let mut runs = Vec::new();
     for w in &waits {
@@ -245,15 +239,12 @@ async fn runs_waiting_for_events_and_sleeping_through_a_server_restart_all_compl
         n == 3
     })
     .await;
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
     server.stop().await;
 
     let server = TestServer::start(&db).await;
     let client = server.client().await;
-    let shutdown = CancellationToken::new();
-    let worker = inbox_worker(&server, reached.clone()).build().await.unwrap();
-    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    let mut worker = TestWorker::start(inbox_worker(&server, reached.clone())).await;
     let sent = client
         .send_event(&runs[0], "ping", &json!("hello"), None)
         .await
@@ -265,15 +256,13 @@ async fn runs_waiting_for_events_and_sleeping_through_a_server_restart_all_compl
         assert_eq!(run.status, RunStatus::Completed, "{id}");
         assert_eq!(run.output, Some(want));
     }
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test]
 async fn bad_events_and_waits_are_refused_and_change_nothing() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
     let mut wf = server.workflows().await;
     let id = wf
         .start_run(start_req("waiter", json!({})))
@@ -326,7 +315,7 @@ async fn bad_events_and_waits_are_refused_and_change_nothing() {
     }
 
     // Malformed waits: the run stays leased.
-    let w = RawWorker::register(&server, &["default"]).await;
+    let w = RawWorker::register(server, &["default"]).await;
     let run = w.poll(1, Duration::from_secs(5)).await.remove(0);
     let wait = |f: &dyn Fn(&mut SuspendRunRequest)| {
         let mut r = SuspendRunRequest {
@@ -370,22 +359,21 @@ async fn bad_events_and_waits_are_refused_and_change_nothing() {
         let err = w.client.clone().suspend_run(req).await.unwrap_err();
         assert_eq!(err.code(), code, "{err:?}");
     }
-    assert_eq!(client.get(&id).await.unwrap().status, RunStatus::Running);
-    let pg = db.connect().await;
+    assert_eq!(env.client.get(&id).await.unwrap().status, RunStatus::Running);
+    let pg = env.db.connect().await;
     let kept: i64 = pg
         .query_one("SELECT count(*) FROM run_inbox", &[])
         .await
         .unwrap()
         .get(0);
     assert_eq!(kept, 0);
-    assert_eq!(history_types(&server, &id).await, ["run_created", "run_leased"]);
+    assert_eq!(history_types(server, &id).await, ["run_created", "run_leased"]);
 }
 
 #[tokio::test]
 async fn the_cli_sends_events_and_wakes_a_waiting_run() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
     let mut wf = server.workflows().await;
     let id = wf
         .start_run(aiki_proto::v1::StartRunRequest {
@@ -399,14 +387,14 @@ async fn the_cli_sends_events_and_wakes_a_waiting_run() {
         .unwrap()
         .id;
 
-    let (ok, out, err) = aiki_cli(&server, &["run", "event", &id, "approved", "--data", r#"{"by":"ada"}"#]).await;
+    let (ok, out, err) = aiki_cli(server, &["run", "event", &id, "approved", "--data", r#"{"by":"ada"}"#]).await;
     assert!(ok, "{err}");
     assert_eq!(
         out.trim(),
         format!("event \"approved\" kept for run {id} until it waits for it")
     );
     let (ok, out, err) = aiki_cli(
-        &server,
+        server,
         &[
             "run",
             "event",
@@ -426,14 +414,14 @@ async fn the_cli_sends_events_and_wakes_a_waiting_run() {
         (v["stored"].clone(), v["delivered"].clone()),
         (json!(true), json!(false))
     );
-    let (ok, out, _) = aiki_cli(&server, &["run", "event", &id, "approved", "--event-key", "a1"]).await;
+    let (ok, out, _) = aiki_cli(server, &["run", "event", &id, "approved", "--event-key", "a1"]).await;
     assert!(ok);
     assert!(out.contains("already has an event with this key"), "{out}");
-    let (ok, _, err) = aiki_cli(&server, &["run", "event", &id, "approved", "--data", "{nope"]).await;
+    let (ok, _, err) = aiki_cli(server, &["run", "event", &id, "approved", "--data", "{nope"]).await;
     assert!(!ok && err.contains("--data"), "{err}");
 
     // A run waiting for an event with no timeout: `aiki run wake` ends the wait as a timeout.
-    let w = RawWorker::register(&server, &["default"]).await;
+    let w = RawWorker::register(server, &["default"]).await;
     let run = w.poll(1, Duration::from_secs(5)).await.remove(0);
     let suspended = w
         .client
@@ -450,9 +438,9 @@ async fn the_cli_sends_events_and_wakes_a_waiting_run() {
         .unwrap()
         .into_inner();
     assert_eq!(suspended.status, aiki_proto::v1::RunStatus::Suspended as i32);
-    let (ok, out, _) = aiki_cli(&server, &["run", "get", &id]).await;
+    let (ok, out, _) = aiki_cli(server, &["run", "get", &id]).await;
     assert!(ok && out.contains("event \"never\""), "{out}");
-    let (ok, out, err) = aiki_cli(&server, &["run", "wake", &id]).await;
+    let (ok, out, err) = aiki_cli(server, &["run", "wake", &id]).await;
     assert!(ok, "{err}");
     assert_eq!(out.trim(), format!("run {id} is queued"));
     let again = w.poll(1, Duration::from_secs(5)).await.remove(0);
@@ -468,5 +456,5 @@ async fn the_cli_sends_events_and_wakes_a_waiting_run() {
         aiki_proto::value_to_json(v).unwrap(),
         json!({"timeout": true, "early": true})
     );
-    assert_eq!(client.get(&id).await.unwrap().status, RunStatus::Running);
+    assert_eq!(env.client.get(&id).await.unwrap().status, RunStatus::Running);
 }

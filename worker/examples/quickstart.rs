@@ -2,12 +2,12 @@
 //! with an idempotency key and waits for its result.
 //!
 //! Run it against a server (e.g. the one `aiki dev` starts):
-//! `cargo run -p aiki --example quickstart`
+//! `cargo run -p aiki-worker --example quickstart`
 
 use std::time::Duration;
 
-use aiki::{Client, Context, StartOptions, WorkflowError};
-use aiki_worker::WorkerBuilder;
+use aiki::{Client, StartOptions};
+use aiki_worker::{Context, WorkerBuilder, WorkflowError};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]

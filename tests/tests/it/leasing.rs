@@ -4,22 +4,21 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use aiki_proto::v1::{PollTasksRequest, StartRunsRequest};
-use aiki_tests::{Counts, RawWorker, TestDb, TestServer, eventually, start_req};
-use aiki_worker::WorkerBuilder;
+use aiki_tests::{Counts, RawWorker, TestDb, TestEnv, TestServer, eventually, start_req};
+use aiki_worker::{Context, WorkerBuilder};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_workers_complete_two_thousand_runs_exactly_once() {
-    let db = TestDb::new().await;
     // Leases long enough that a loaded machine cannot make one expire: a second execution
     // would then be the engine's fault, not the test's.
-    let mut config = aiki_tests::Config::for_test(&db.url);
-    config.lease_ttl = Duration::from_secs(60);
-    config.heartbeat_interval = Duration::from_secs(5);
-    let server = TestServer::start_with(config).await;
-    let mut wf = server.workflows().await;
+    let env = TestEnv::with_config(|config| {
+        config.lease_ttl = Duration::from_secs(60);
+        config.heartbeat_interval = Duration::from_secs(5);
+    })
+    .await;
+    let mut wf = env.server.workflows().await;
     for chunk in 0..4 {
         let runs = (0..500)
             .map(|i| start_req("count", json!({"n": chunk * 500 + i})))
@@ -28,27 +27,23 @@ async fn four_workers_complete_two_thousand_runs_exactly_once() {
     }
 
     let executions: Counts = Arc::default();
-    let shutdown = CancellationToken::new();
     let mut workers = Vec::new();
     for w in 0..4 {
         let executions = executions.clone();
-        let worker = WorkerBuilder::new(server.url())
+        let builder = WorkerBuilder::new(env.url())
             .identity(format!("w{w}"))
             .slots(16)
-            .register("count", move |ctx: aiki::Context, input: serde_json::Value| {
+            .register("count", move |ctx: Context, input: serde_json::Value| {
                 let executions = executions.clone();
                 async move {
                     *executions.lock().unwrap().entry(ctx.run_id().to_owned()).or_default() += 1;
                     Ok(input)
                 }
-            })
-            .build()
-            .await
-            .unwrap();
-        workers.push(tokio::spawn(worker.run(shutdown.clone())));
+            });
+        workers.push(env.worker(builder).await);
     }
 
-    let pg = db.connect().await;
+    let pg = env.db.connect().await;
     eventually(Duration::from_secs(120), "all 2000 runs completed", || async {
         let n: i64 = pg
             .query_one("SELECT count(*) FROM runs WHERE status = 'completed'", &[])
@@ -58,9 +53,8 @@ async fn four_workers_complete_two_thousand_runs_exactly_once() {
         n == 2000
     })
     .await;
-    shutdown.cancel();
-    for w in workers {
-        w.await.unwrap().unwrap();
+    for w in &mut workers {
+        w.stop().await;
     }
 
     {

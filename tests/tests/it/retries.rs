@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use aiki_proto::v1::{FailRunRequest, GetRunRequest, RetryPolicy, RunError, RunStatus, get_run_request};
-use aiki_tests::{RawWorker, TestDb, TestServer, start_req};
+use aiki_tests::{RawWorker, TestDb, TestEnv, TestServer, start_req};
+use aiki_worker::{Context, WorkflowError};
 use serde_json::json;
 
 fn fail(run_id: &str, token: &str, message: &str, non_retryable: bool) -> FailRunRequest {
@@ -141,9 +142,8 @@ async fn non_retryable_failures_end_the_run_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_runtime_retries_a_failing_workflow() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let client = &env.client;
     let opts = aiki::StartOptions {
         retry: Some(aiki::RetryPolicy {
             max_attempts: Some(3),
@@ -156,24 +156,17 @@ async fn the_worker_runtime_retries_a_failing_workflow() {
         .start_run("third-time-lucky", &json!({}), opts.clone())
         .await
         .unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let worker = aiki_worker::WorkerBuilder::new(server.url())
-        .register(
-            "third-time-lucky",
-            |ctx: aiki::Context, _: serde_json::Value| async move {
-                if ctx.attempt() < 3 {
-                    return Err(aiki::WorkflowError::new("Flaky", format!("attempt {}", ctx.attempt())));
-                }
-                Ok(ctx.attempt())
-            },
-        )
-        .register("hopeless", |_ctx: aiki::Context, _: serde_json::Value| async move {
-            Err::<(), _>(aiki::WorkflowError::new("Declined", "card declined").non_retryable())
+    let builder = aiki_worker::WorkerBuilder::new(env.url())
+        .register("third-time-lucky", |ctx: Context, _: serde_json::Value| async move {
+            if ctx.attempt() < 3 {
+                return Err(WorkflowError::new("Flaky", format!("attempt {}", ctx.attempt())));
+            }
+            Ok(ctx.attempt())
         })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
+        .register("hopeless", |_ctx: Context, _: serde_json::Value| async move {
+            Err::<(), _>(WorkflowError::new("Declined", "card declined").non_retryable())
+        });
+    let mut worker = env.worker(builder).await;
     assert_eq!(ok.result::<u32>(Duration::from_secs(20)).await.unwrap(), 3);
     let bad = client.start_run("hopeless", &json!({}), opts).await.unwrap();
     match bad.result::<()>(Duration::from_secs(20)).await {
@@ -188,8 +181,7 @@ async fn the_worker_runtime_retries_a_failing_workflow() {
         1,
         "no retry of a non-retryable failure"
     );
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test]

@@ -3,15 +3,14 @@
 
 use std::time::Duration;
 
-use aiki_tests::{TestDb, TestServer};
+use aiki_tests::TestEnv;
+use aiki_worker::Context;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn cancelling_a_queued_run_ends_it_at_once() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let client = &env.client;
     let run = client
         .start_run("later", &json!({}), aiki::StartOptions::default())
         .await
@@ -34,9 +33,8 @@ async fn cancelling_a_queued_run_ends_it_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_running_run_stops_it_on_its_worker() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let client = &env.client;
     let run = client
         .start_run("forever", &json!({}), aiki::StartOptions::default())
         .await
@@ -44,9 +42,8 @@ async fn cancelling_a_running_run_stops_it_on_its_worker() {
     let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
     let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel::<()>();
     use aiki_tests::OnDrop;
-    let shutdown = CancellationToken::new();
-    let worker = aiki_worker::WorkerBuilder::new(server.url())
-        .register("forever", move |_ctx: aiki::Context, _: serde_json::Value| {
+    let builder = aiki_worker::WorkerBuilder::new(env.url())
+        .register("forever", move |_ctx: Context, _: serde_json::Value| {
             let started_tx = started_tx.clone();
             let guard = OnDrop(dropped_tx.clone());
             async move {
@@ -56,13 +53,11 @@ async fn cancelling_a_running_run_stops_it_on_its_worker() {
                 Ok(())
             }
         })
-        .register("quick", |_ctx: aiki::Context, input: serde_json::Value| async move {
-            Ok(input)
-        })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
+        .register(
+            "quick",
+            |_ctx: Context, input: serde_json::Value| async move { Ok(input) },
+        );
+    let mut worker = env.worker(builder).await;
     started.recv().await.unwrap();
 
     let flagged = client.cancel(&run.id, "user asked").await.unwrap();
@@ -85,6 +80,5 @@ async fn cancelling_a_running_run_stops_it_on_its_worker() {
         matches!(&err, aiki::Error::FailedPrecondition(m) if m.contains("already completed")),
         "{err:?}"
     );
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
 }

@@ -9,15 +9,15 @@ use std::{
     time::Duration,
 };
 
-use aiki::{RetryPolicy, RunStatus, StartOptions, TaskOptions, WorkflowError};
-use aiki_tests::{TestDb, TestServer, history_types};
+use aiki::{RetryPolicy, RunStatus, StartOptions};
+use aiki_tests::{TestEnv, TestServer, history_types};
+use aiki_worker::{Context, TaskOptions, WorkflowError};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 /// "flaky" runs one task that fails its first `fails` calls, with a retry policy of
 /// `attempts` attempts and a first delay of `delay_ms`, waited inline up to 300 ms.
 fn worker(server: &TestServer, calls: Arc<AtomicU32>) -> aiki_worker::WorkerBuilder {
-    aiki_worker::WorkerBuilder::new(server.url()).register("flaky", move |ctx: aiki::Context, input: Value| {
+    aiki_worker::WorkerBuilder::new(server.url()).register("flaky", move |ctx: Context, input: Value| {
         let calls = calls.clone();
         async move {
             let opts = TaskOptions {
@@ -48,21 +48,19 @@ fn worker(server: &TestServer, calls: Arc<AtomicU32>) -> aiki_worker::WorkerBuil
 }
 
 async fn run(input: Value) -> (u32, aiki::Run, Vec<String>) {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let calls = Arc::new(AtomicU32::new(0));
-    let stop = CancellationToken::new();
-    let w = worker(&server, calls.clone()).build().await.unwrap();
-    let w = tokio::spawn(w.run(stop.clone()));
+    let builder = worker(server, calls.clone());
+    let mut w = env.worker(builder).await;
     let handle = client
         .start_run("flaky", &input, StartOptions::default())
         .await
         .unwrap();
     let ended = client.wait(&handle.id, Duration::from_secs(15)).await.unwrap();
-    let history = history_types(&server, &handle.id).await;
-    stop.cancel();
-    w.await.unwrap().unwrap();
+    let history = history_types(server, &handle.id).await;
+    w.stop().await;
     (calls.load(Ordering::SeqCst), ended, history)
 }
 

@@ -93,7 +93,7 @@ async fn a_start_within_the_notify_window_wakes_a_poll_on_another_replica_at_its
     // empty claim shows as its connection's last statement (nothing else in this test runs it).
     let poll = tokio::spawn(async move { w.poll(1, Duration::from_secs(30)).await });
     let watcher = db.connect().await;
-    let skipped = include_str!("../../server/src/store/sql/leases/claim_skipped.sql");
+    let skipped = include_str!("../../../server/src/store/sql/leases/claim_skipped.sql");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let seen: i64 = watcher

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use aiki::{RetryPolicy, RunStatus, StartOptions, Timeouts};
 use aiki_proto::v1::CompleteRunRequest;
-use aiki_tests::{RawWorker, TestDb, TestServer, eventually, history_types};
+use aiki_tests::{RawWorker, TestDb, TestEnv, TestServer, eventually, history_types};
 use serde_json::json;
 use tonic::Code;
 
@@ -35,9 +35,9 @@ async fn ends_with(client: &aiki::Client, id: &str, status: RunStatus, error_typ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_execution_timeout_ends_the_run_whatever_its_state() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let execution = Timeouts {
         execution: Some(Duration::from_millis(600)),
         ..Timeouts::default()
@@ -59,14 +59,14 @@ async fn an_execution_timeout_ends_the_run_whatever_its_state() {
         running.run.raw.execution_timeout,
         Some(aiki_proto::duration_to_proto(Duration::from_millis(600)))
     );
-    let w = RawWorker::register(&server, &["default"]).await;
+    let w = RawWorker::register(server, &["default"]).await;
     let lease = w.poll(1, Duration::from_secs(5)).await.remove(0);
     assert_eq!(lease.run_id, running.id);
 
-    ends_with(&client, &queued.id, RunStatus::Failed, "ExecutionTimeout").await;
-    ends_with(&client, &running.id, RunStatus::Failed, "ExecutionTimeout").await;
+    ends_with(client, &queued.id, RunStatus::Failed, "ExecutionTimeout").await;
+    ends_with(client, &running.id, RunStatus::Failed, "ExecutionTimeout").await;
     for id in [&queued.id, &running.id] {
-        let history = history_types(&server, id).await;
+        let history = history_types(server, id).await;
         assert_eq!(
             &history[history.len() - 2..],
             ["timed_out", "run_failed"],
@@ -90,9 +90,9 @@ async fn an_execution_timeout_ends_the_run_whatever_its_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_timeout_fails_the_attempt_and_the_policy_retries_it() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let run = client
         .start_run(
             "slow",
@@ -107,14 +107,14 @@ async fn an_attempt_timeout_fails_the_attempt_and_the_policy_retries_it() {
         )
         .await
         .unwrap();
-    let w = RawWorker::register(&server, &["default"]).await;
+    let w = RawWorker::register(server, &["default"]).await;
     let first = w.poll(1, Duration::from_secs(5)).await.remove(0);
     assert_eq!(first.attempt, 1);
     // The worker sits on it; the attempt times out and the run is leased again.
     let second = w.poll(1, Duration::from_secs(10)).await.remove(0);
     assert_eq!((second.run_id.as_str(), second.attempt), (run.id.as_str(), 2));
-    ends_with(&client, &run.id, RunStatus::Failed, "AttemptTimeout").await;
-    let history = history_types(&server, &run.id).await;
+    ends_with(client, &run.id, RunStatus::Failed, "AttemptTimeout").await;
+    let history = history_types(server, &run.id).await;
     assert_eq!(
         history,
         [
@@ -131,9 +131,9 @@ async fn an_attempt_timeout_fails_the_attempt_and_the_policy_retries_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schedule_to_start_timeout_ends_a_run_left_waiting_in_its_queue() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let schedule = Timeouts {
         schedule_to_start: Some(Duration::from_millis(400)),
         ..Timeouts::default()
@@ -150,16 +150,16 @@ async fn a_schedule_to_start_timeout_ends_a_run_left_waiting_in_its_queue() {
         .await
         .unwrap();
     let leased = client.start_run("x", &json!({}), opts(schedule, 3)).await.unwrap();
-    let w = RawWorker::register(&server, &["default"]).await;
+    let w = RawWorker::register(server, &["default"]).await;
     assert_eq!(w.poll(1, Duration::from_secs(5)).await.remove(0).run_id, leased.id);
 
-    ends_with(&client, &waiting.id, RunStatus::Failed, "ScheduleToStartTimeout").await;
-    let history = history_types(&server, &waiting.id).await;
+    ends_with(client, &waiting.id, RunStatus::Failed, "ScheduleToStartTimeout").await;
+    let history = history_types(server, &waiting.id).await;
     assert_eq!(history, ["run_created", "timed_out", "run_failed"]);
     // The leased one started in time: its timeout no longer applies.
     assert_eq!(client.get(&leased.id).await.unwrap().status, RunStatus::Running);
     assert!(
-        !history_types(&server, &leased.id)
+        !history_types(server, &leased.id)
             .await
             .contains(&"timed_out".to_owned())
     );
@@ -167,9 +167,9 @@ async fn a_schedule_to_start_timeout_ends_a_run_left_waiting_in_its_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_timeout_shortens_the_lease_and_fails_the_attempt() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let heartbeat = Duration::from_secs(1);
     let run = client
         .start_run(
@@ -185,15 +185,15 @@ async fn a_heartbeat_timeout_shortens_the_lease_and_fails_the_attempt() {
         )
         .await
         .unwrap();
-    let w = RawWorker::register(&server, &["default"]).await;
+    let w = RawWorker::register(server, &["default"]).await;
     let lease = w.poll(1, Duration::from_secs(5)).await.remove(0);
     // The lease lasts the heartbeat timeout (1 s), not the server's lease time (2 s).
     let expires = std::time::SystemTime::try_from(lease.lease_expires_at.unwrap()).unwrap();
     let left = expires.duration_since(std::time::SystemTime::now()).unwrap_or_default();
     assert!(left <= heartbeat, "lease for {left:?}");
     // No heartbeat: the attempt fails, and with one attempt allowed, the run.
-    ends_with(&client, &run.id, RunStatus::Failed, "HeartbeatTimeout").await;
-    let history = history_types(&server, &run.id).await;
+    ends_with(client, &run.id, RunStatus::Failed, "HeartbeatTimeout").await;
+    let history = history_types(server, &run.id).await;
     assert_eq!(history, ["run_created", "run_leased", "timed_out", "run_failed"]);
     let expirations = client.get(&run.id).await.unwrap().raw.lease_expirations;
     assert_eq!(

@@ -17,11 +17,11 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::{Code, Status, transport::Channel};
 
 /// Most reports in one call (the server's limit).
-pub const MAX_BATCH: usize = 1000;
+pub(crate) const MAX_BATCH: usize = 1000;
 /// A call takes no more reports once they weigh this much (the first is always taken).
-pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Most `Report` calls on their way at once.
-pub const MAX_IN_FLIGHT: usize = 4;
+pub(crate) const MAX_IN_FLIGHT: usize = 4;
 
 type Answer = Result<report_result::Result, Status>;
 
@@ -34,7 +34,7 @@ struct Pending {
 /// Sends reports in batches; cheap to clone. The batching task ends when the last clone is
 /// dropped.
 #[derive(Clone)]
-pub struct Reporter {
+pub(crate) struct Reporter {
     tx: mpsc::UnboundedSender<Pending>,
 }
 
@@ -46,7 +46,7 @@ impl std::fmt::Debug for Reporter {
 
 impl Reporter {
     /// Starts the batching task (on the current Tokio runtime).
-    pub fn new(client: WorkerServiceClient<Channel>) -> Self {
+    pub(crate) fn new(client: WorkerServiceClient<Channel>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(batch_loop(client, rx));
         Self { tx }
@@ -54,7 +54,7 @@ impl Reporter {
 
     /// Sends one report with whatever others are waiting; returns its own answer, or the
     /// status that refused it (as the unary call would have).
-    pub async fn send(&self, report: run_report::Report) -> Answer {
+    pub(crate) async fn send(&self, report: run_report::Report) -> Answer {
         let bytes = report.encoded_len();
         let (reply, answer) = oneshot::channel();
         self.tx
@@ -66,7 +66,7 @@ impl Reporter {
     }
 
     /// `RecordTask`, batched.
-    pub async fn record_task(&self, req: RecordTaskRequest) -> Result<RecordTaskResponse, Status> {
+    pub(crate) async fn record_task(&self, req: RecordTaskRequest) -> Result<RecordTaskResponse, Status> {
         match self.send(run_report::Report::RecordTask(req)).await? {
             report_result::Result::RecordTask(r) => Ok(r),
             other => Err(mismatch(&other)),
@@ -74,7 +74,7 @@ impl Reporter {
     }
 
     /// `CompleteRun`, batched.
-    pub async fn complete_run(&self, req: CompleteRunRequest) -> Result<CompleteRunResponse, Status> {
+    pub(crate) async fn complete_run(&self, req: CompleteRunRequest) -> Result<CompleteRunResponse, Status> {
         match self.send(run_report::Report::CompleteRun(req)).await? {
             report_result::Result::CompleteRun(r) => Ok(r),
             other => Err(mismatch(&other)),
@@ -82,7 +82,7 @@ impl Reporter {
     }
 
     /// `FailRun`, batched.
-    pub async fn fail_run(&self, req: FailRunRequest) -> Result<FailRunResponse, Status> {
+    pub(crate) async fn fail_run(&self, req: FailRunRequest) -> Result<FailRunResponse, Status> {
         match self.send(run_report::Report::FailRun(req)).await? {
             report_result::Result::FailRun(r) => Ok(r),
             other => Err(mismatch(&other)),
@@ -90,7 +90,7 @@ impl Reporter {
     }
 
     /// `ReleaseRun`, batched.
-    pub async fn release_run(&self, req: ReleaseRunRequest) -> Result<ReleaseRunResponse, Status> {
+    pub(crate) async fn release_run(&self, req: ReleaseRunRequest) -> Result<ReleaseRunResponse, Status> {
         match self.send(run_report::Report::ReleaseRun(req)).await? {
             report_result::Result::ReleaseRun(r) => Ok(r),
             other => Err(mismatch(&other)),
@@ -100,7 +100,7 @@ impl Reporter {
 
 impl Reporter {
     /// `SuspendRun`, batched.
-    pub async fn suspend_run(&self, req: SuspendRunRequest) -> Result<SuspendRunResponse, Status> {
+    pub(crate) async fn suspend_run(&self, req: SuspendRunRequest) -> Result<SuspendRunResponse, Status> {
         match self.send(run_report::Report::SuspendRun(req)).await? {
             report_result::Result::SuspendRun(r) => Ok(r),
             other => Err(mismatch(&other)),

@@ -10,9 +10,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aiki::{Context, StartOptions, Timeouts};
-use aiki_tests::{RawWorker, TestDb, TestServer, eventually, history_types};
-use aiki_worker::WorkerBuilder;
+use aiki::{StartOptions, Timeouts};
+use aiki_tests::{RawWorker, TestEnv, TestServer, eventually, history_types};
+use aiki_worker::{Context, WorkerBuilder};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -39,9 +39,9 @@ async fn job_worker(server: &TestServer, slots: usize, started: Arc<AtomicUsize>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_workers_runs_are_leased_again_ahead_of_the_backlog() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     // Ten long runs, then a backlog of 1,000 short ones behind them.
     let mut long = Vec::new();
     for _ in 0..10 {
@@ -54,7 +54,7 @@ async fn a_crashed_workers_runs_are_leased_again_ahead_of_the_backlog() {
         );
     }
     let started = Arc::new(AtomicUsize::new(0));
-    let crashing = job_worker(&server, 10, started.clone()).await;
+    let crashing = job_worker(server, 10, started.clone()).await;
     eventually(Duration::from_secs(10), "the ten long runs started", || async {
         started.load(Ordering::SeqCst) == 10
     })
@@ -65,8 +65,8 @@ async fn a_crashed_workers_runs_are_leased_again_ahead_of_the_backlog() {
     let _ = crashing.await;
 
     // Another worker drains the backlog: at 20 runs at a time, 200 ms each, about 10 s of it.
-    let _draining = job_worker(&server, 20, Arc::new(AtomicUsize::new(0))).await;
-    let pg = db.connect().await;
+    let _draining = job_worker(server, 20, Arc::new(AtomicUsize::new(0))).await;
+    let pg = env.db.connect().await;
     let events = |id: &str| {
         let id: uuid::Uuid = id.parse().unwrap();
         let pg = &pg;
@@ -101,9 +101,8 @@ async fn a_crashed_workers_runs_are_leased_again_ahead_of_the_backlog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requeued_runs_schedule_to_start_timeout_counts_from_when_it_was_queued_again() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
     // Shorter than the lease (2 s in tests): measured from the run's first readiness, it would
     // be over by the time the lease expires.
     let opts = StartOptions {
@@ -113,30 +112,31 @@ async fn a_requeued_runs_schedule_to_start_timeout_counts_from_when_it_was_queue
         },
         ..StartOptions::default()
     };
-    let run = client.start_run("job", &json!(1), opts).await.unwrap();
-    let silent = RawWorker::register(&server, &["default"]).await;
+    let run = env.client.start_run("job", &json!(1), opts).await.unwrap();
+    let silent = RawWorker::register(server, &["default"]).await;
     assert_eq!(silent.poll(1, Duration::from_secs(5)).await.len(), 1);
     // The silent worker never heartbeats: the lease expires and another worker takes the run.
-    let next = RawWorker::register(&server, &["default"]).await;
+    let next = RawWorker::register(server, &["default"]).await;
     let leased = next.poll(1, Duration::from_secs(10)).await;
     assert_eq!(leased.len(), 1, "leased again, not timed out");
     assert_eq!(leased[0].run_id, run.id);
-    let history = history_types(&server, &run.id).await;
+    let history = history_types(server, &run.id).await;
     assert!(!history.iter().any(|t| t == "timed_out"), "{history:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_restarted_one_by_one_five_times_fails_no_run() {
-    let db = TestDb::new().await;
-    let mut config = aiki_tests::Config::for_test(&db.url);
-    config.lease_ttl = Duration::from_millis(800);
-    config.heartbeat_interval = Duration::from_millis(200);
-    let server = TestServer::start_with(config).await;
-    let client = server.client().await;
+    let env = TestEnv::with_config(|config| {
+        config.lease_ttl = Duration::from_millis(800);
+        config.heartbeat_interval = Duration::from_millis(200);
+    })
+    .await;
+    let server = &env.server;
+    let client = &env.client;
     let started = Arc::new(AtomicUsize::new(0));
     let mut fleet = Vec::new();
     for _ in 0..3 {
-        fleet.push(job_worker(&server, 4, started.clone()).await);
+        fleet.push(job_worker(server, 4, started.clone()).await);
     }
     // Runs of about a second flow in while each worker in turn is killed and started again.
     let stop = CancellationToken::new();
@@ -159,12 +159,12 @@ async fn a_fleet_restarted_one_by_one_five_times_fails_no_run() {
             tokio::time::sleep(Duration::from_millis(600)).await;
             slot.abort();
             let _ = (&mut *slot).await;
-            *slot = job_worker(&server, 4, started.clone()).await;
+            *slot = job_worker(server, 4, started.clone()).await;
         }
     }
     stop.cancel();
     let ids = feeder.await.unwrap();
-    let pg = db.connect().await;
+    let pg = env.db.connect().await;
     eventually(Duration::from_secs(120), "every run ended", || async {
         let open: i64 = pg
             .query_one(

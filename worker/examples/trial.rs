@@ -3,12 +3,12 @@
 //! first. A crash of the worker or the server at any point loses nothing and repeats nothing.
 //!
 //! Run it against a server (e.g. the one `aiki dev` starts):
-//! `cargo run -p aiki --example trial`
+//! `cargo run -p aiki-worker --example trial`
 
 use std::time::Duration;
 
-use aiki::{Client, Context, StartOptions, WorkflowError};
-use aiki_worker::WorkerBuilder;
+use aiki::{Client, StartOptions};
+use aiki_worker::{Context, WorkerBuilder, WorkflowError};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]

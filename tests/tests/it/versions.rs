@@ -6,36 +6,29 @@ use std::time::Duration;
 
 use aiki::{RunStatus, StartOptions};
 use aiki_proto::v1::{RegisterWorkerRequest, WorkflowRef};
-use aiki_tests::{TestDb, TestServer, aiki_cli, eventually, start_req};
+use aiki_tests::{TestDb, TestEnv, TestServer, TestWorker, aiki_cli, eventually, start_req};
+use aiki_worker::Context;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 /// A worker of version `version` serving "greet", which answers with its version.
-async fn greeter(server: &TestServer, version: &str) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+async fn greeter(server: &TestServer, version: &str) -> TestWorker {
     let v = version.to_owned();
-    let worker = aiki_worker::WorkerBuilder::new(server.url())
+    let builder = aiki_worker::WorkerBuilder::new(server.url())
         .identity(format!("greeter-{version}"))
         .version(version)
-        .register("greet", move |_ctx: aiki::Context, input: Value| {
+        .register("greet", move |_ctx: Context, input: Value| {
             let v = v.clone();
             async move { Ok(json!({"served_by": v, "input": input})) }
-        })
-        .build()
-        .await
-        .unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { worker.run(stop).await.unwrap() }
-    });
+        });
+    let worker = TestWorker::start(builder).await;
     let client = server.client().await;
     let me = format!("greeter-{version}");
     eventually(Duration::from_secs(10), "the worker registered", || async {
         client.workers().await.unwrap().iter().any(|w| w.identity == me)
     })
     .await;
-    (stop, task)
+    worker
 }
 
 async fn greet(client: &aiki::Client, opts: StartOptions) -> aiki::RunHandle {
@@ -44,26 +37,26 @@ async fn greet(client: &aiki::Client, opts: StartOptions) -> aiki::RunHandle {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_version_rolls_out_while_old_runs_finish_on_old_workers() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
 
     // Before any version is registered, a run is unpinned.
-    let early = greet(&client, StartOptions::default()).await;
+    let early = greet(client, StartOptions::default()).await;
     assert_eq!(early.run.version, "");
-    let (stop_v1, v1) = greeter(&server, "v1").await;
+    let mut v1 = greeter(server, "v1").await;
     let out: Value = early.result(Duration::from_secs(10)).await.unwrap();
     assert_eq!(out["served_by"], "v1", "any version serves an unpinned run");
-    let a = greet(&client, StartOptions::default()).await;
+    let a = greet(client, StartOptions::default()).await;
     assert_eq!(a.run.version, "v1", "pinned to the newest registered version");
     let out: Value = a.result(Duration::from_secs(10)).await.unwrap();
     assert_eq!(out["served_by"], "v1");
 
-    let (stop_v2, v2) = greeter(&server, "v2").await;
-    let b = greet(&client, StartOptions::default()).await;
+    let mut v2 = greeter(server, "v2").await;
+    let b = greet(client, StartOptions::default()).await;
     assert_eq!(b.run.version, "v2", "the new version is the newest");
     let old = greet(
-        &client,
+        client,
         StartOptions {
             version: Some("v1".into()),
             ..StartOptions::default()
@@ -76,9 +69,8 @@ async fn a_new_version_rolls_out_while_old_runs_finish_on_old_workers() {
     assert_eq!(out["served_by"], "v1", "a v1 run finishes on the v1 worker");
 
     // Without a v2 worker, a v2 run waits, and ListQueues says why.
-    stop_v2.cancel();
-    v2.await.unwrap();
-    let d = greet(&client, StartOptions::default()).await;
+    v2.stop().await;
+    let d = greet(client, StartOptions::default()).await;
     assert_eq!(d.run.version, "v2");
     eventually(
         Duration::from_secs(10),
@@ -94,12 +86,12 @@ async fn a_new_version_rolls_out_while_old_runs_finish_on_old_workers() {
     )
     .await;
     assert_eq!(client.get(&d.id).await.unwrap().status, RunStatus::Queued);
-    let (ok, out, err) = aiki_cli(&server, &["queues"]).await;
+    let (ok, out, err) = aiki_cli(server, &["queues"]).await;
     assert!(
         ok && out.contains("1 queued run(s) wait: no live worker serves version \"v2\""),
         "{out}{err}"
     );
-    let (ok, out, err) = aiki_cli(&server, &["workflows", "-o", "json"]).await;
+    let (ok, out, err) = aiki_cli(server, &["workflows", "-o", "json"]).await;
     assert!(ok, "{err}");
     let listed: Value = serde_json::from_str(&out).unwrap();
     let summary: Vec<(String, bool, Value)> = listed
@@ -121,17 +113,16 @@ async fn a_new_version_rolls_out_while_old_runs_finish_on_old_workers() {
             ("v1".to_owned(), false, json!(["greeter-v1"])),
         ]
     );
-    let (ok, out, _) = aiki_cli(&server, &["workflows"]).await;
+    let (ok, out, _) = aiki_cli(server, &["workflows"]).await;
     assert!(ok && out.contains("greeter-v1") && out.contains("none live"), "{out}");
 
     // A v2 worker comes back: the run goes through.
-    let (stop_v2, v2) = greeter(&server, "v2").await;
+    let mut v2 = greeter(server, "v2").await;
     let out: Value = d.result(Duration::from_secs(10)).await.unwrap();
     assert_eq!(out["served_by"], "v2");
     assert!(client.queues().await.unwrap().iter().all(|q| q.unserved.is_empty()));
-    for (stop, task) in [(stop_v1, v1), (stop_v2, v2)] {
-        stop.cancel();
-        task.await.unwrap();
+    for worker in [&mut v1, &mut v2] {
+        worker.stop().await;
     }
 }
 

@@ -10,16 +10,17 @@ use std::{
 };
 
 use aiki::RunStatus;
-use aiki_tests::{RawWorker, TestDb, TestServer, bin, eventually, history_types};
+use aiki_tests::{RawWorker, TestEnv, bin, eventually, history_types};
+use aiki_worker::{Context, WorkflowError};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 #[tokio::test]
 async fn a_paused_queued_run_is_not_leased_until_resumed() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let db = &env.db;
+    let server = &env.server;
+    let client = &env.client;
     let run = client
         .start_run("later", &json!({}), aiki::StartOptions::default())
         .await
@@ -32,7 +33,7 @@ async fn a_paused_queued_run_is_not_leased_until_resumed() {
         "idempotent"
     );
 
-    let w = RawWorker::register(&server, &["default"]).await;
+    let w = RawWorker::register(server, &["default"]).await;
     assert!(
         w.poll(10, Duration::from_millis(300)).await.is_empty(),
         "a paused run is not leased"
@@ -58,16 +59,15 @@ async fn a_paused_queued_run_is_not_leased_until_resumed() {
     assert_eq!(leased.len(), 1);
     assert_eq!(leased[0].run_id, run.id);
     assert_eq!(
-        history_types(&server, &run.id).await,
+        history_types(server, &run.id).await,
         ["run_created", "run_paused", "run_resumed", "run_leased"]
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_run_pauses_on_its_worker_and_resumes_without_repeating_a_task() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let client = &env.client;
     let run = client
         .start_run("two-steps", &json!({}), aiki::StartOptions::default())
         .await
@@ -76,18 +76,17 @@ async fn a_running_run_pauses_on_its_worker_and_resumes_without_repeating_a_task
     let executions = Arc::new(AtomicU32::new(0));
     let (at_gate_tx, mut at_gate) = tokio::sync::mpsc::unbounded_channel();
     let gate_open = Arc::new(tokio::sync::Notify::new());
-    let shutdown = CancellationToken::new();
-    let worker = aiki_worker::WorkerBuilder::new(server.url())
+    let builder = aiki_worker::WorkerBuilder::new(env.url())
         .register("two-steps", {
             let (first_steps, executions, gate_open) = (first_steps.clone(), executions.clone(), gate_open.clone());
-            move |ctx: aiki::Context, _: serde_json::Value| {
+            move |ctx: Context, _: serde_json::Value| {
                 let (first_steps, executions, gate_open) = (first_steps.clone(), executions.clone(), gate_open.clone());
                 let at_gate_tx = at_gate_tx.clone();
                 async move {
                     let execution = executions.fetch_add(1, Ordering::SeqCst) + 1;
                     let a: u32 = ctx
                         .task("first", (), |()| async {
-                            Ok::<_, aiki::WorkflowError>(first_steps.fetch_add(1, Ordering::SeqCst) + 1)
+                            Ok::<_, WorkflowError>(first_steps.fetch_add(1, Ordering::SeqCst) + 1)
                         })
                         .await?;
                     // The first execution waits here until it is stopped; later ones go on.
@@ -95,20 +94,15 @@ async fn a_running_run_pauses_on_its_worker_and_resumes_without_repeating_a_task
                         let _ = at_gate_tx.send(());
                         gate_open.notified().await;
                     }
-                    let b: u32 = ctx
-                        .task("second", (), |()| async { Ok::<_, aiki::WorkflowError>(2) })
-                        .await?;
+                    let b: u32 = ctx.task("second", (), |()| async { Ok::<_, WorkflowError>(2) }).await?;
                     Ok(json!({"a": a, "b": b}))
                 }
             }
         })
-        .register("probe", |_ctx: aiki::Context, _: serde_json::Value| async {
+        .register("probe", |_ctx: Context, _: serde_json::Value| async {
             Ok(json!("probed"))
-        })
-        .build()
-        .await
-        .unwrap();
-    let running = tokio::spawn(worker.run(shutdown.clone()));
+        });
+    let mut worker = env.worker(builder).await;
     tokio::time::timeout(Duration::from_secs(10), at_gate.recv())
         .await
         .unwrap();
@@ -143,7 +137,7 @@ async fn a_running_run_pauses_on_its_worker_and_resumes_without_repeating_a_task
         "the checkpointed task did not run again"
     );
     assert_eq!(executions.load(Ordering::SeqCst), 2);
-    let history = history_types(&server, &run.id).await;
+    let history = history_types(&env.server, &run.id).await;
     let pause_events: Vec<&str> = history
         .iter()
         .map(String::as_str)
@@ -154,15 +148,14 @@ async fn a_running_run_pauses_on_its_worker_and_resumes_without_repeating_a_task
         ["pause_requested", "lease_released", "run_paused", "run_resumed"],
         "{history:?}"
     );
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test]
 async fn pause_and_resume_refuse_what_they_cannot_do_and_change_nothing() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let run = client
         .start_run("x", &json!({}), aiki::StartOptions::default())
         .await
@@ -208,21 +201,20 @@ async fn pause_and_resume_refuse_what_they_cannot_do_and_change_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(
-        history_types(&server, &run.id).await,
+        history_types(server, &run.id).await,
         ["run_created", "run_paused", "run_cancelled"]
     );
 }
 
 #[tokio::test]
 async fn the_cli_pauses_and_resumes() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let client = &env.client;
     let run = client
         .start_run("x", &json!({}), aiki::StartOptions::key("cli-pause"))
         .await
         .unwrap();
-    let url = server.url();
+    let url = env.url();
     let aiki = |args: &'static [&'static str]| {
         let url = url.clone();
         async move {
@@ -257,14 +249,14 @@ async fn the_cli_pauses_and_resumes() {
 
 #[tokio::test]
 async fn a_run_asked_to_pause_whose_lease_expires_is_paused_not_queued() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let run = client
         .start_run("x", &json!({}), aiki::StartOptions::default())
         .await
         .unwrap();
-    let w = RawWorker::register(&server, &["default"]).await;
+    let w = RawWorker::register(server, &["default"]).await;
     assert_eq!(w.poll(1, Duration::from_secs(5)).await.len(), 1);
     assert!(client.pause(&run.id, "").await.unwrap().pause_requested);
     // No heartbeat: the lease expires (2 s in tests) and the reaper ends it.
@@ -275,7 +267,7 @@ async fn a_run_asked_to_pause_whose_lease_expires_is_paused_not_queued() {
     assert!(!client.get(&run.id).await.unwrap().pause_requested);
     assert!(w.poll(1, Duration::from_millis(300)).await.is_empty());
     assert_eq!(
-        history_types(&server, &run.id).await,
+        history_types(server, &run.id).await,
         [
             "run_created",
             "run_leased",

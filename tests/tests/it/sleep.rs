@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use aiki_proto::v1::{RunStatus, SuspendRunRequest, WakeRunRequest};
-use aiki_tests::{RawWorker, TestDb, TestServer, history_types, start_req};
+use aiki_tests::{RawWorker, TestDb, TestEnv, TestServer, history_types, start_req};
+use aiki_worker::{Context, WorkflowError};
 use serde_json::json;
 use tonic::Code;
 
@@ -213,41 +214,40 @@ fn sleeper(
     use std::sync::atomic::Ordering;
     aiki_worker::WorkerBuilder::new(server.url())
         .slots(slots)
-        .register("sleeper", move |ctx: aiki::Context, _: serde_json::Value| {
+        .register("sleeper", move |ctx: Context, _: serde_json::Value| {
             let before = before.clone();
             async move {
                 ctx.task("before", (), |()| async {
                     before.fetch_add(1, Ordering::SeqCst);
-                    Ok::<_, aiki::WorkflowError>(())
+                    Ok::<_, WorkflowError>(())
                 })
                 .await?;
                 ctx.sleep("nap", sleep).await?;
                 let after: String = ctx
-                    .task("after", (), |()| async {
-                        Ok::<_, aiki::WorkflowError>("awake".to_owned())
-                    })
+                    .task("after", (), |()| async { Ok::<_, WorkflowError>("awake".to_owned()) })
                     .await?;
                 Ok(after)
             }
         })
-        .register("quick", |_ctx: aiki::Context, input: serde_json::Value| async move {
-            Ok(input)
-        })
+        .register(
+            "quick",
+            |_ctx: Context, input: serde_json::Value| async move { Ok(input) },
+        )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_sleeps_through_its_worker_being_killed_and_no_step_runs_twice() {
     use std::sync::{Arc, atomic::Ordering};
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let run = client
         .start_run("sleeper", &json!({}), aiki::StartOptions::default())
         .await
         .unwrap();
     let before = Arc::new(std::sync::atomic::AtomicU32::new(0));
 
-    let first = sleeper(&server, 4, before.clone(), Duration::from_secs(2))
+    let first = sleeper(server, 4, before.clone(), Duration::from_secs(2))
         .build()
         .await
         .unwrap();
@@ -260,12 +260,8 @@ async fn a_run_sleeps_through_its_worker_being_killed_and_no_step_runs_twice() {
     first.abort(); // killed: no drain, no goodbye
     let _ = first.await;
 
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let second = sleeper(&server, 4, before.clone(), Duration::from_secs(2))
-        .build()
-        .await
-        .unwrap();
-    let second = tokio::spawn(second.run(shutdown.clone()));
+    let builder = sleeper(server, 4, before.clone(), Duration::from_secs(2));
+    let mut worker = env.worker(builder).await;
     let out: String = run.result(Duration::from_secs(20)).await.unwrap();
     assert_eq!(out, "awake");
     assert!(
@@ -273,28 +269,22 @@ async fn a_run_sleeps_through_its_worker_being_killed_and_no_step_runs_twice() {
         "completed after its sleep"
     );
     assert_eq!(before.load(Ordering::SeqCst), 1, "the step before the sleep ran once");
-    shutdown.cancel();
-    second.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_sleeping_runs_hold_no_worker_slot() {
     use std::sync::Arc;
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let client = &env.client;
     let sleepers: Vec<_> = (0..1000)
         .map(|i| ("sleeper", json!({"i": i}), aiki::StartOptions::default()))
         .collect();
     client.start_runs(&sleepers).await.unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let before = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let worker = sleeper(&server, 4, before.clone(), Duration::from_secs(3600))
-        .build()
-        .await
-        .unwrap();
-    let worker = tokio::spawn(worker.run(shutdown.clone()));
-    let pg = db.connect().await;
+    let builder = sleeper(&env.server, 4, before.clone(), Duration::from_secs(3600));
+    let mut worker = env.worker(builder).await;
+    let pg = env.db.connect().await;
     aiki_tests::eventually(Duration::from_secs(60), "all 1000 runs sleep", || async {
         let n: i64 = pg
             .query_one("SELECT count(*) FROM runs WHERE status = 'suspended'", &[])
@@ -319,6 +309,5 @@ async fn a_thousand_sleeping_runs_hold_no_worker_slot() {
         .unwrap()
         .get(0);
     assert_eq!(suspended, 1000, "still asleep");
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }

@@ -12,9 +12,9 @@ use std::{
 
 use aiki::{ListFilter, RunStatus, StartOptions};
 use aiki_proto::v1::SuspendRunRequest;
-use aiki_tests::{RawWorker, TestDb, TestServer, aiki_cli, eventually, history_types, start_req};
+use aiki_tests::{RawWorker, TestEnv, TestServer, aiki_cli, eventually, history_types, start_req};
+use aiki_worker::{Context, WorkflowError};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 /// "family" starts three "child" runs (the second fails), then waits for each and returns
@@ -25,7 +25,7 @@ fn family_worker(server: &TestServer, starts: Arc<AtomicU32>) -> aiki_worker::Wo
     let s1 = starts.clone();
     aiki_worker::WorkerBuilder::new(server.url())
         .slots(8)
-        .register("family", move |ctx: aiki::Context, _: Value| {
+        .register("family", move |ctx: Context, _: Value| {
             let starts = s1.clone();
             async move {
                 let mut children = Vec::new();
@@ -46,32 +46,32 @@ fn family_worker(server: &TestServer, starts: Arc<AtomicU32>) -> aiki_worker::Wo
                 Ok(seen)
             }
         })
-        .register("child", |ctx: aiki::Context, input: Value| async move {
+        .register("child", |ctx: Context, input: Value| async move {
             if input["fail"] == json!(true) {
-                return Err(aiki::WorkflowError::new("Boom", "the child failed").non_retryable());
+                return Err(WorkflowError::new("Boom", "the child failed").non_retryable());
             }
             let n = input["n"].as_u64().unwrap_or(0);
-            ctx.task("work", n, |n| async move { Ok::<_, aiki::WorkflowError>(n * 10) })
+            ctx.task("work", n, |n| async move { Ok::<_, WorkflowError>(n * 10) })
                 .await
         })
-        .register("tree", |ctx: aiki::Context, _: Value| async move {
+        .register("tree", |ctx: Context, _: Value| async move {
             let waiter = ctx.start_child("waiter", &json!({}), StartOptions::default()).await?;
             ctx.start_child("busy", &json!({}), StartOptions::default()).await?;
             waiter
                 .result::<Value>()
                 .await?
-                .map_err(|e| aiki::WorkflowError::new(e.kind, e.message))
+                .map_err(|e| WorkflowError::new(e.kind, e.message))
         })
-        .register("waiter", |ctx: aiki::Context, _: Value| async move {
+        .register("waiter", |ctx: Context, _: Value| async move {
             let leaf = ctx.start_child("leaf", &json!({}), StartOptions::default()).await?;
             leaf.result::<Value>()
                 .await?
-                .map_err(|e| aiki::WorkflowError::new(e.kind, e.message))
+                .map_err(|e| WorkflowError::new(e.kind, e.message))
         })
-        .register("leaf", |ctx: aiki::Context, _: Value| async move {
+        .register("leaf", |ctx: Context, _: Value| async move {
             ctx.wait_event::<Value>("never", None).await
         })
-        .register("busy", |_ctx: aiki::Context, _: Value| async move {
+        .register("busy", |_ctx: Context, _: Value| async move {
             std::future::pending::<()>().await;
             Ok(())
         })
@@ -90,13 +90,12 @@ async fn children_of(client: &aiki::Client, id: &str) -> Vec<aiki::Run> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parent_sees_each_childs_result_and_never_starts_a_child_twice() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let starts = Arc::new(AtomicU32::new(0));
-    let shutdown = CancellationToken::new();
-    let worker = family_worker(&server, starts.clone()).build().await.unwrap();
-    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    let builder = family_worker(server, starts.clone());
+    let mut worker = env.worker(builder).await;
 
     let parent = client
         .start_run("family", &json!({}), StartOptions::key("family-1"))
@@ -117,13 +116,13 @@ async fn a_parent_sees_each_childs_result_and_never_starts_a_child_twice() {
         "the parent was re-executed mid-way ({} starts)",
         starts.load(Ordering::SeqCst)
     );
-    let children = children_of(&client, &parent.id).await;
+    let children = children_of(client, &parent.id).await;
     assert_eq!(children.len(), 3, "each child started once");
     for c in &children {
         assert_eq!(c.parent_run_id.as_deref(), Some(parent.id.as_str()));
         assert!(c.idempotency_key.as_deref().unwrap().starts_with(&parent.id));
     }
-    let history = history_types(&server, &parent.id).await;
+    let history = history_types(server, &parent.id).await;
     assert_eq!(
         history.iter().filter(|t| *t == "child_started").count(),
         3,
@@ -132,18 +131,18 @@ async fn a_parent_sees_each_childs_result_and_never_starts_a_child_twice() {
     assert_eq!(history.iter().filter(|t| *t == "child_ended").count(), 3, "{history:?}");
 
     // `aiki run get` shows the children, and each child's parent.
-    let (ok, out, err) = aiki_cli(&server, &["run", "get", &parent.id, "-o", "json"]).await;
+    let (ok, out, err) = aiki_cli(server, &["run", "get", &parent.id, "-o", "json"]).await;
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["children"].as_array().map(Vec::len), Some(3), "{v}");
-    let (ok, out, _) = aiki_cli(&server, &["run", "get", &children[0].id]).await;
+    let (ok, out, _) = aiki_cli(server, &["run", "get", &children[0].id]).await;
     assert!(
         ok && out
             .lines()
             .any(|l| l.trim_start().starts_with("parent") && l.contains(&parent.id)),
         "{out}"
     );
-    let (ok, out, _) = aiki_cli(&server, &["run", "get", "--key", "family-1"]).await;
+    let (ok, out, _) = aiki_cli(server, &["run", "get", "--key", "family-1"]).await;
     assert!(ok && out.contains("children"), "{out}");
     let rows = out
         .lines()
@@ -154,28 +153,23 @@ async fn a_parent_sees_each_childs_result_and_never_starts_a_child_twice() {
         })
         .count();
     assert_eq!(rows, 3, "{out}");
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_parent_cancels_its_unfinished_descendants() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
-    let shutdown = CancellationToken::new();
-    let worker = family_worker(&server, Arc::new(AtomicU32::new(0)))
-        .build()
-        .await
-        .unwrap();
-    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
+    let builder = family_worker(server, Arc::new(AtomicU32::new(0)));
+    let mut worker = env.worker(builder).await;
 
     let tree = client
         .start_run("tree", &json!({}), StartOptions::default())
         .await
         .unwrap();
     // tree waits for waiter, which waits for leaf, which waits for an event; busy runs.
-    let pg = db.connect().await;
+    let pg = env.db.connect().await;
     eventually(Duration::from_secs(15), "the tree is in place", || async {
         let rows = pg
             .query("SELECT workflow, status FROM runs ORDER BY workflow", &[])
@@ -202,7 +196,7 @@ async fn cancelling_a_parent_cancels_its_unfinished_descendants() {
         n == 0
     })
     .await;
-    let children = children_of(&client, &tree.id).await;
+    let children = children_of(client, &tree.id).await;
     assert_eq!(children.len(), 2);
     for c in &children {
         let err = c.error.clone().unwrap();
@@ -214,18 +208,17 @@ async fn cancelling_a_parent_cancels_its_unfinished_descendants() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(history_types(&server, &leaf).await.last().unwrap(), "run_cancelled");
+    assert_eq!(history_types(server, &leaf).await.last().unwrap(), "run_cancelled");
     // Cancelling again changes nothing.
     assert_eq!(client.cancel(&tree.id, "").await.unwrap().status, RunStatus::Cancelled);
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test]
 async fn bad_child_starts_and_waits_are_refused_and_change_nothing() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let mut wf = server.workflows().await;
     let with_parent = |parent: &str| aiki_proto::v1::StartRunRequest {
         parent_run_id: parent.into(),
@@ -256,7 +249,7 @@ async fn bad_child_starts_and_waits_are_refused_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let pg = db.connect().await;
+    let pg = env.db.connect().await;
     let n: i64 = pg.query_one("SELECT count(*) FROM runs", &[]).await.unwrap().get(0);
     assert_eq!(n, 1, "nothing was started");
 
@@ -280,7 +273,7 @@ async fn bad_child_starts_and_waits_are_refused_and_change_nothing() {
         )
         .await
         .unwrap();
-    let w = RawWorker::register(&server, &["default"]).await;
+    let w = RawWorker::register(server, &["default"]).await;
     let run = w.poll(1, Duration::from_secs(5)).await.remove(0);
     assert_eq!(run.run_id, a);
     let err = w
@@ -348,18 +341,12 @@ async fn a_parent_queued_while_its_children_end_is_not_left_waiting() {
     // meanwhile; unless the child's end wakes the pollers again, the parent waits for the
     // worker's next poll, 30 s later. One family at a time, so that nothing else wakes them;
     // without that wake-up about one family in five was left waiting.
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
-    let shutdown = CancellationToken::new();
-    let worker = family_worker(&server, Arc::new(AtomicU32::new(0)))
-        .poll_wait(Duration::from_secs(30))
-        .build()
-        .await
-        .unwrap();
-    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    let env = TestEnv::new().await;
+    let builder = family_worker(&env.server, Arc::new(AtomicU32::new(0))).poll_wait(Duration::from_secs(30));
+    let mut worker = env.worker(builder).await;
     for i in 0..10 {
-        let parent = client
+        let parent = env
+            .client
             .start_run("family", &json!({"i": i}), StartOptions::default())
             .await
             .unwrap();
@@ -369,6 +356,5 @@ async fn a_parent_queued_while_its_children_end_is_not_left_waiting() {
             .unwrap_or_else(|e| panic!("family {i} was left waiting: {e}"));
         assert_eq!(seen.len(), 3);
     }
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }

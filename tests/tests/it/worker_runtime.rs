@@ -10,17 +10,15 @@ use std::{
     time::Duration,
 };
 
-use aiki::{Context, WorkflowError};
-use aiki_tests::{Counts, TestDb, TestServer, eventually};
-use aiki_worker::WorkerBuilder;
+use aiki_tests::{Counts, TestDb, TestEnv, TestServer, TestWorker, eventually};
+use aiki_worker::{Context, WorkerBuilder, WorkflowError};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_short_runs_and_releases_long_ones() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let client = &env.client;
     let quick = client
         .start_run("slow", &json!(200), aiki::StartOptions::default())
         .await
@@ -31,8 +29,7 @@ async fn shutdown_finishes_short_runs_and_releases_long_ones() {
         .unwrap();
     let running = Arc::new(AtomicUsize::new(0));
     let r = running.clone();
-    let shutdown = CancellationToken::new();
-    let worker = WorkerBuilder::new(server.url())
+    let builder = WorkerBuilder::new(env.url())
         .slots(2)
         .shutdown_grace(Duration::from_secs(2))
         .register("slow", move |_ctx: Context, ms: u64| {
@@ -42,17 +39,13 @@ async fn shutdown_finishes_short_runs_and_releases_long_ones() {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 Ok(ms)
             }
-        })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
+        });
+    let mut worker = env.worker(builder).await;
     eventually(Duration::from_secs(10), "both runs started", || async {
         running.load(Ordering::SeqCst) == 2
     })
     .await;
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
 
     assert_eq!(
         quick.get().await.unwrap().status,
@@ -100,14 +93,10 @@ async fn the_worker_reconnects_when_the_server_comes_back() {
     let db = TestDb::new().await;
     let first = TestServer::start(&db).await;
     let addr = first.addr;
-    let shutdown = CancellationToken::new();
-    let worker = WorkerBuilder::new(first.url())
+    let builder = WorkerBuilder::new(first.url())
         .poll_wait(Duration::from_secs(1))
-        .register("echo", |_ctx: Context, v: serde_json::Value| async move { Ok(v) })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
+        .register("echo", |_ctx: Context, v: serde_json::Value| async move { Ok(v) });
+    let mut worker = TestWorker::start(builder).await;
     echo_through(&first.url(), "before").await;
 
     first.stop().await;
@@ -116,8 +105,7 @@ async fn the_worker_reconnects_when_the_server_comes_back() {
     let (stop_second, second) = serve_again(addr, &db.url).await;
     echo_through(&format!("http://{addr}"), "after").await;
 
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
     stop_second.cancel();
     second.await.unwrap().unwrap();
 }
@@ -130,17 +118,13 @@ async fn a_worker_the_server_does_not_know_registers_again() {
     let db = TestDb::new().await;
     let first = TestServer::start(&db).await;
     let addr = first.addr;
-    let shutdown = CancellationToken::new();
     // Slots for two polls of a batch each, so that two are on their way.
-    let worker = WorkerBuilder::new(first.url())
+    let builder = WorkerBuilder::new(first.url())
         .poll_wait(Duration::from_secs(1))
         .slots(20)
         .poll_batch(10)
-        .register("echo", |_ctx: Context, v: serde_json::Value| async move { Ok(v) })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
+        .register("echo", |_ctx: Context, v: serde_json::Value| async move { Ok(v) });
+    let mut worker = TestWorker::start(builder).await;
     echo_through(&first.url(), "before").await;
     first.stop().await;
 
@@ -156,21 +140,17 @@ async fn a_worker_the_server_does_not_know_registers_again() {
         .get(0);
     assert_eq!(workers, 1, "registered once on the new database");
 
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
     stop_second.cancel();
     second.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
-    let db = TestDb::new().await;
     // No reaper pass during the test: the expired lease keeps its token and the run stays
     // `running`, so any report the worker made would be accepted and would show in the history.
-    let mut config = aiki_tests::Config::for_test(&db.url);
-    config.reaper_interval = Duration::from_secs(3600);
-    let server = TestServer::start_with(config).await;
-    let client = server.client().await;
+    let env = TestEnv::with_config(|config| config.reaper_interval = Duration::from_secs(3600)).await;
+    let client = &env.client;
     let run = client
         .start_run("stuck", &json!({}), aiki::StartOptions::default())
         .await
@@ -178,26 +158,21 @@ async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
     let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
     let (stopped_tx, mut stopped) = tokio::sync::mpsc::unbounded_channel::<()>();
     use aiki_tests::OnDrop;
-    let shutdown = CancellationToken::new();
-    let worker = WorkerBuilder::new(server.url())
-        .register("stuck", move |_ctx: Context, _: serde_json::Value| {
-            let started_tx = started_tx.clone();
-            let guard = OnDrop(stopped_tx.clone());
-            async move {
-                let _guard = guard;
-                let _ = started_tx.send(());
-                std::future::pending::<()>().await;
-                Ok(())
-            }
-        })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.clone().run(shutdown.clone()));
+    let builder = WorkerBuilder::new(env.url()).register("stuck", move |_ctx: Context, _: serde_json::Value| {
+        let started_tx = started_tx.clone();
+        let guard = OnDrop(stopped_tx.clone());
+        async move {
+            let _guard = guard;
+            let _ = started_tx.send(());
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+    });
+    let mut worker = env.worker(builder).await;
     started.recv().await.unwrap();
     // The lease runs out, as when heartbeats are delayed past the expiry: the next heartbeat
     // tells the worker, which stops the run.
-    let pg = db.connect().await;
+    let pg = env.db.connect().await;
     let id = uuid::Uuid::parse_str(&run.id).unwrap();
     pg.execute(
         "UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
@@ -208,11 +183,10 @@ async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
     tokio::time::timeout(Duration::from_secs(5), stopped.recv())
         .await
         .expect("the run was stopped");
-    shutdown.cancel();
-    // When `run` returns, whatever the worker was going to report has been sent.
-    task.await.unwrap().unwrap();
+    // Once the worker has stopped, whatever it was going to report has been sent.
+    worker.stop().await;
     let run = client.get(&run.id).await.unwrap();
-    let events = aiki_tests::history_types(&server, &run.id).await;
+    let events = aiki_tests::history_types(&env.server, &run.id).await;
     assert_eq!(
         events,
         ["run_created", "run_leased"],
@@ -228,38 +202,29 @@ async fn a_run_whose_lease_is_lost_is_stopped_and_never_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_that_crosses_a_completion_does_not_lose_the_run() {
     const RUNS: usize = 6_000;
-    let db = TestDb::new().await;
-    let mut config = aiki_tests::Config::for_test(&db.url);
-    config.heartbeat_interval = Duration::from_millis(5);
-    let server = TestServer::start_with(config).await;
-    let client = server.client().await;
+    let env = TestEnv::with_config(|config| config.heartbeat_interval = Duration::from_millis(5)).await;
     let starts: Vec<_> = (0..RUNS)
         .map(|i| ("quick", json!(i), aiki::StartOptions::default()))
         .collect();
     for chunk in starts.chunks(1000) {
-        client.start_runs(chunk).await.unwrap();
+        env.client.start_runs(chunk).await.unwrap();
     }
-    let shutdown = CancellationToken::new();
-    let worker = WorkerBuilder::new(server.url())
+    let builder = WorkerBuilder::new(env.url())
         .slots(500)
         .register("quick", |_ctx: Context, i: u64| async move {
             // A little work, so that many leases are held (and heartbeated) at each instant.
             tokio::time::sleep(Duration::from_millis(i % 7)).await;
             Ok(i)
-        })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.clone().run(shutdown.clone()));
+        });
+    let mut worker = env.worker(builder).await;
     eventually(Duration::from_secs(120), "every run completed", || async {
         worker.completed("quick") + worker.lost() >= RUNS as u64
     })
     .await;
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
     assert_eq!(worker.lost(), 0, "no run was taken for lost");
     assert_eq!(worker.completed("quick"), RUNS as u64, "every completion was counted");
-    let pg = db.connect().await;
+    let pg = env.db.connect().await;
     let row = pg
         .query_one(
             "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE lease_expirations > 0)
@@ -274,15 +239,13 @@ async fn a_heartbeat_that_crosses_a_completion_does_not_lose_the_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_tasks_in_a_loop_replay_and_reordered_tasks_are_detected() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let client = &env.client;
     let effects: Counts = Arc::default();
     let crash_once = Arc::new(AtomicUsize::new(0));
     let reorder = Arc::new(AtomicUsize::new(0));
     let (e, c, r) = (effects.clone(), crash_once.clone(), reorder.clone());
-    let shutdown = CancellationToken::new();
-    let worker = WorkerBuilder::new(server.url())
+    let builder = WorkerBuilder::new(env.url())
         .register("loop", move |ctx: Context, _: serde_json::Value| {
             let (e, c) = (e.clone(), c.clone());
             async move {
@@ -335,11 +298,8 @@ async fn repeated_tasks_in_a_loop_replay_and_reordered_tasks_are_detected() {
                 }
                 Ok(())
             }
-        })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
+        });
+    let mut worker = env.worker(builder).await;
     let retry = aiki::StartOptions {
         retry: Some(aiki::RetryPolicy {
             initial_interval: Some(Duration::from_millis(10)),
@@ -370,21 +330,20 @@ async fn repeated_tasks_in_a_loop_replay_and_reordered_tasks_are_detected() {
         }
         other => panic!("expected a non-determinism failure, got {other:?}"),
     }
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_leases_a_run_again_stops_its_earlier_execution() {
-    let db = TestDb::new().await;
     // Heartbeats so rare that the worker learns nothing from them during the test: only the
     // second lease can make it stop the first execution.
-    let mut config = aiki_tests::Config::for_test(&db.url);
-    config.lease_ttl = Duration::from_secs(120);
-    config.heartbeat_interval = Duration::from_secs(60);
-    let server = TestServer::start_with(config).await;
-    let client = server.client().await;
-    let run = client
+    let env = TestEnv::with_config(|config| {
+        config.lease_ttl = Duration::from_secs(120);
+        config.heartbeat_interval = Duration::from_secs(60);
+    })
+    .await;
+    let run = env
+        .client
         .start_run("stuck", &json!({}), aiki::StartOptions::default())
         .await
         .unwrap();
@@ -398,8 +357,7 @@ async fn a_worker_that_leases_a_run_again_stops_its_earlier_execution() {
         }
     }
     let (s, l, m) = (started.clone(), live.clone(), most_live.clone());
-    let shutdown = CancellationToken::new();
-    let worker = WorkerBuilder::new(server.url())
+    let builder = WorkerBuilder::new(env.url())
         .shutdown_grace(Duration::from_millis(100))
         .register("stuck", move |_ctx: Context, _: serde_json::Value| {
             let (s, l, m) = (s.clone(), l.clone(), m.clone());
@@ -411,17 +369,14 @@ async fn a_worker_that_leases_a_run_again_stops_its_earlier_execution() {
                 std::future::pending::<()>().await;
                 Ok(())
             }
-        })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
+        });
+    let mut worker = env.worker(builder).await;
     eventually(Duration::from_secs(5), "the run started", || async {
         started.load(Ordering::SeqCst) == 1
     })
     .await;
     // The lease runs out; the reaper queues the run again and this same worker leases it again.
-    let pg = db.connect().await;
+    let pg = env.db.connect().await;
     let id = uuid::Uuid::parse_str(&run.id).unwrap();
     pg.execute(
         "UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
@@ -442,17 +397,14 @@ async fn a_worker_that_leases_a_run_again_stops_its_earlier_execution() {
         1,
         "never two executions of the run at once"
     );
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_workflow_fails_its_attempt_and_frees_its_slot() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
-    let shutdown = CancellationToken::new();
-    let worker = WorkerBuilder::new(server.url())
+    let env = TestEnv::new().await;
+    let client = &env.client;
+    let builder = WorkerBuilder::new(env.url())
         .slots(1)
         .register("panics", |_ctx: Context, _: serde_json::Value| async move {
             if true {
@@ -460,11 +412,8 @@ async fn a_panicking_workflow_fails_its_attempt_and_frees_its_slot() {
             }
             Ok(())
         })
-        .register("fine", |_ctx: Context, v: serde_json::Value| async move { Ok(v) })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
+        .register("fine", |_ctx: Context, v: serde_json::Value| async move { Ok(v) });
+    let mut worker = env.worker(builder).await;
     let opts = aiki::StartOptions {
         retry: Some(aiki::RetryPolicy {
             max_attempts: Some(2),
@@ -492,8 +441,7 @@ async fn a_panicking_workflow_fails_its_attempt_and_frees_its_slot() {
         .await
         .unwrap();
     assert_eq!(good.result::<i32>(Duration::from_secs(10)).await.unwrap(), 5);
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 /// When each task of a run is checkpointed, as `(task key, recorded in the transaction that
@@ -512,26 +460,20 @@ async fn checkpoints(db: &TestDb, run_id: &str) -> Vec<(String, bool)> {
 /// the completion, committed in its transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_task_is_checkpointed_with_the_completion() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
-    let shutdown = CancellationToken::new();
-    let worker = WorkerBuilder::new(server.url())
-        .register("two-steps", |ctx: Context, x: u64| async move {
-            let a: u64 = ctx
-                .task("one", x, |x| async move { Ok::<_, WorkflowError>(x + 1) })
-                .await?;
-            let b: u64 = ctx
-                .task("two", a, |a| async move { Ok::<_, WorkflowError>(a * 10) })
-                .await?;
-            Ok(b)
-        })
-        .build()
-        .await
-        .unwrap();
+    let env = TestEnv::new().await;
+    let builder = WorkerBuilder::new(env.url()).register("two-steps", |ctx: Context, x: u64| async move {
+        let a: u64 = ctx
+            .task("one", x, |x| async move { Ok::<_, WorkflowError>(x + 1) })
+            .await?;
+        let b: u64 = ctx
+            .task("two", a, |a| async move { Ok::<_, WorkflowError>(a * 10) })
+            .await?;
+        Ok(b)
+    });
+    let mut worker = env.worker(builder).await;
     let counts = worker.clone();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
-    let run = client
+    let run = env
+        .client
         .start_run("two-steps", &json!(4), aiki::StartOptions::default())
         .await
         .unwrap();
@@ -543,43 +485,35 @@ async fn the_last_task_is_checkpointed_with_the_completion() {
     .await;
     assert_eq!(counts.completed("elsewhere"), 0, "a workflow it does not serve");
     assert_eq!(
-        checkpoints(&db, &run.id).await,
+        checkpoints(&env.db, &run.id).await,
         [("one".to_owned(), false), ("two".to_owned(), true)]
     );
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 /// The tasks that ran before an attempt failed are checkpointed before the failure is
 /// reported: the retry does not run them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_before_a_failed_attempt_are_not_run_again() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
     let effects: Counts = Arc::default();
     let e = effects.clone();
-    let shutdown = CancellationToken::new();
-    let worker = WorkerBuilder::new(server.url())
-        .register("flaky", move |ctx: Context, (): ()| {
-            let e = e.clone();
-            async move {
-                let n: u32 = ctx
-                    .task("count", (), |()| async move {
-                        *e.lock().unwrap().entry("count".to_owned()).or_default() += 1;
-                        Ok::<_, WorkflowError>(7)
-                    })
-                    .await?;
-                if ctx.attempt() == 1 {
-                    return Err(WorkflowError::new("Flaky", "first attempt fails"));
-                }
-                Ok(n)
+    let builder = WorkerBuilder::new(env.url()).register("flaky", move |ctx: Context, (): ()| {
+        let e = e.clone();
+        async move {
+            let n: u32 = ctx
+                .task("count", (), |()| async move {
+                    *e.lock().unwrap().entry("count".to_owned()).or_default() += 1;
+                    Ok::<_, WorkflowError>(7)
+                })
+                .await?;
+            if ctx.attempt() == 1 {
+                return Err(WorkflowError::new("Flaky", "first attempt fails"));
             }
-        })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
+            Ok(n)
+        }
+    });
+    let mut worker = env.worker(builder).await;
     let options = aiki::StartOptions {
         retry: Some(aiki::RetryPolicy {
             max_attempts: Some(2),
@@ -588,45 +522,38 @@ async fn tasks_before_a_failed_attempt_are_not_run_again() {
         }),
         ..Default::default()
     };
-    let run = client.start_run("flaky", &(), options).await.unwrap();
+    let run = env.client.start_run("flaky", &(), options).await.unwrap();
     let out: u32 = run.result(Duration::from_secs(10)).await.unwrap();
     assert_eq!(out, 7);
     assert_eq!(run.get().await.unwrap().attempt, 2);
     assert_eq!(effects.lock().unwrap().get("count"), Some(&1), "the task ran once");
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 /// Tasks running concurrently in one workflow each wait for the results before them to be
 /// checkpointed, and none is lost or recorded twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_tasks_are_checkpointed_once_each_in_order() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
-    let shutdown = CancellationToken::new();
-    let worker = WorkerBuilder::new(server.url())
-        .register("fan-out", |ctx: Context, x: u64| async move {
-            let a: u64 = ctx
-                .task("a", x, |x| async move { Ok::<_, WorkflowError>(x + 1) })
-                .await?;
-            let (b, c) = futures::join!(
-                ctx.task("b", a, |a| async move { Ok::<_, WorkflowError>(a * 2) }),
-                ctx.task("c", a, |a| async move { Ok::<_, WorkflowError>(a * 3) }),
-            );
-            Ok(b? + c?)
-        })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
-    let run = client
+    let env = TestEnv::new().await;
+    let builder = WorkerBuilder::new(env.url()).register("fan-out", |ctx: Context, x: u64| async move {
+        let a: u64 = ctx
+            .task("a", x, |x| async move { Ok::<_, WorkflowError>(x + 1) })
+            .await?;
+        let (b, c) = futures::join!(
+            ctx.task("b", a, |a| async move { Ok::<_, WorkflowError>(a * 2) }),
+            ctx.task("c", a, |a| async move { Ok::<_, WorkflowError>(a * 3) }),
+        );
+        Ok(b? + c?)
+    });
+    let mut worker = env.worker(builder).await;
+    let run = env
+        .client
         .start_run("fan-out", &json!(1), aiki::StartOptions::default())
         .await
         .unwrap();
     let out: u64 = run.result(Duration::from_secs(10)).await.unwrap();
     assert_eq!(out, 10);
-    let got = checkpoints(&db, &run.id).await;
+    let got = checkpoints(&env.db, &run.id).await;
     let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["a", "b", "c"], "each task recorded once, in order: {got:?}");
     assert!(!got[0].1, "a was committed before b and c ran: {got:?}");
@@ -636,6 +563,5 @@ async fn concurrent_tasks_are_checkpointed_once_each_in_order() {
         got[1].1 || got[2].1,
         "the last result came with the completion: {got:?}"
     );
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
 }

@@ -4,12 +4,10 @@
 
 use std::time::Duration;
 
-use aiki::{Context, WorkflowError};
 use aiki_proto::MAX_PAYLOAD_DEPTH;
-use aiki_tests::{TestDb, TestServer, aiki_cli, bin, eventually, history_types};
-use aiki_worker::WorkerBuilder;
+use aiki_tests::{TestDb, TestEnv, TestServer, aiki_cli, bin, eventually, history_types};
+use aiki_worker::{Context, WorkerBuilder, WorkflowError};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 /// `depth` arrays inside each other around `1`.
 fn nested(depth: usize) -> serde_json::Value {
@@ -77,10 +75,8 @@ async fn a_command_printing_json_60_deep_fails_its_run_at_once_after_one_executi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_and_error_details_past_the_limit_end_the_attempt_with_the_reason() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let shutdown = CancellationToken::new();
-    let worker = WorkerBuilder::new(server.url())
+    let env = TestEnv::new().await;
+    let builder = WorkerBuilder::new(env.url())
         .register(
             "deep-output",
             |_ctx: Context, depth: usize| async move { Ok(nested(depth)) },
@@ -91,12 +87,9 @@ async fn outputs_and_error_details_past_the_limit_end_the_attempt_with_the_reaso
                     .with_details(nested(depth))
                     .non_retryable(),
             )
-        })
-        .build()
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
-    let client = server.client().await;
+        });
+    let mut worker = env.worker(builder).await;
+    let client = &env.client;
     let start = |workflow: &'static str, depth: usize| {
         let client = client.clone();
         async move {
@@ -110,13 +103,13 @@ async fn outputs_and_error_details_past_the_limit_end_the_attempt_with_the_reaso
 
     // At the limit, an output is stored and read back whole.
     let at_limit = start("deep-output", MAX_PAYLOAD_DEPTH).await;
-    let run = ended(&client, &at_limit).await;
+    let run = ended(client, &at_limit).await;
     assert_eq!(run.status, aiki::RunStatus::Completed);
     assert_eq!(run.output, Some(nested(MAX_PAYLOAD_DEPTH)));
 
     // Past it, the run fails at once, not retried.
     let past = start("deep-output", MAX_PAYLOAD_DEPTH + 1).await;
-    let run = ended(&client, &past).await;
+    let run = ended(client, &past).await;
     assert_eq!(run.status, aiki::RunStatus::Failed);
     let error = run.error.unwrap();
     assert_eq!(error.kind, "PayloadTooDeep");
@@ -125,7 +118,7 @@ async fn outputs_and_error_details_past_the_limit_end_the_attempt_with_the_reaso
 
     // A failure whose details cannot be stored is still reported, with a note for the details.
     let details = start("deep-details", 40).await;
-    let run = ended(&client, &details).await;
+    let run = ended(client, &details).await;
     assert_eq!(run.status, aiki::RunStatus::Failed);
     let error = run.error.unwrap();
     assert_eq!(error.kind, "Declined");
@@ -135,15 +128,14 @@ async fn outputs_and_error_details_past_the_limit_end_the_attempt_with_the_reaso
         "{note}"
     );
 
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inputs_and_event_data_past_the_limit_are_refused_by_the_sdk_and_the_cli() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let e = client
         .start_run("w", &nested(60), aiki::StartOptions::default())
         .await
@@ -157,7 +149,7 @@ async fn inputs_and_event_data_past_the_limit_are_refused_by_the_sdk_and_the_cli
     let file = dir.join("d60.json");
     std::fs::write(&file, serde_json::to_string(&nested(60)).unwrap()).unwrap();
     let input = format!("@{}", file.display());
-    let (ok, _, stderr) = aiki_cli(&server, &["run", "start", "echo", "--input", &input]).await;
+    let (ok, _, stderr) = aiki_cli(server, &["run", "start", "echo", "--input", &input]).await;
     assert!(!ok);
     assert!(
         stderr.contains("--input nests arrays and objects 60 levels deep") && stderr.contains("at most 32 levels"),
@@ -167,17 +159,18 @@ async fn inputs_and_event_data_past_the_limit_are_refused_by_the_sdk_and_the_cli
         .start_run("w", &json!({}), aiki::StartOptions::default())
         .await
         .unwrap();
-    let (ok, _, stderr) = aiki_cli(&server, &["run", "event", &run.id, "go", "--data", &input]).await;
+    let (ok, _, stderr) = aiki_cli(server, &["run", "event", &run.id, "go", "--data", &input]).await;
     assert!(!ok);
     assert!(
         stderr.contains("--data nests arrays and objects 60 levels deep"),
         "{stderr}"
     );
-    let (ok, _, stderr) = aiki_cli(&server, &["run", "event", &run.id, "go", "--data", "{bad"]).await;
+    let (ok, _, stderr) = aiki_cli(server, &["run", "event", &run.id, "go", "--data", "{bad"]).await;
     assert!(!ok);
     assert!(stderr.contains("--data is not valid JSON"), "{stderr}");
 
-    let n: i64 = db
+    let n: i64 = env
+        .db
         .connect()
         .await
         .query_one("SELECT count(*) FROM runs", &[])

@@ -5,16 +5,15 @@ use std::time::{Duration, Instant};
 
 use aiki::{ListFilter, RunStatus};
 use aiki_proto::v1::{EventType, StartRunsRequest};
-use aiki_tests::{RawWorker, TestDb, TestServer, start_req};
+use aiki_tests::{RawWorker, TestDb, TestEnv, TestServer, start_req};
 use futures::StreamExt;
 use serde_json::json;
 
 #[tokio::test]
 async fn list_runs_filters_and_pages() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
-    let mut wf = server.workflows().await;
+    let env = TestEnv::new().await;
+    let client = &env.client;
+    let mut wf = env.server.workflows().await;
     let runs = (0..25)
         .map(|i| start_req(if i % 5 == 0 { "rare" } else { "common" }, json!(i)))
         .collect();
@@ -87,12 +86,9 @@ async fn list_runs_filters_and_pages() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_events_live_until_the_run_ends() {
-    let db = TestDb::new().await;
     // Re-reads so rare that only the in-process wake-up can deliver events in time.
-    let mut config = aiki_tests::Config::for_test(&db.url);
-    config.recheck_interval = Duration::from_secs(60);
-    let server = TestServer::start_with(config).await;
-    let client = server.client().await;
+    let env = TestEnv::with_config(|config| config.recheck_interval = Duration::from_secs(60)).await;
+    let client = &env.client;
     let run = client
         .start_run("watched", &json!({}), aiki::StartOptions::default())
         .await
@@ -101,7 +97,7 @@ async fn watch_streams_events_live_until_the_run_ends() {
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(first.r#type, EventType::RunCreated as i32);
 
-    let w = RawWorker::register(&server, &["default"]).await;
+    let w = RawWorker::register(&env.server, &["default"]).await;
     let lease = w.poll(1, Duration::ZERO).await.pop().unwrap();
     assert_eq!(
         stream.next().await.unwrap().unwrap().r#type,
@@ -132,9 +128,9 @@ async fn watch_streams_events_live_until_the_run_ends() {
 
 #[tokio::test]
 async fn workers_and_queues_report_what_is_happening() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let server = &env.server;
+    let client = &env.client;
     let mut wf = server.workflows().await;
     let runs = (0..5).map(|i| start_req("q", json!(i))).collect();
     wf.start_runs(StartRunsRequest { runs }).await.unwrap();
@@ -145,7 +141,7 @@ async fn workers_and_queues_report_what_is_happening() {
     other.queue = "emails".into();
     wf.start_run(other).await.unwrap();
 
-    let w = RawWorker::register(&server, &["default"]).await;
+    let w = RawWorker::register(server, &["default"]).await;
     assert_eq!(w.poll(2, Duration::ZERO).await.len(), 2);
 
     let workers = client.workers().await.unwrap();
@@ -216,7 +212,7 @@ async fn one_reaper_per_database_and_another_takes_over() {
     let b = TestServer::start(&db).await;
     // `b` has tried too: each server keeps the session it tries the lock on, so both show the
     // lock statement as their last.
-    let lock_statement = include_str!("../../server/src/store/sql/session/reaper_lock.sql");
+    let lock_statement = include_str!("../../../server/src/store/sql/session/reaper_lock.sql");
     aiki_tests::eventually(Duration::from_secs(5), "the second server tried the lock", || async {
         let tried: i64 = pg
             .query_one(
@@ -304,7 +300,7 @@ fn plan_text(rows: &[tokio_postgres::Row]) -> String {
 #[tokio::test]
 async fn the_claim_walks_its_partial_index_without_sorting_the_queue() {
     let (_db, _server, pg) = analyzed_queue(10).await;
-    let claim = include_str!("../../server/src/store/sql/leases/claim.sql");
+    let claim = include_str!("../../../server/src/store/sql/leases/claim.sql");
     let explain = format!("EXPLAIN (FORMAT TEXT) {claim}");
     let worker = uuid::Uuid::now_v7();
     let rows = pg
@@ -344,7 +340,7 @@ async fn a_completion_of_a_thousand_runs_finds_them_by_key_not_by_scanning() {
         .map(|r| r.get(0))
         .collect();
     let n = ids.len();
-    let complete = include_str!("../../server/src/store/sql/reports/complete.sql");
+    let complete = include_str!("../../../server/src/store/sql/reports/complete.sql");
     pg.batch_execute(&format!(
         "PREPARE complete(text[], uuid[], uuid[], jsonb[], jsonb[], int[]) AS {complete}"
     ))

@@ -6,8 +6,8 @@ use std::{sync::Arc, time::Duration};
 use aiki_proto::v1::{
     CompleteRunRequest, EventType, GetRunResultRequest, HeartbeatRequest, Lease, RecordTaskRequest, RunStatus,
 };
-use aiki_tests::{Counts, RawWorker, TestDb, TestServer, start_req};
-use aiki_worker::WorkerBuilder;
+use aiki_tests::{Counts, RawWorker, TestDb, TestEnv, TestServer, start_req};
+use aiki_worker::{Context, WorkerBuilder, WorkflowError};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -188,9 +188,8 @@ async fn a_run_that_keeps_losing_its_lease_ends_failed() {
 /// task 3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_executed_run_skips_recorded_tasks() {
-    let db = TestDb::new().await;
-    let server = TestServer::start(&db).await;
-    let client = server.client().await;
+    let env = TestEnv::new().await;
+    let client = &env.client;
     let run = client
         .start_run("three", &json!({"x": 1}), aiki::StartOptions::default())
         .await
@@ -201,7 +200,7 @@ async fn a_re_executed_run_skips_recorded_tasks() {
     let make_worker = |die_in_three: bool| {
         let effects = effects.clone();
         let in_three_tx = in_three_tx.clone();
-        WorkerBuilder::new(server.url()).register("three", move |ctx: aiki::Context, input: serde_json::Value| {
+        WorkerBuilder::new(env.url()).register("three", move |ctx: Context, input: serde_json::Value| {
             let effects = effects.clone();
             let in_three_tx = in_three_tx.clone();
             async move {
@@ -217,7 +216,7 @@ async fn a_re_executed_run_skips_recorded_tasks() {
                                 std::future::pending::<()>().await;
                             }
                             *e.lock().unwrap().entry(step.to_owned()).or_default() += 1;
-                            Ok::<_, aiki::WorkflowError>(format!("{step} done"))
+                            Ok::<_, WorkflowError>(format!("{step} done"))
                         })
                         .await?;
                     acc.push(out);
@@ -243,12 +242,10 @@ async fn a_re_executed_run_skips_recorded_tasks() {
     first.abort(); // the process is gone: no more heartbeats, no reports
     let _ = first.await;
 
-    let shutdown = CancellationToken::new();
-    let second = tokio::spawn(make_worker(false).build().await.unwrap().run(shutdown.clone()));
+    let mut second = env.worker(make_worker(false)).await;
     let out: Vec<String> = run.result(Duration::from_secs(30)).await.unwrap();
     assert_eq!(out, ["one done", "two done", "three done"]);
-    shutdown.cancel();
-    second.await.unwrap().unwrap();
+    second.stop().await;
     let effects = effects.lock().unwrap();
     assert_eq!(effects.get("one"), Some(&1), "task one ran once");
     assert_eq!(effects.get("two"), Some(&1), "task two ran once");

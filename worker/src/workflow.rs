@@ -15,13 +15,14 @@ use std::{
     time::Duration,
 };
 
+use aiki::{Client, RetryPolicy, RunError, StartOptions};
 use aiki_proto::v1::{RecordTaskRequest, TaskResult, task_result};
 use backon::{ExponentialBuilder, Retryable};
 use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
-use crate::{Client, RetryPolicy, RunError, StartOptions, reporter::Reporter};
+use crate::reporter::Reporter;
 
 /// How a workflow (or one of its tasks) failed.
 ///
@@ -154,14 +155,14 @@ fn short_type_name<E>() -> String {
 
 /// The lease a workflow execution runs under.
 #[derive(Debug, Clone)]
-pub struct Lease {
-    pub namespace: String,
-    pub run_id: String,
-    pub lease_token: String,
-    pub workflow: String,
-    pub attempt: u32,
+pub(crate) struct Lease {
+    pub(crate) namespace: String,
+    pub(crate) run_id: String,
+    pub(crate) lease_token: String,
+    pub(crate) workflow: String,
+    pub(crate) attempt: u32,
     /// The run's queue: its children's, unless they name another.
-    pub queue: String,
+    pub(crate) queue: String,
 }
 
 #[derive(Debug, Default)]
@@ -203,7 +204,7 @@ pub struct Context {
 impl Context {
     /// A context for one execution of a leased run, with the task results recorded so far;
     /// task results are checkpointed through `reporter`.
-    pub fn new(lease: Lease, reporter: Reporter, recorded: Vec<TaskResult>) -> Self {
+    pub(crate) fn new(lease: Lease, reporter: Reporter, recorded: Vec<TaskResult>) -> Self {
         let recorded = recorded.into_iter().map(|t| (t.key.clone(), t)).collect();
         Self {
             lease: Arc::new(lease),
@@ -217,14 +218,9 @@ impl Context {
         }
     }
 
-    /// The same context, with a client to start child runs through ([`Context::start_child`]).
-    pub fn with_client(self, client: Client) -> Self {
-        self.with_shared_client(Arc::new(client))
-    }
-
-    /// [`Context::with_client`] with a client shared by many contexts (a worker's executions):
-    /// nothing is copied per context.
-    pub fn with_shared_client(mut self, client: Arc<Client>) -> Self {
+    /// The same context, with a client to start child runs through ([`Context::start_child`]),
+    /// shared by many contexts (a worker's executions): nothing is copied per context.
+    pub(crate) fn with_shared_client(mut self, client: Arc<Client>) -> Self {
         self.client = Some(client);
         self
     }
@@ -474,7 +470,7 @@ impl Context {
         let client = self.client.as_ref().ok_or_else(|| {
             WorkflowError::new(
                 "NoClient",
-                "this context cannot start child runs: it was built without Context::with_client",
+                "this context cannot start child runs: it was built without a client",
             )
             .non_retryable()
         })?;
@@ -495,7 +491,7 @@ impl Context {
         self.flush().await?;
         let client = Client::clone(client).with_namespace(self.lease.namespace.clone());
         let handle = client.start_run(workflow, input, opts).await.map_err(|e| {
-            let retryable = matches!(e, crate::Error::Unavailable(_) | crate::Error::Server(_));
+            let retryable = matches!(e, aiki::Error::Unavailable(_) | aiki::Error::Server(_));
             let e = WorkflowError::new("ChildStart", format!("could not start child {workflow:?}: {e}"));
             if retryable { e } else { e.non_retryable() }
         })?;
@@ -561,7 +557,7 @@ impl Context {
     /// A task's result is kept in the execution until the next step could have an effect the
     /// task must not be repeated after: the next task runs, a child run starts, or the run
     /// suspends, fails or is released (the worker runtime flushes before those reports). The
-    /// results left at the end travel with `CompleteRun` ([`Context::take_unsent`]) and are
+    /// results left at the end travel with `CompleteRun` and are
     /// committed in the completion's transaction: a one-task run costs one transaction after
     /// its lease instead of two. What runs between a task and the next step is workflow code,
     /// deterministic by the model, so a crash in between only makes the re-execution run the
@@ -600,7 +596,7 @@ impl Context {
 
     /// Takes the task results that are not checkpointed yet, for the runtime to send with the
     /// run's completion (`CompleteRunRequest.tasks`).
-    pub fn take_unsent(&self) -> Vec<TaskResult> {
+    pub(crate) fn take_unsent(&self) -> Vec<TaskResult> {
         std::mem::take(&mut self.progress.lock().unwrap_or_else(|e| e.into_inner()).unsent)
     }
 

@@ -413,11 +413,11 @@ fn quickstart_commands(readme: &str) -> Vec<String> {
 async fn every_readme_quickstart_command_works() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let example = std::fs::read_to_string(root.join("sdk/examples/quickstart.rs")).unwrap();
+    let example = std::fs::read_to_string(root.join("worker/examples/quickstart.rs")).unwrap();
     let hello = std::fs::read_to_string(root.join("worker/examples/hello.toml")).unwrap();
     assert!(
         readme.contains(&example),
-        "README shows sdk/examples/quickstart.rs as it is"
+        "README shows worker/examples/quickstart.rs as it is"
     );
     assert!(
         readme.contains(&hello),
@@ -504,8 +504,11 @@ async fn every_readme_quickstart_command_works() {
     assert!(stdout.contains(r#"charge: "ch_4200""#), "{stdout}");
 
     // The durable example: a child run, an event, a wait that times out.
-    let trial = std::fs::read_to_string(root.join("sdk/examples/trial.rs")).unwrap();
-    assert!(readme.contains(&trial), "README shows sdk/examples/trial.rs as it is");
+    let trial = std::fs::read_to_string(root.join("worker/examples/trial.rs")).unwrap();
+    assert!(
+        readme.contains(&trial),
+        "README shows worker/examples/trial.rs as it is"
+    );
     let out = Command::new(bin_dir.join("examples").join("trial"))
         .env("AIKI_SERVER", format!("http://{addr}"))
         .output()
