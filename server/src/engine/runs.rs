@@ -225,8 +225,8 @@ impl Engine {
     pub async fn cancel(&self, caller: &Caller, req: WithReason) -> Result<Run> {
         let RunId { namespace, id } = req.run;
         self.authorize(caller, Op::CancelRun, &namespace)?;
-        let run = self.store.cancel_run(&namespace, id, &req.reason).await?;
-        self.run_changed(id);
+        let (run, moved) = self.store.cancel_run(&namespace, id, &req.reason).await?;
+        moved.iter().for_each(|m| self.wakers.moved(m));
         Ok(run)
     }
 
@@ -234,29 +234,24 @@ impl Engine {
     pub async fn pause(&self, caller: &Caller, req: WithReason) -> Result<Run> {
         let RunId { namespace, id } = req.run;
         self.authorize(caller, Op::PauseRun, &namespace)?;
-        let run = self.store.pause_run(&namespace, id, &req.reason).await?;
-        self.run_changed(id);
+        let (run, moved) = self.store.pause_run(&namespace, id, &req.reason).await?;
+        self.wakers.moved(&moved);
         Ok(run)
     }
 
     /// Resumes a paused run, or withdraws a pause not yet taken effect.
     pub async fn resume(&self, caller: &Caller, req: RunId) -> Result<Run> {
         self.authorize(caller, Op::ResumeRun, &req.namespace)?;
-        let (run, queued) = self.store.resume_run(&req.namespace, req.id).await?;
-        self.run_changed(req.id);
-        if let Some(delay) = queued {
-            self.wakers.queue_ready((req.namespace, run.queue.clone()), Some(delay));
-        }
+        let (run, moved) = self.store.resume_run(&req.namespace, req.id).await?;
+        self.wakers.moved(&moved);
         Ok(run)
     }
 
     /// Ends a suspended run's wait now.
     pub async fn wake(&self, caller: &Caller, req: RunId) -> Result<Run> {
         self.authorize(caller, Op::WakeRun, &req.namespace)?;
-        let run = self.store.wake_run(&req.namespace, req.id).await?;
-        if let Some(status) = status_of(&run) {
-            self.moved(&req.namespace, req.id, &run.queue, status, None);
-        }
+        let (run, moved) = self.store.wake_run(&req.namespace, req.id).await?;
+        self.wakers.moved(&moved);
         Ok(run)
     }
 
@@ -264,7 +259,7 @@ impl Engine {
     pub async fn send_event(&self, caller: &Caller, req: SendEvent) -> Result<EventSent> {
         self.authorize(caller, Op::SendEvent, &req.namespace)?;
         validate::payload_size("payload", &req.payload, self.config.max_payload_bytes)?;
-        let (stored, delivered, run) = self
+        let (stored, delivered, run, moved) = self
             .store
             .send_event(
                 &req.namespace,
@@ -274,12 +269,7 @@ impl Engine {
                 req.event_key.as_deref(),
             )
             .await?;
-        if let Ok(id) = Uuid::parse_str(&run.id) {
-            self.run_changed(id);
-        }
-        if delivered && status_of(&run) == Some(RunStatus::Queued) {
-            self.wakers.queue_ready((req.namespace, run.queue.clone()), None);
-        }
+        self.wakers.moved(&moved);
         Ok(EventSent { stored, delivered, run })
     }
 

@@ -363,6 +363,19 @@ async fn moved_runs(tx: &Transaction<'_>, rows: &[tokio_postgres::Row]) -> Resul
     Ok(moved)
 }
 
+impl Moved {
+    /// What a statement that answered the run's row did to it.
+    fn of_row(row: &tokio_postgres::Row, visible_in: Option<Duration>) -> Self {
+        Self {
+            namespace: row.get("namespace"),
+            id: row.get("id"),
+            queue: row.get("queue"),
+            status: row.get("status"),
+            visible_in,
+        }
+    }
+}
+
 /// Locks run (`namespace`, `id`) until `tx` ends and reads it.
 async fn lock_run(tx: &Transaction<'_>, namespace: &str, id: Uuid) -> Result<tokio_postgres::Row> {
     tx.query_opt(

@@ -107,7 +107,7 @@ impl Store {
     /// the same transaction, every run it started (children, grandchildren...) that has not
     /// ended. Idempotent.
     #[instrument(name = "store.run.cancel", skip_all)]
-    pub async fn cancel_run(&self, namespace: &str, id: Uuid, reason: &str) -> Result<Run> {
+    pub async fn cancel_run(&self, namespace: &str, id: Uuid, reason: &str) -> Result<(Run, Vec<Moved>)> {
         let mut client = self.pool.get().await?;
         let mut tries = 0;
         loop {
@@ -131,7 +131,7 @@ impl Store {
     /// Pauses a run: a queued one at once, a running one once its worker releases it (it is
     /// asked to at its next heartbeat). Pausing a paused run, or asking twice, changes nothing.
     #[instrument(name = "store.run.pause", skip_all)]
-    pub async fn pause_run(&self, namespace: &str, id: Uuid, reason: &str) -> Result<Run> {
+    pub async fn pause_run(&self, namespace: &str, id: Uuid, reason: &str) -> Result<(Run, Moved)> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = lock_run(&tx, namespace, id).await?;
@@ -141,7 +141,7 @@ impl Store {
         let now = match status {
             RunStatus::Queued => true,
             RunStatus::Running if !requested && !cancelling => false,
-            RunStatus::Running | RunStatus::Paused => return run_from_row(&row),
+            RunStatus::Running | RunStatus::Paused => return Ok((run_from_row(&row)?, Moved::of_row(&row, None))),
             other => {
                 return Err(Error::FailedPrecondition(format!(
                     "run {id} is {other}; only a queued or running run can be paused"
@@ -166,13 +166,13 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        run_from_row(&row)
+        Ok((run_from_row(&row)?, Moved::of_row(&row, None)))
     }
 
-    /// Resumes a paused run (queued again; answers how long until it is visible) or withdraws
-    /// a pause request not yet taken effect. Resuming a run that is not paused changes nothing.
+    /// Resumes a paused run (queued again, visible when it would have been) or withdraws a
+    /// pause request not yet taken effect. Resuming a run that is not paused changes nothing.
     #[instrument(name = "store.run.resume", skip_all)]
-    pub async fn resume_run(&self, namespace: &str, id: Uuid) -> Result<(Run, Option<Duration>)> {
+    pub async fn resume_run(&self, namespace: &str, id: Uuid) -> Result<(Run, Moved)> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = lock_run(&tx, namespace, id).await?;
@@ -184,7 +184,7 @@ impl Store {
             RunStatus::Queued | RunStatus::Running | RunStatus::Suspended => {
                 wake_if_queued(&tx, &row).await?;
                 tx.commit().await?;
-                return Ok((run_from_row(&row)?, None));
+                return Ok((run_from_row(&row)?, Moved::of_row(&row, None)));
             }
             other => {
                 return Err(Error::FailedPrecondition(format!(
@@ -211,7 +211,7 @@ impl Store {
             None
         };
         tx.commit().await?;
-        Ok((run_from_row(&row)?, queued))
+        Ok((run_from_row(&row)?, Moved::of_row(&row, queued)))
     }
 }
 
@@ -539,8 +539,14 @@ pub(super) async fn lock_parents(tx: &Transaction<'_>, runs: &[NewRun]) -> Resul
 }
 
 /// Cancels run `id` and then its descendants, level by level (see [`Store::cancel_run`]).
-pub(super) async fn cancel_tree(tx: &Transaction<'_>, namespace: &str, id: Uuid, reason: &str) -> Result<Run> {
+pub(super) async fn cancel_tree(
+    tx: &Transaction<'_>,
+    namespace: &str,
+    id: Uuid,
+    reason: &str,
+) -> Result<(Run, Vec<Moved>)> {
     let root = cancel_in(tx, namespace, id, reason).await?;
+    let mut moved = vec![Moved::of_row(&root, None)];
     let why = format!("its parent run {id} was cancelled");
     let stmt = tx.prepare_cached(sql!("runs/children")).await?;
     let mut level = vec![id];
@@ -553,14 +559,15 @@ pub(super) async fn cancel_tree(tx: &Transaction<'_>, namespace: &str, id: Uuid,
             .collect();
         for &child in &children {
             match cancel_in(tx, namespace, child, &why).await {
+                Ok(row) => moved.push(Moved::of_row(&row, None)),
                 // Ended already: nothing to cancel.
-                Ok(_) | Err(Error::FailedPrecondition(_)) => {}
+                Err(Error::FailedPrecondition(_)) => {}
                 Err(e) => return Err(e),
             }
         }
         level = children;
     }
-    run_from_row(&root)
+    Ok((run_from_row(&root)?, moved))
 }
 
 /// Cancels one run: at once if queued, suspended or paused, by request if running.

@@ -105,7 +105,7 @@ impl Store {
     /// Ends a suspended run's wait now (`WakeRun`): a sleep ends, a wait for an event times
     /// out. A wait for a child cannot be ended so.
     #[instrument(name = "store.run.wake", skip_all)]
-    pub async fn wake_run(&self, namespace: &str, id: Uuid) -> Result<Run> {
+    pub async fn wake_run(&self, namespace: &str, id: Uuid) -> Result<(Run, Moved)> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = lock_run(&tx, namespace, id).await?;
@@ -131,12 +131,12 @@ impl Store {
         };
         let row = end_wait(&tx, namespace, id, &output, &details).await?;
         tx.commit().await?;
-        run_from_row(&row)
+        Ok((run_from_row(&row)?, Moved::of_row(&row, None)))
     }
 
     /// Sends an event to a run (by id or idempotency key): stored in its inbox (unless its
     /// event key was sent before), and handed to the run at once if it waits for an event of
-    /// that name. Answers (stored, delivered, the run as it is now).
+    /// that name. Answers (stored, delivered, the run as it is now, what moved).
     #[instrument(name = "store.run.send_event", skip_all)]
     pub async fn send_event(
         &self,
@@ -145,7 +145,7 @@ impl Store {
         name: &str,
         payload: &Json,
         event_key: Option<&str>,
-    ) -> Result<(bool, bool, Run)> {
+    ) -> Result<(bool, bool, Run, Moved)> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = match target {
@@ -173,7 +173,7 @@ impl Store {
         if duplicate {
             wake_if_queued(&tx, &row).await?;
             tx.commit().await?;
-            return Ok((false, false, run_from_row(&row)?));
+            return Ok((false, false, run_from_row(&row)?, Moved::of_row(&row, None)));
         }
         if status.is_terminal() {
             return Err(Error::FailedPrecondition(format!(
@@ -213,7 +213,7 @@ impl Store {
             wake_if_queued(&tx, &run).await?;
         }
         tx.commit().await?;
-        Ok((true, waiting, run_from_row(&run)?))
+        Ok((true, waiting, run_from_row(&run)?, Moved::of_row(&run, None)))
     }
 
     /// How long until the earliest wake time of a suspended run (zero if overdue), if any.

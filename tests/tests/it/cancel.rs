@@ -82,3 +82,52 @@ async fn cancelling_a_running_run_stops_it_on_its_worker() {
     );
     worker.stop().await;
 }
+
+/// A cancellation moves a whole tree of runs; every run it moved wakes its own waiters at once,
+/// not only the run named. The server here re-checks a waiter only once a minute: only the
+/// wake-up can end the wait on the child in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_parent_wakes_the_waiters_of_its_children() {
+    let env = TestEnv::with_config(|c| {
+        c.recheck_interval = Duration::from_secs(60);
+        // No reaper statement takes the waiter's pooled connection meanwhile (see below).
+        c.reaper_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let mut wf = env.server.workflows().await;
+    let parent = aiki_tests::start_id(&mut wf, aiki_tests::start_req("parent", json!({}))).await;
+    let mut child = aiki_tests::start_req("child", json!({}));
+    child.parent_run_id = parent.clone();
+    let child = aiki_tests::start_id(&mut wf, child).await;
+    let waiting = {
+        let client = env.client.clone();
+        let child = child.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let status = client.wait(&child, Duration::from_secs(50)).await.unwrap().status;
+            (status, started.elapsed())
+        })
+    };
+    // The waiter has read the child (queued) and waits: its connection has run the read.
+    let get = include_str!("../../../server/src/store/sql/runs/get.sql");
+    let pg = env.db.connect().await;
+    aiki_tests::eventually(Duration::from_secs(10), "the waiter read the child", || async {
+        pg.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = $1",
+            &[&get],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    assert!(!waiting.is_finished(), "the child had not ended");
+    env.client.cancel(&parent, "changed my mind").await.unwrap();
+    let (status, waited) = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the child's waiter was woken")
+        .unwrap();
+    assert_eq!(status, aiki::RunStatus::Cancelled);
+    assert!(waited < Duration::from_secs(20), "woken, not re-checked: {waited:?}");
+}
