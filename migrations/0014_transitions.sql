@@ -2,8 +2,9 @@
 -- a delivered event, a child's end) and writing out an ended lease's `run_leased` event were
 -- written out in several statements each; a new kind of wait or lease end had to edit them all.
 
--- The ready notification's payload: namespace, queue and the delay in ms until the run is
--- visible, as `wake::ready_payload` builds it in the server (a test checks that the two agree).
+-- Every ready notification's payload: namespace, queue and the delay in ms until the run is
+-- visible. The store's statements and the child-end trigger alike build it here; the server's
+-- listener (`wake::parse_ready`) reads it.
 CREATE FUNCTION aiki_ready_payload(ns text, queue text, delay_ms bigint) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT ns || E'\n' || queue || E'\n' || greatest(delay_ms, 0)::text

@@ -150,18 +150,12 @@ impl Wakers {
         }
     }
 
-    /// Handles one `aiki_ready` payload: `namespace \n queue \n delay-ms`.
+    /// Handles one `aiki_ready` payload (see [`parse_ready`]).
     pub(crate) fn on_payload(&self, payload: &str) {
-        let mut parts = payload.split('\n');
-        let (Some(ns), Some(queue)) = (parts.next(), parts.next()) else {
-            tracing::warn!(payload, "malformed ready notification");
-            return;
-        };
-        let delay = parts
-            .next()
-            .and_then(|ms| ms.parse::<u64>().ok())
-            .map(Duration::from_millis);
-        self.queue_ready((ns.to_owned(), queue.to_owned()), delay);
+        match parse_ready(payload) {
+            Some((key, delay)) => self.queue_ready(key, delay),
+            None => tracing::warn!(payload, "malformed ready notification"),
+        }
     }
 }
 
@@ -171,11 +165,37 @@ pub(crate) const TIMER_SLACK: Duration = Duration::from_millis(2);
 /// next poll that ends its wait (at most one poll wait late).
 const MAX_TIMERS: usize = 100_000;
 
-/// The payload of a ready notification for `queue`: its runs are visible after `delay`.
-pub fn ready_payload(namespace: &str, queue: &str, delay: Duration) -> String {
-    // Rounded up: never early.
-    let ms = delay.as_nanos().div_ceil(1_000_000);
-    format!("{namespace}\n{queue}\n{ms}")
+/// A ready notification to send: the runs of `queue` are visible after `delay_ms`. The database
+/// builds its payload (`aiki_ready_payload`, the migration `transitions`), for the statements
+/// of the store and the child-end trigger alike; [`parse_ready`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Ready {
+    pub namespace: String,
+    pub queue: String,
+    pub delay_ms: i64,
+}
+
+impl Ready {
+    /// The notification of `queue`'s runs visible after `delay` (rounded up: never early).
+    pub fn new(namespace: &str, queue: &str, delay: Duration) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            queue: queue.to_owned(),
+            delay_ms: i64::try_from(delay.as_nanos().div_ceil(1_000_000)).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+/// The queue and the delay a ready notification's payload names (`namespace \n queue \n
+/// delay-ms`); `None` if it is malformed.
+pub fn parse_ready(payload: &str) -> Option<(QueueKey, Option<Duration>)> {
+    let mut parts = payload.split('\n');
+    let (ns, queue) = (parts.next()?, parts.next()?);
+    let delay = parts
+        .next()
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    Some(((ns.to_owned(), queue.to_owned()), delay))
 }
 
 struct Timers {
@@ -261,7 +281,7 @@ mod tests {
         tokio::pin!(notified);
         notified.as_mut().enable();
         let started = Instant::now();
-        w.on_payload(&ready_payload("default", "q", Duration::from_millis(50)));
+        w.on_payload("default\nq\n50");
         tokio::time::timeout(Duration::from_secs(5), notified)
             .await
             .expect("the timer fired");

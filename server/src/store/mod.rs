@@ -57,6 +57,7 @@ use workers::*;
 
 use crate::error::{Error, Result};
 pub use crate::status::RunStatus;
+use crate::wake::Ready;
 
 /// A run to insert, already validated.
 #[derive(Debug, Clone)]
@@ -274,8 +275,8 @@ impl Store {
         migrate(&mut client).await
     }
 
-    /// Sends one ready notification (`wake::ready_payload`) in a statement of its own.
-    async fn notify(&self, payload: String) -> Result<()> {
+    /// Sends one ready notification in a statement of its own.
+    async fn notify(&self, payload: Ready) -> Result<()> {
         notify_ready(&self.pool.get().await?, vec![payload]).await
     }
 
@@ -322,23 +323,39 @@ pub enum RunRef {
 async fn wake_if_queued(tx: &Transaction<'_>, row: &tokio_postgres::Row) -> Result<()> {
     if row.get::<_, RunStatus>("status") == RunStatus::Queued {
         let (namespace, queue): (String, String) = (row.get("namespace"), row.get("queue"));
-        notify_ready(tx, vec![crate::wake::ready_payload(&namespace, &queue, Duration::ZERO)]).await?;
+        notify_ready(tx, vec![Ready::new(&namespace, &queue, Duration::ZERO)]).await?;
     }
     Ok(())
 }
 
-/// Wakes the pollers of the queues named by `payloads` (see `wake::ready_payload`) when `tx`
-/// commits (at once outside a transaction): one NOTIFY per distinct payload.
-async fn notify_ready(tx: &impl GenericClient, payloads: Vec<String>) -> Result<()> {
-    let mut sent: Vec<String> = Vec::new();
-    for payload in payloads {
-        if !sent.contains(&payload) {
-            tx.execute(&tx.prepare_cached(sql!("runs/notify_ready")).await?, &[&payload])
-                .await?;
-            sent.push(payload);
-        }
+/// Wakes the pollers of the queues named by `payloads` when `tx` commits (at once outside a
+/// transaction): one NOTIFY per distinct notification, all in one statement.
+async fn notify_ready(tx: &impl GenericClient, payloads: Vec<Ready>) -> Result<()> {
+    if payloads.is_empty() {
+        return Ok(());
     }
+    let (namespaces, queues, delays) = ready_arrays(&payloads);
+    tx.execute(
+        &tx.prepare_cached(sql!("runs/notify_ready")).await?,
+        &[&namespaces, &queues, &delays],
+    )
+    .await?;
     Ok(())
+}
+
+/// Ready notifications as the arrays a statement takes: namespaces, queues, delays in ms.
+fn ready_arrays(payloads: &[Ready]) -> (Vec<&str>, Vec<&str>, Vec<i64>) {
+    let mut arrays = (
+        Vec::with_capacity(payloads.len()),
+        Vec::with_capacity(payloads.len()),
+        Vec::with_capacity(payloads.len()),
+    );
+    for p in payloads {
+        arrays.0.push(p.namespace.as_str());
+        arrays.1.push(p.queue.as_str());
+        arrays.2.push(p.delay_ms);
+    }
+    arrays
 }
 
 /// The runs a statement moved (the reaper's expiry, the wake-up of sleepers), from its rows
@@ -357,7 +374,7 @@ async fn moved_runs(tx: &Transaction<'_>, rows: &[tokio_postgres::Row]) -> Resul
     let payloads = moved
         .iter()
         .filter(|m| m.status == RunStatus::Queued)
-        .map(|m| crate::wake::ready_payload(&m.namespace, &m.queue, Duration::ZERO))
+        .map(|m| Ready::new(&m.namespace, &m.queue, Duration::ZERO))
         .collect();
     notify_ready(tx, payloads).await?;
     Ok(moved)

@@ -15,6 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::wake::Ready;
+
 #[derive(Debug, Default)]
 struct Sent {
     /// When the last notification of the queue went (or goes, with its batch's statement).
@@ -23,11 +25,11 @@ struct Sent {
     deferred: bool,
 }
 
-/// Which ready notifications (`wake::ready_payload` strings) go now and which later.
+/// Which ready notifications go now and which later.
 #[derive(Debug, Default)]
 pub struct Notices {
     window: Duration,
-    sent: Mutex<HashMap<String, Sent>>,
+    sent: Mutex<HashMap<Ready, Sent>>,
 }
 
 impl Notices {
@@ -41,7 +43,7 @@ impl Notices {
 
     /// Splits `payloads` (of one batch about to be written) into those its statement sends
     /// and those to hand to [`Notices::after_commit`] once it has committed.
-    pub fn admit(&self, payloads: Vec<String>, now: Instant) -> (Vec<String>, Vec<String>) {
+    pub fn admit(&self, payloads: Vec<Ready>, now: Instant) -> (Vec<Ready>, Vec<Ready>) {
         if self.window.is_zero() {
             return (payloads, Vec::new());
         }
@@ -68,7 +70,7 @@ impl Notices {
     /// deferred send must now be scheduled, each with when it is due. A payload whose deferred
     /// send is already scheduled is covered by it: that send has not gone yet (it says so with
     /// [`Notices::sending`] first), so it goes after this commit.
-    pub fn after_commit(&self, later: Vec<String>, now: Instant) -> Vec<(String, Instant)> {
+    pub fn after_commit(&self, later: Vec<Ready>, now: Instant) -> Vec<(Ready, Instant)> {
         let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
         let mut schedule = Vec::new();
         for p in later {
@@ -84,9 +86,9 @@ impl Notices {
 
     /// A deferred send of `payload` is about to go: batches committed from now on schedule
     /// their own.
-    pub fn sending(&self, payload: &str, now: Instant) {
+    pub fn sending(&self, payload: &Ready, now: Instant) {
         let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
-        let s = sent.entry(payload.to_owned()).or_default();
+        let s = sent.entry(payload.clone()).or_default();
         s.deferred = false;
         s.last = Some(now);
     }
@@ -102,7 +104,10 @@ mod tests {
     fn one_notification_per_queue_and_window_the_rest_deferred() {
         let n = Notices::new(W);
         let t0 = Instant::now();
-        let (a, b) = ("ns\nq\n0".to_owned(), "ns\nother\n0".to_owned());
+        let (a, b) = (
+            Ready::new("ns", "q", Duration::ZERO),
+            Ready::new("ns", "other", Duration::ZERO),
+        );
         // The first batch of each queue sends.
         assert_eq!(
             n.admit(vec![a.clone(), b.clone()], t0),
@@ -136,7 +141,7 @@ mod tests {
     fn a_zero_window_sends_everything_at_once() {
         let n = Notices::new(Duration::ZERO);
         let t = Instant::now();
-        let a = "ns\nq\n0".to_owned();
+        let a = Ready::new("ns", "q", Duration::ZERO);
         assert_eq!(n.admit(vec![a.clone()], t), (vec![a.clone()], vec![]));
         assert_eq!(n.admit(vec![a.clone()], t), (vec![a], vec![]));
     }

@@ -278,7 +278,7 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
     }
 
     // Everything else, one by one, in the order received.
-    let mut notify: Vec<String> = Vec::new();
+    let mut notify: Vec<Ready> = Vec::new();
     for (i, r) in reports.iter().enumerate() {
         if out[i].is_some() {
             continue;
@@ -307,7 +307,7 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
                 if let Ok(Some((run, delay))) = &ended
                     && status_of_run(run) == Some(RunStatus::Queued)
                 {
-                    notify.push(crate::wake::ready_payload(namespace, &run.queue, *delay));
+                    notify.push(Ready::new(namespace, &run.queue, *delay));
                 }
                 ended.map(|e| Applied::Ended(e.map(|(run, delay)| (Box::new(run), delay))))
             }

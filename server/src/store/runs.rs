@@ -205,7 +205,7 @@ impl Store {
         let queued = if status == RunStatus::Paused {
             let delay = Duration::from_millis(row.get::<_, i64>("delay_ms").max(0) as u64);
             let queue: String = row.get("queue");
-            notify_ready(&tx, vec![crate::wake::ready_payload(namespace, &queue, delay)]).await?;
+            notify_ready(&tx, vec![Ready::new(namespace, &queue, delay)]).await?;
             Some(delay)
         } else {
             None
@@ -215,12 +215,12 @@ impl Store {
     }
 }
 
-/// The ready notifications of `runs` (`wake::ready_payload`), once per queue: those of runs
+/// The ready notifications of `runs`, once per queue: those of runs
 /// ready at once, and those of runs with a delay.
-pub(super) fn ready_payloads(runs: &[NewRun]) -> (Vec<String>, Vec<String>) {
+pub(super) fn ready_payloads(runs: &[NewRun]) -> (Vec<Ready>, Vec<Ready>) {
     let (mut ready, mut delayed) = (Vec::new(), Vec::new());
     for r in runs {
-        let p = crate::wake::ready_payload(&r.namespace, &r.queue, r.delay);
+        let p = Ready::new(&r.namespace, &r.queue, r.delay);
         let to = if r.delay.is_zero() { &mut ready } else { &mut delayed };
         if !to.contains(&p) {
             to.push(p);
@@ -238,7 +238,7 @@ pub(super) async fn start_in(
     atomic: bool,
     (mut refused, parents): Parents,
     cache: &VersionCache,
-    wake: Vec<String>,
+    wake: Vec<Ready>,
 ) -> Result<Vec<Result<(Run, bool)>>> {
     // Insert in key order, so that two batches sharing keys take their locks in the same
     // order and cannot deadlock; answer in request order.
@@ -307,6 +307,7 @@ pub(super) async fn start_in(
         delays.push(ms(r.delay));
     }
     let stmt = tx.prepare_cached(sql!("runs/insert")).await?;
+    let (wake_namespaces, wake_queues, wake_delays) = ready_arrays(&wake);
     let rows = tx
         .query(
             &stmt,
@@ -331,7 +332,9 @@ pub(super) async fn start_in(
                 &attempt,
                 &schedule,
                 &heartbeat,
-                &wake,
+                &wake_namespaces,
+                &wake_queues,
+                &wake_delays,
             ],
         )
         .await?;

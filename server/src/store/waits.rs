@@ -73,7 +73,7 @@ impl Store {
                     let status =
                         status_of_run(&run).ok_or_else(|| Error::Internal(format!("run {id} has no status")))?;
                     if status == RunStatus::Queued {
-                        notify_ready(&tx, vec![crate::wake::ready_payload(&ns, &run.queue, delay)]).await?;
+                        notify_ready(&tx, vec![Ready::new(&ns, &run.queue, delay)]).await?;
                     }
                     moved.push(Moved {
                         namespace: ns,
@@ -306,7 +306,7 @@ pub(super) async fn end_wait(
         .ok_or_else(|| Error::Internal(format!("run {id} was not suspended")))?;
     if row.get::<_, RunStatus>("status") == RunStatus::Queued {
         let queue: String = row.get("queue");
-        notify_ready(tx, vec![crate::wake::ready_payload(namespace, &queue, Duration::ZERO)]).await?;
+        notify_ready(tx, vec![Ready::new(namespace, &queue, Duration::ZERO)]).await?;
     }
     Ok(row)
 }

@@ -7,8 +7,9 @@
 -- $15 delay ms, $16 parent run id, $17 execution timeout ms, $18 attempt timeout ms,
 -- $19 schedule-to-start timeout ms, $20 heartbeat timeout ms), inserted in the order given
 -- (the caller sorts them by key, so that batches sharing keys wait for each other in one order
--- and cannot deadlock). $21 holds the ready notifications to send (`wake::ready_payload`), one
--- NOTIFY each when the statement's transaction commits: with them in the same statement, a
+-- and cannot deadlock). ($21 namespace, $22 queue, $23 delay in ms) are the ready
+-- notifications to send, one NOTIFY each (its payload built by `aiki_ready_payload`) when the
+-- statement's transaction commits: with them in the same statement, a
 -- start needs no transaction of its own (a run whose key was taken may send one for nothing,
 -- which wakes a poller that finds nothing new).
 WITH input AS (
@@ -45,6 +46,7 @@ WITH input AS (
               parent_id, execution_deadline, attempt_timeout_ms, schedule_timeout_ms,
               heartbeat_timeout_ms
 ), woken AS (
-    SELECT count(pg_notify('aiki_ready', p)) FROM (SELECT DISTINCT unnest($21::text[]) AS p) d
+    SELECT count(pg_notify('aiki_ready', aiki_ready_payload(ns, q, d)))
+    FROM (SELECT DISTINCT * FROM unnest($21::text[], $22::text[], $23::bigint[]) AS n(ns, q, d)) n
 )
 SELECT inserted.* FROM inserted, woken
