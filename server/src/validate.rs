@@ -32,7 +32,8 @@ pub fn name(what: &str, s: &str, max: usize) -> Result<String> {
     }
     if control {
         return Err(Error::InvalidArgument(format!(
-            "{what} {s:?} must not contain control characters"
+            "{what} {} must not contain control characters",
+            quote(s)
         )));
     }
     Ok(s.to_owned())
@@ -47,12 +48,24 @@ pub fn opt_name(what: &str, s: &str, max: usize) -> Result<Option<String>> {
     }
 }
 
+/// Most characters of a client's input quoted in an error message.
+const QUOTED_CHARS: usize = 64;
+
+/// `s` quoted for an error message: whole if short, else its first [`QUOTED_CHARS`]
+/// characters and its length, so that no input can make an error message large.
+pub fn quote(s: &str) -> String {
+    match s.char_indices().nth(QUOTED_CHARS) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
 /// A UUID sent as a string.
 pub fn uuid(what: &str, s: &str) -> Result<Uuid> {
     if s.is_empty() {
         return Err(Error::InvalidArgument(format!("{what} is required")));
     }
-    Uuid::parse_str(s).map_err(|_| Error::InvalidArgument(format!("{what} {s:?} is not a valid UUID")))
+    Uuid::parse_str(s).map_err(|_| Error::InvalidArgument(format!("{what} {} is not a valid UUID", quote(s))))
 }
 
 /// A payload converted to JSON and checked against the size limit.
@@ -155,6 +168,19 @@ mod tests {
         ] {
             assert_eq!(json_len(&j), serde_json::to_vec(&j).unwrap().len(), "{j}");
         }
+    }
+
+    #[test]
+    fn errors_quote_a_short_prefix_of_any_input() {
+        let huge = "x".repeat(10 * 1024 * 1024);
+        let Err(Error::InvalidArgument(m)) = uuid("run_id", &huge) else {
+            panic!("a 10 MB string is not a UUID")
+        };
+        assert!(m.len() < 200, "{} bytes of message", m.len());
+        assert!(m.contains("10485760 bytes"), "{m}");
+        assert_eq!(quote("short"), "\"short\"");
+        // Cut on a character boundary.
+        assert!(quote(&"é".repeat(100)).starts_with(&format!("{:?}", "é".repeat(64))));
     }
 
     #[test]

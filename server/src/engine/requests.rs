@@ -469,7 +469,17 @@ impl TryFrom<&PollTasksRequest> for Poll {
         Ok(Self {
             namespace: validate::namespace(&req.namespace)?,
             worker: validate::uuid("worker_id", &req.worker_id)?,
-            queues: req.queues.clone(),
+            queues: if req.queues.len() > 100 {
+                return Err(Error::InvalidArgument(format!(
+                    "a poll names at most 100 queues, got {}",
+                    req.queues.len()
+                )));
+            } else {
+                req.queues
+                    .iter()
+                    .map(|q| validate::name("queue", q, 128))
+                    .collect::<Result<Vec<_>>>()?
+            },
             max_runs: req.max_runs,
             wait: validate::duration("wait", req.wait.as_ref(), Duration::from_secs(3600))?,
         })

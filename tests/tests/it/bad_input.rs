@@ -411,3 +411,41 @@ async fn undecodable_and_too_deep_requests_are_invalid_argument() {
         .get(0);
     assert_eq!(n, 1);
 }
+
+/// An error message quotes at most a short prefix of what the client sent: a 10 MB string in a
+/// UUID field or in a poll's queues costs the server no 10 MB message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_quote_a_short_prefix_of_a_huge_input() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    let w = RawWorker::register(&server, &["default"]).await;
+    let huge = "x".repeat(10 * 1024 * 1024);
+    let get = wf
+        .get_run(GetRunRequest {
+            namespace: String::new(),
+            r#ref: Some(get_run_request::Ref::RunId(huge.clone())),
+        })
+        .await
+        .unwrap_err();
+    let poll = w
+        .client
+        .clone()
+        .poll_tasks(PollTasksRequest {
+            namespace: String::new(),
+            worker_id: w.id.clone(),
+            queues: vec![huge],
+            max_runs: 1,
+            wait: None,
+        })
+        .await
+        .unwrap_err();
+    for (what, e) in [("a UUID field", get), ("a poll's queue", poll)] {
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}");
+        assert!(
+            e.message().len() < 300,
+            "{what}: a message of {} bytes",
+            e.message().len()
+        );
+    }
+}
