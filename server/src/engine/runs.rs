@@ -19,6 +19,10 @@ use crate::{
 
 /// Most events in one history answer or one read of a watch.
 pub const HISTORY_PAGE: i64 = 1000;
+/// A history page or a page of runs holds no more than this many bytes of payloads (event
+/// details; inputs, outputs and errors), past its first item: an answer stays under the 4 MB
+/// that gRPC clients accept by default, whatever the runs hold.
+pub const PAGE_BYTES: usize = 2 * 1024 * 1024;
 
 /// A started run (or the one its idempotency key or request id already named).
 #[derive(Debug, Clone)]
@@ -212,8 +216,8 @@ impl Engine {
     /// A page of runs, newest first.
     pub async fn list(&self, caller: &Caller, req: ListRuns) -> Result<RunPage> {
         self.authorize(caller, Op::ListRuns, &req.namespace)?;
-        let runs = self.store.list_runs(&req.namespace, &req.filter).await?;
-        let next_page_token = if runs.len() == req.filter.limit as usize {
+        let (runs, more) = self.store.list_runs(&req.namespace, &req.filter, PAGE_BYTES).await?;
+        let next_page_token = if more {
             runs.last().map(|r| r.id.clone()).unwrap_or_default()
         } else {
             String::new()
@@ -276,15 +280,14 @@ impl Engine {
     /// A page of a run's history after `after_seq`, and whether more follows.
     pub async fn history(&self, caller: &Caller, req: RunId, after_seq: i64) -> Result<(Vec<HistoryEvent>, bool)> {
         self.authorize(caller, Op::GetHistory, &req.namespace)?;
-        let events = self
+        let (events, more) = self
             .store
-            .history(&req.namespace, req.id, after_seq, HISTORY_PAGE)
+            .history(&req.namespace, req.id, after_seq, HISTORY_PAGE, PAGE_BYTES)
             .await?;
         if events.is_empty() && after_seq <= 0 {
             // No event at all: is there such a run?
             self.run(&req.namespace, req.id).await?;
         }
-        let more = events.len() as i64 == HISTORY_PAGE;
         Ok((events, more))
     }
 
@@ -312,8 +315,7 @@ impl Engine {
                     // Read the status first: events written before a terminal status are then
                     // all visible to the history read that follows.
                     let run = engine.store.get_run(&ns, id).await?;
-                    let events = engine.store.history(&ns, id, after, HISTORY_PAGE).await?;
-                    let more = events.len() as i64 == HISTORY_PAGE;
+                    let (events, more) = engine.store.history(&ns, id, after, HISTORY_PAGE, PAGE_BYTES).await?;
                     for e in events {
                         after = e.seq;
                         if tx.send(Ok(e)).await.is_err() {

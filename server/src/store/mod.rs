@@ -393,6 +393,14 @@ impl Moved {
     }
 }
 
+/// Whether more rows follow a page read with a byte budget (`page_rows`: how many the page
+/// could hold by number): the page was full by number, or the budget cut it.
+fn page_is_cut(rows: &[tokio_postgres::Row], limit: i64) -> bool {
+    rows.first()
+        .map(|r| r.get::<_, i64>("page_rows"))
+        .is_some_and(|page_rows| page_rows == limit || (rows.len() as i64) < page_rows)
+}
+
 /// Locks run (`namespace`, `id`) until `tx` ends and reads it.
 async fn lock_run(tx: &Transaction<'_>, namespace: &str, id: Uuid) -> Result<tokio_postgres::Row> {
     tx.query_opt(

@@ -79,9 +79,10 @@ impl Store {
             .transpose()
     }
 
-    /// Runs matching `filter`, newest first.
+    /// Runs matching `filter`, newest first: at most `f.limit`, and no more than fit in
+    /// `max_bytes` of inputs, outputs and errors (the first always). Answers whether more follow.
     #[instrument(name = "store.runs.list", skip_all)]
-    pub async fn list_runs(&self, namespace: &str, f: &RunFilter) -> Result<Vec<Run>> {
+    pub async fn list_runs(&self, namespace: &str, f: &RunFilter, max_bytes: usize) -> Result<(Vec<Run>, bool)> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("runs/list")).await?;
         let rows = client
@@ -97,10 +98,12 @@ impl Store {
                     &f.cursor,
                     &f.limit,
                     &f.parent,
+                    &(max_bytes as i64),
                 ],
             )
             .await?;
-        runs_from_rows(&rows)
+        let more = page_is_cut(&rows, f.limit);
+        Ok((runs_from_rows(&rows)?, more))
     }
 
     /// Cancels a run: at once if queued, suspended or paused, by request if running; and, in

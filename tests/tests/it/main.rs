@@ -17,6 +17,7 @@ mod events;
 mod idempotency;
 mod lease_loss;
 mod leasing;
+mod limits;
 mod migrations;
 mod operations;
 mod pause;
