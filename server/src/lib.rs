@@ -82,6 +82,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         config: config.clone(),
         wakers: wakers.clone(),
         shutdown: shutdown.clone(),
+        scans: tokio::sync::Semaphore::new(Engine::scan_permits(config.pool_size)),
     });
     let listen_task = tokio::spawn(background::listener::listen(
         pg.clone(),

@@ -10,6 +10,7 @@ impl Engine {
     pub async fn list_workers(&self, caller: &Caller, namespace: &str) -> Result<Vec<Worker>> {
         let ns = validate::namespace(namespace)?;
         self.authorize(caller, Op::ListWorkers, &ns)?;
+        let _turn = self.scan_turn().await?;
         self.store.list_workers(&ns).await
     }
 
@@ -17,6 +18,7 @@ impl Engine {
     pub async fn list_queues(&self, caller: &Caller, namespace: &str) -> Result<Vec<Queue>> {
         let ns = validate::namespace(namespace)?;
         self.authorize(caller, Op::ListQueues, &ns)?;
+        let _turn = self.scan_turn().await?;
         self.store.list_queues(&ns, self.config.lease_ttl).await
     }
 
@@ -24,6 +26,7 @@ impl Engine {
     pub async fn list_workflows(&self, caller: &Caller, namespace: &str) -> Result<Vec<WorkflowVersion>> {
         let ns = validate::namespace(namespace)?;
         self.authorize(caller, Op::ListWorkflows, &ns)?;
+        let _turn = self.scan_turn().await?;
         self.store.list_workflows(&ns, self.config.lease_ttl).await
     }
 }

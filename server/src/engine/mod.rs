@@ -73,7 +73,14 @@ pub struct Engine {
     pub wakers: Arc<Wakers>,
     /// Cancelled when the server shuts down: long polls and watches return early.
     pub shutdown: CancellationToken,
+    /// Lists that scan (runs, queues, workers, workflows) take one of these first: they may
+    /// hold at most a quarter of the pool, so that no burst of them keeps polls, reports and
+    /// reads of single runs from the database.
+    pub scans: tokio::sync::Semaphore,
 }
+
+/// How long a list waits for its turn before it is refused (`RESOURCE_EXHAUSTED`).
+const SCAN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Engine {
     /// Checks that `caller` may do `op` in `namespace`. Every operation asks first.
@@ -83,6 +90,24 @@ impl Engine {
                 let _ = (op, namespace);
                 Ok(())
             }
+        }
+    }
+
+    /// The permits of the lists that scan, for a pool of `pool_size` connections.
+    pub fn scan_permits(pool_size: usize) -> usize {
+        (pool_size / 4).max(1)
+    }
+
+    /// Waits for a turn to run a list that scans (see [`Engine::scans`]).
+    pub(crate) async fn scan_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        match tokio::time::timeout(SCAN_WAIT, self.scans.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(crate::error::Error::Unavailable("the server is shutting down".into())),
+            Err(_) => Err(crate::error::Error::ResourceExhausted(format!(
+                "too many lists of runs, queues, workers or workflows at once on this server: none \
+                 could start within {}s; retry later or list less often",
+                SCAN_WAIT.as_secs()
+            ))),
         }
     }
 

@@ -216,6 +216,7 @@ impl Engine {
     /// A page of runs, newest first.
     pub async fn list(&self, caller: &Caller, req: ListRuns) -> Result<RunPage> {
         self.authorize(caller, Op::ListRuns, &req.namespace)?;
+        let _turn = self.scan_turn().await?;
         let (runs, more) = self.store.list_runs(&req.namespace, &req.filter, PAGE_BYTES).await?;
         let next_page_token = if more {
             runs.last().map(|r| r.id.clone()).unwrap_or_default()

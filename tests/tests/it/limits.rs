@@ -127,3 +127,61 @@ async fn runs_with_large_inputs_are_listed_in_bounded_pages() {
     started.reverse();
     assert_eq!(listed, started, "every run once, newest first");
 }
+
+/// Lists that scan a namespace (here `ListQueues` over 50,000 runs) may hold only a quarter of
+/// the pool: a burst of 300 of them leaves reads of single runs and the lease protocol their
+/// connections, where it once held every connection for seconds and made other calls fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_lists_leaves_the_pool_to_reads_and_reports() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db).await;
+    let mut wf = server.workflows().await;
+    for _ in 0..50 {
+        let runs = (0..1000).map(|_| start_req("many", json!({}))).collect();
+        wf.start_runs(aiki_proto::v1::StartRunsRequest { runs }).await.unwrap();
+    }
+    let probe = aiki_tests::start_id(&mut wf, start_req("probe", json!({}))).await;
+    let admin = aiki_proto::v1::admin_service_client::AdminServiceClient::new(server.channel().await);
+    let storm_started = std::time::Instant::now();
+    let storm: Vec<_> = (0..300)
+        .map(|_| {
+            let mut admin = admin.clone();
+            tokio::spawn(async move { admin.list_queues(aiki_proto::v1::ListQueuesRequest::default()).await })
+        })
+        .collect();
+    // While the lists run, single reads go through at once, one after another.
+    let mut slowest = Duration::ZERO;
+    let mut reads = 0;
+    while !storm.iter().all(|t| t.is_finished()) {
+        let started = std::time::Instant::now();
+        wf.get_run(aiki_proto::v1::GetRunRequest {
+            namespace: String::new(),
+            r#ref: Some(aiki_proto::v1::get_run_request::Ref::RunId(probe.clone())),
+        })
+        .await
+        .expect("a read during the lists");
+        slowest = slowest.max(started.elapsed());
+        reads += 1;
+    }
+    let storm_took = storm_started.elapsed();
+    // Each list is answered, or refused as too many at once: a clear error to retry later.
+    let mut answered = 0;
+    for t in storm {
+        match t.await.unwrap() {
+            Ok(_) => answered += 1,
+            Err(e) => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message()),
+        }
+    }
+    eprintln!(
+        "{reads} reads during a storm of {storm_took:?}; the slowest took {slowest:?}; {answered} lists answered"
+    );
+    assert!(answered > 0);
+    assert!(
+        reads >= 3,
+        "the storm lasted long enough to measure: {reads} reads in {storm_took:?}"
+    );
+    assert!(
+        slowest * 4 < storm_took,
+        "a read waited {slowest:?} during a storm of {storm_took:?}"
+    );
+}
