@@ -255,7 +255,9 @@ fn main() -> ExitCode {
     );
     tracing_subscriber::fmt()
         .with_env_filter(
+            // One variable for every binary: AIKI_LOG, else RUST_LOG.
             tracing_subscriber::EnvFilter::try_from_env("AIKI_LOG")
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
                 .unwrap_or_else(|_| if quiet { "warn".into() } else { "info".into() }),
         )
         .with_writer(std::io::stderr)

@@ -40,7 +40,12 @@ fn main() -> std::process::ExitCode {
 #[tokio::main]
 async fn serve() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            // One variable for every binary: AIKI_LOG, else RUST_LOG, else "info".
+            tracing_subscriber::EnvFilter::try_from_env("AIKI_LOG")
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -550,3 +550,32 @@ async fn aiki_dev_starts_the_whole_stack() {
     );
     dev.terminate().await;
 }
+
+/// Every binary reads its log level from one variable, `AIKI_LOG` (before `RUST_LOG`), and a
+/// server that starts on a database it migrated before logs no notice of the database's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_log_variable_and_a_quiet_second_start() {
+    let db = TestDb::new().await;
+    let (first, _) = server(&db).await;
+    first.terminate().await;
+    // `Proc::spawn` sets RUST_LOG=info: AIKI_LOG wins over it.
+    let quiet = Proc::spawn(
+        Command::new(bin("aiki-server"))
+            .args(["--listen", "127.0.0.1:0"])
+            .env("AIKI_DATABASE_URL", &db.url)
+            .env("AIKI_LOG", "info,aiki_server=debug"),
+    );
+    // A debug line of the server's: AIKI_LOG is honoured.
+    quiet
+        .wait_for("listening for ready notifications", Duration::from_secs(30))
+        .await;
+    let lines = quiet.lines.lock().await.clone();
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("NOTICE") || l.contains("already exists")),
+        "no notice of the database's at a second start:\n{}",
+        lines.join("\n")
+    );
+    quiet.terminate().await;
+}
