@@ -304,21 +304,34 @@ async fn start_postgres(port: u16) -> anyhow::Result<()> {
         bail!("no PostgreSQL cluster found under /etc/postgresql");
     }
     let mut failures = Vec::new();
+    let mut started = false;
     for v in &versions {
         eprintln!("starting PostgreSQL {v}…");
-        // "already running" is fine; the connection check below is what counts.
-        if let Err(e) = sh(&format!("{root}pg_ctlcluster --skip-systemctl-redirect {v} main start")).await {
-            failures.push(e.to_string());
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{root}pg_ctlcluster --skip-systemctl-redirect {v} main start"))
+            .status()
+            .await?;
+        match status.code() {
+            Some(0) => started = true,
+            // 2: the cluster is running already. Fine: the connection check below counts.
+            Some(2) => {}
+            _ => failures.push(format!("PostgreSQL {v}: pg_ctlcluster {status}")),
         }
     }
     if failures.len() == versions.len() {
-        bail!(
-            "cannot start PostgreSQL ({}); run as root (or with password-less sudo), or start it yourself",
-            failures.join("; ")
-        );
+        let hint = if root.is_empty() {
+            "see PostgreSQL's log under /var/log/postgresql"
+        } else {
+            "run as root (or with password-less sudo), or start it yourself"
+        };
+        bail!("cannot start PostgreSQL ({}); {hint}", failures.join("; "));
     }
+    // A cluster that has just started takes a few seconds; one that ran already answers now
+    // or listens on another port.
+    let tries = if started { 60 } else { 4 };
     let port = port.to_string();
-    for _ in 0..60 {
+    for _ in 0..tries {
         if Command::new("pg_isready")
             .args(["-q", "-h", "127.0.0.1", "-p", &port])
             .status()
@@ -329,7 +342,24 @@ async fn start_postgres(port: u16) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    bail!("PostgreSQL did not come up within 30s")
+    let clusters = Command::new("pg_lsclusters")
+        .arg("-h")
+        .output()
+        .await
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let ports: Vec<&str> = clusters.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+    bail!(
+        "PostgreSQL runs, but nothing answers at 127.0.0.1:{port}, the port of the database URL{}",
+        if ports.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (the local clusters listen on {}): give --database-url that port",
+                ports.join(", ")
+            )
+        }
+    )
 }
 
 async fn psql_as_postgres(sql: &str) -> anyhow::Result<()> {

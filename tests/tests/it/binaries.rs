@@ -579,3 +579,42 @@ async fn one_log_variable_and_a_quiet_second_start() {
     );
     quiet.terminate().await;
 }
+
+/// `aiki dev` with a database URL on a port where nothing listens, while the local cluster
+/// runs already: a cluster that runs is no failure, and the message names the port at fault,
+/// at once.
+#[tokio::test]
+async fn aiki_dev_names_the_port_when_the_running_cluster_is_elsewhere() {
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("aiki"))
+        .args([
+            "dev",
+            "postgres",
+            "--database-url",
+            "postgres://aiki:aiki@127.0.0.1:5999/aiki",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if root {
+        assert!(stderr.contains("nothing answers at 127.0.0.1:5999"), "{stderr}");
+        assert!(!stderr.contains("run as root"), "said to run as root to root: {stderr}");
+    } else {
+        // Without root the cluster may not be startable at all: the message says which.
+        assert!(
+            stderr.contains("127.0.0.1:5999") || stderr.contains("run as root"),
+            "{stderr}"
+        );
+    }
+}
