@@ -52,8 +52,16 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
             .trim_end_matches('/')
             .to_owned(),
     };
-    let dir = std::env::temp_dir().join(format!("aiki-dev-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    // A second `aiki dev`, or any other server, on the address: one clear message, before
+    // anything is started.
+    if let Err(e) = std::net::TcpListener::bind(&listen) {
+        bail!(
+            "cannot listen on {listen}: {e}; is `aiki dev` (or another server) running there already? \
+             Stop it, or give another address: aiki --server http://127.0.0.1:7071 dev"
+        );
+    }
+    let dir = TempDir::new(std::env::temp_dir().join(format!("aiki-dev-{}", std::process::id())))?;
+    let dir = &dir.0;
 
     // From here on a signal stops the children in order (they run in process groups of their
     // own, so Ctrl-C reaches only this process).
@@ -109,6 +117,9 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
             aiki_server::redact(&args.database_url)
         );
         println!("Try, in another terminal:");
+        if let Some(bin_dir) = dir_of_this_binary_if_not_on_path() {
+            println!("  export PATH={}:$PATH", bin_dir.display());
+        }
         println!("  aiki run start hello --input '{{\"name\":\"Grace\"}}' --key hello-grace --wait");
         println!("  aiki run list");
         println!("  aiki workers");
@@ -150,8 +161,23 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
     }
     println!("stopping…");
     stop(children).await;
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// A folder of this run's files, removed when dropped, however `aiki dev` ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(path: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The dev worker's workflows: `hello` greets whoever its input names.
@@ -386,4 +412,13 @@ fn which(cmd: &str) -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
         .map(|d| d.join(cmd))
         .find(|p| Path::new(p).exists())
+}
+
+/// The folder of the running `aiki`, if running `aiki` from the PATH would not find it.
+fn dir_of_this_binary_if_not_on_path() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.to_path_buf();
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.canonicalize().ok() == dir.canonicalize().ok()));
+    (!on_path).then_some(dir)
 }

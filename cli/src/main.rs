@@ -138,7 +138,8 @@ enum RunCmd {
     },
     /// Print a run's history.
     History(RunRef),
-    /// Follow a run's history live until it ends.
+    /// Follow a run's history live until it ends. With `--output json`, one JSON object per
+    /// event and line (JSON Lines), printed as the event happens.
     Watch(RunRef),
 }
 

@@ -618,3 +618,33 @@ async fn aiki_dev_names_the_port_when_the_running_cluster_is_elsewhere() {
         );
     }
 }
+
+/// A second `aiki dev` on an address that is taken stops at once with one message: no server,
+/// worker or run of its own, no "Aiki is running", and no folder left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_aiki_dev_on_a_taken_address_stops_with_one_message() {
+    let db = TestDb::new().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let child = Command::new(bin("aiki"))
+        .args(["--server", &format!("http://{addr}"), "dev", "--database-url", &db.url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("it stops by itself")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success());
+    assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
+    assert!(!stdout.contains("Aiki is running"), "{stdout}");
+    assert!(!stdout.contains("started run"), "{stdout}");
+    let folder = std::env::temp_dir().join(format!("aiki-dev-{pid}"));
+    assert!(!folder.exists(), "{} left behind", folder.display());
+}
