@@ -377,6 +377,13 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
                 ..StartOptions::default()
             };
             let handle = client.start_run(&a.workflow, &input, opts).await?;
+            // A typo in the workflow's name, or no worker up: say so now rather than let the run
+            // wait in silence.
+            if handle.run.status == RunStatus::Queued
+                && let Some(reason) = unserved(&client, &handle.run).await
+            {
+                eprintln!("warning: {reason}; the run waits until one does (see `aiki workers`, `aiki queues`)");
+            }
             match a.wait {
                 None => {
                     out.started(&handle);
@@ -478,15 +485,34 @@ async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {
     }
 }
 
+/// Why no worker takes `run`, if its queue says that no live worker serves its workflow (and
+/// version). Best effort: `None` also when the queues cannot be read.
+async fn unserved(client: &Client, run: &aiki::Run) -> Option<String> {
+    let queues = client.queues().await.ok()?;
+    queues
+        .iter()
+        .filter(|q| q.name == run.queue)
+        .flat_map(|q| &q.unserved)
+        .find(|u| u.workflow == run.workflow && (u.version.is_empty() || u.version == run.version))
+        .map(|u| u.reason.clone())
+}
+
 async fn wait_and_print(client: &Client, id: &str, secs: u64, out: &Output) -> Result<(), Exit> {
     let run = match client.wait(id, Duration::from_secs(secs)).await {
         Ok(run) => run,
         Err(aiki::Error::Timeout { .. }) => {
             let run = client.get(id).await?;
             out.result(&run);
+            let why = match run.status {
+                RunStatus::Queued => unserved(client, &run)
+                    .await
+                    .map(|reason| format!(": {reason}"))
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
             return Err(Exit(
                 4,
-                anyhow::anyhow!("run {id} is still {} after {secs}s", run.status.as_str()),
+                anyhow::anyhow!("run {id} is still {} after {secs}s{why}", run.status.as_str()),
             ));
         }
         Err(e) => return Err(e.into()),

@@ -648,3 +648,33 @@ async fn a_second_aiki_dev_on_a_taken_address_stops_with_one_message() {
     let folder = std::env::temp_dir().join(format!("aiki-dev-{pid}"));
     assert!(!folder.exists(), "{} left behind", folder.display());
 }
+
+/// A start of a workflow no live worker serves (a typo, or no worker up) says so at once, and
+/// a wait that times out says why the run still waits; a served workflow starts quietly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_a_workflow_nobody_serves_warns() {
+    let env = aiki_tests::TestEnv::new().await;
+    let _worker = env
+        .worker(
+            aiki_worker::WorkerBuilder::new(env.url())
+                .register("hello", |_ctx: aiki_worker::Context, v: serde_json::Value| async move {
+                    Ok(v)
+                }),
+        )
+        .await;
+    let (ok, _, stderr) = aiki_tests::aiki_cli(&env.server, &["run", "start", "helo"]).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("warning: no live worker serves workflow \"helo\" on queue \"default\""),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = aiki_tests::aiki_cli(&env.server, &["run", "start", "helo", "--wait", "1"]).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("is still queued after 1s: no live worker serves workflow \"helo\""),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = aiki_tests::aiki_cli(&env.server, &["run", "start", "hello", "--wait", "30"]).await;
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
