@@ -57,8 +57,13 @@ enum Command {
     /// Start, inspect, wait for and cancel runs.
     #[command(subcommand)]
     Run(RunCmd),
-    /// Registered workers, their last heartbeat and the leases they hold.
-    Workers,
+    /// Live workers (a heartbeat within the lease time), their last heartbeat and the leases
+    /// they hold; `--all` lists the gone ones too.
+    Workers {
+        /// Also the workers that are gone (no heartbeat within the lease time).
+        #[arg(long)]
+        all: bool,
+    },
     /// Queue depths per state, the age of the oldest ready run, and why runs wait.
     Queues,
     /// Registered workflow versions and the live workers serving each.
@@ -252,7 +257,7 @@ fn main() -> ExitCode {
         .is_some_and(|s| s != ValueSource::DefaultValue);
     let quiet = matches!(
         cli.command,
-        Command::Run(_) | Command::Workers | Command::Queues | Command::Workflows | Command::Bench(_)
+        Command::Run(_) | Command::Workers { .. } | Command::Queues | Command::Workflows | Command::Bench(_)
     );
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -336,8 +341,14 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             Ok(bench::run(args, &target, out.json).await?)
         }
         Command::BenchWorker(args) => Ok(bench::worker(&cli.server, &cli.namespace, args).await?),
-        Command::Workers => {
-            out.workers(&connect(&cli).await?.workers().await?);
+        Command::Workers { all } => {
+            let workers = connect(&cli).await?.workers().await?;
+            let gone = workers.iter().filter(|w| !w.live).count();
+            let shown: Vec<_> = workers.into_iter().filter(|w| *all || w.live).collect();
+            out.workers(&shown);
+            if !all && gone > 0 && !out.json {
+                eprintln!("{gone} gone worker(s) not shown (no heartbeat within the lease time); --all shows them");
+            }
             Ok(())
         }
         Command::Queues => {

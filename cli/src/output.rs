@@ -365,7 +365,7 @@ impl Output {
                         json!({
                             "id": w.id, "identity": w.identity, "host": w.host, "queues": w.queues,
                             "workflows": w.workflows.iter().map(|f| &f.name).collect::<Vec<_>>(),
-                            "slots": w.slots, "leases_held": w.leases_held,
+                            "slots": w.slots, "leases_held": w.leases_held, "live": w.live,
                             "registered_at": json_ts(&w.registered_at), "last_heartbeat_at": json_ts(&w.last_heartbeat_at),
                         })
                     })
@@ -374,6 +374,7 @@ impl Output {
         }
         let mut t = table(&[
             "ID",
+            "STATE",
             "IDENTITY",
             "QUEUES",
             "WORKFLOWS",
@@ -384,6 +385,7 @@ impl Output {
         for w in workers {
             t.add_row(vec![
                 w.id.clone(),
+                if w.live { "live" } else { "gone" }.to_owned(),
                 w.identity.clone(),
                 w.queues.join(","),
                 w.workflows

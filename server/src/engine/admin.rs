@@ -11,7 +11,7 @@ impl Engine {
         let ns = validate::namespace(namespace)?;
         self.authorize(caller, Op::ListWorkers, &ns)?;
         let _turn = self.scan_turn().await?;
-        self.store.list_workers(&ns).await
+        self.store.list_workers(&ns, self.config.lease_ttl).await
     }
 
     /// The queues of a namespace: counts by status and the runs nobody serves.

@@ -260,6 +260,7 @@ pub fn worker_from_row(row: &Row) -> Result<Worker> {
         registered_at: opt_ts(row, "registered_at"),
         last_heartbeat_at: opt_ts(row, "last_heartbeat_at"),
         leases_held: row.get::<_, i64>("leases_held").max(0) as u32,
+        live: row.get("live"),
     })
 }
 

@@ -118,11 +118,11 @@ impl Store {
 
     /// Workers of a namespace, most recently seen first.
     #[instrument(name = "store.workers.list", skip_all)]
-    pub async fn list_workers(&self, namespace: &str) -> Result<Vec<Worker>> {
+    pub async fn list_workers(&self, namespace: &str, live: Duration) -> Result<Vec<Worker>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(sql!("workers/list")).await?;
         client
-            .query(&stmt, &[&namespace])
+            .query(&stmt, &[&namespace, &ms(live)])
             .await?
             .iter()
             .map(worker_from_row)

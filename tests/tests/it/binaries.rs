@@ -678,3 +678,53 @@ async fn starting_a_workflow_nobody_serves_warns() {
     assert!(ok, "{stderr}");
     assert!(!stderr.contains("warning"), "{stderr}");
 }
+
+/// `aiki workers` lists the live workers; one that stopped heartbeating is gone: hidden, and
+/// said to be, unless `--all` asks for it, and marked so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiki_workers_hides_gone_workers_unless_asked() {
+    let env = aiki_tests::TestEnv::new().await;
+    let _live = env
+        .worker(
+            aiki_worker::WorkerBuilder::new(env.url())
+                .identity("the-live-one")
+                .register("hello", |_ctx: aiki_worker::Context, v: serde_json::Value| async move {
+                    Ok(v)
+                }),
+        )
+        .await;
+    // Registers and never heartbeats: gone once the lease time (2 s in tests) has passed.
+    let gone = aiki_tests::RawWorker::register(&env.server, &["default"]).await;
+    eventually(
+        Duration::from_secs(20),
+        "the raw worker is gone and the other live",
+        || async {
+            let workers = env.client.workers().await.unwrap();
+            workers.iter().any(|w| w.id == gone.id && !w.live)
+                && workers.iter().any(|w| w.identity == "the-live-one" && w.live)
+        },
+    )
+    .await;
+    let (ok, stdout, stderr) = aiki_tests::aiki_cli(&env.server, &["workers"]).await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("the-live-one") && stdout.contains("live"), "{stdout}");
+    assert!(!stdout.contains(&gone.id), "{stdout}");
+    assert!(stderr.contains("1 gone worker(s) not shown"), "{stderr}");
+    let (ok, stdout, _) = aiki_tests::aiki_cli(&env.server, &["workers", "--all"]).await;
+    assert!(ok);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains(&gone.id))
+        .expect("listed with --all");
+    assert!(line.contains("gone"), "{line}");
+    let (ok, stdout, _) = aiki_tests::aiki_cli(&env.server, &["workers", "--all", "-o", "json"]).await;
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == gone.id.as_str())
+        .unwrap();
+    assert_eq!(entry["live"], false);
+}

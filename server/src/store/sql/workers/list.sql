@@ -1,4 +1,7 @@
-SELECT w.*, coalesce(l.held, 0) AS leases_held
+-- The workers of namespace $1, most recently seen first; `live`: a heartbeat (or the
+-- registration) within the last $2 ms, the lease time.
+SELECT w.*, coalesce(l.held, 0) AS leases_held,
+       w.last_heartbeat_at > now() - $2::bigint * interval '1 millisecond' AS live
 FROM workers w
 LEFT JOIN (
     SELECT lease_owner, count(*) AS held FROM runs
