@@ -23,7 +23,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(
     name = "aiki",
-    version,
+    version = aiki_proto::VERSION,
     about = "Aiki: durable workflows on PostgreSQL",
     propagate_version = true
 )]
@@ -76,7 +76,18 @@ enum Command {
     },
     /// Run the whole local stack: PostgreSQL (started or installed if missing), a server, a
     /// worker, and a first workflow.
+    #[command(
+        after_help = "Examples:\n  aiki dev\n  aiki --server http://127.0.0.1:7071 dev --no-worker\n  aiki dev postgres"
+    )]
     Dev(dev::DevArgs),
+    /// Print a completion script for a shell, e.g. `aiki completion bash > ~/.local/share/bash-completion/completions/aiki`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `aiki man | man -l -`.
+    Man,
     /// Measure throughput, start latency and server memory: starts its own server (or uses
     /// --server) and workers, and prints the figures.
     Bench(bench::BenchArgs),
@@ -88,6 +99,9 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum RunCmd {
     /// Start a run.
+    #[command(
+        after_help = "Examples:\n  aiki run start hello --input '{\"name\":\"Ada\"}' --key hello-ada\n  aiki run start hello --input @input.json --wait 30\n  aiki run start report --queue nightly --delay 1h"
+    )]
     Start(StartArgs),
     /// Show a run.
     Get(RunRef),
@@ -304,6 +318,15 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         .with_namespace(cli.namespace.clone()))
 }
 
+/// Writes `bytes` to stdout; a reader that closed the pipe early (`| head`) is no error.
+fn print_bytes(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 /// The JSON value of flag `flag` (`--input`, `--data`): inline, `@file`, or `@-` for stdin.
 /// Refused here, with the flag named, if it is not JSON or nests deeper than the server takes.
 fn read_json(flag: &str, arg: &str) -> anyhow::Result<serde_json::Value> {
@@ -327,6 +350,16 @@ fn parse_status(s: &str) -> anyhow::Result<RunStatus> {
 async fn run(cli: Cli) -> Result<(), Exit> {
     let out = Output::new(cli.output == Format::Json);
     match &cli.command {
+        Command::Completion { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "aiki", &mut script);
+            Ok(print_bytes(&script)?)
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            Ok(print_bytes(&page)?)
+        }
         Command::Migrate { database_url } => {
             let applied = aiki_server::migrate(database_url).await?;
             out.migrated(&applied);

@@ -14,6 +14,10 @@ mod json;
 pub use json::{JsonError, MAX_PAYLOAD_DEPTH, TooDeep, check_depth, json_depth, json_to_value, value_to_json};
 pub use prost_types;
 
+/// The version of the workspace and the commit it was built from, as every binary's
+/// `--version` shows it: `0.1.0 (commit 0123456789ab)`.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("AIKI_COMMIT"), ")");
+
 /// The encoded `FileDescriptorSet` of `aiki.v1` and its imports, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/aiki_descriptor.bin"));
 

@@ -151,7 +151,7 @@ impl Config {
 
 /// Command-line flags of `aiki-server`; each also reads an `AIKI_*` environment variable.
 #[derive(Debug, clap::Parser)]
-#[command(name = "aiki-server", version, about = "Aiki's gRPC server")]
+#[command(name = "aiki-server", version = aiki_proto::VERSION, about = "Aiki's gRPC server")]
 pub struct Args {
     /// TOML file with any of the settings below (flags and environment win over it).
     #[arg(long, env = "AIKI_CONFIG")]

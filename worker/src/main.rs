@@ -17,7 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Runs Aiki workflows defined as commands in a TOML file.
 #[derive(Debug, Parser)]
-#[command(name = "aiki-worker", version)]
+#[command(name = "aiki-worker", version = aiki_proto::VERSION)]
 struct Args {
     /// The configuration file (see README: "aiki-worker").
     #[arg(long, short, env = "AIKI_WORKER_CONFIG")]

@@ -728,3 +728,43 @@ async fn aiki_workers_hides_gone_workers_unless_asked() {
         .unwrap();
     assert_eq!(entry["live"], false);
 }
+
+/// Every binary's `--version` names the commit it was built from; the CLI prints completion
+/// scripts for bash, zsh and fish, and its man page.
+#[tokio::test]
+async fn versions_name_the_commit_and_the_cli_prints_completions_and_its_man_page() {
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    for name in ["aiki", "aiki-server", "aiki-worker"] {
+        let out = Command::new(bin(name)).arg("--version").output().await.unwrap();
+        let version = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success());
+        assert!(version.contains(&format!("(commit {commit})")), "{name}: {version}");
+    }
+    for (shell, marker) in [
+        ("bash", "complete -F _aiki"),
+        ("zsh", "#compdef aiki"),
+        ("fish", "complete -c aiki"),
+    ] {
+        let out = Command::new(bin("aiki"))
+            .args(["completion", shell])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains(marker), "{shell}");
+    }
+    let out = Command::new(bin("aiki")).arg("man").output().await.unwrap();
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        page.contains(".TH aiki 1") && page.contains("durable workflows"),
+        "{page}"
+    );
+}
