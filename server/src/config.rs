@@ -3,10 +3,10 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The server's settings. Every field can be set in the TOML file under the same name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address the gRPC server listens on.
@@ -52,7 +52,7 @@ pub struct Config {
 }
 
 /// The server-wide default retry policy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryDefaults {
     /// Attempts in all, the first included.
@@ -238,6 +238,34 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The keys of a TOML table, nested ones as `table.key`.
+    fn keys(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+        for (k, v) in t {
+            match v.as_table() {
+                Some(inner) => keys(inner, &format!("{prefix}{k}."), out),
+                None => out.push(format!("{prefix}{k}")),
+            }
+        }
+    }
+
+    #[test]
+    fn the_example_configuration_has_every_key_at_its_default() {
+        let text = include_str!("../../deploy/aiki-server.toml");
+        let example: Config = toml::from_str(text).expect("the example loads");
+        example.validate().expect("the example is valid");
+        let (mut listed, mut all) = (Vec::new(), Vec::new());
+        keys(&toml::from_str(text).unwrap(), "", &mut listed);
+        keys(&toml::Table::try_from(Config::default()).unwrap(), "", &mut all);
+        listed.sort();
+        all.sort();
+        assert_eq!(listed, all, "the example names every setting, and only those");
+        assert_eq!(
+            toml::Table::try_from(&example).unwrap(),
+            toml::Table::try_from(Config::default()).unwrap(),
+            "the example gives the defaults"
+        );
+    }
     use clap::Parser;
 
     #[test]

@@ -774,7 +774,10 @@ async fn versions_name_the_commit_and_the_cli_prints_completions_and_its_man_pag
 fn the_license_file_is_the_one_the_manifest_names() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
-    assert!(manifest.contains("license = \"Apache-2.0\""), "the workspace's license changed");
+    assert!(
+        manifest.contains("license = \"Apache-2.0\""),
+        "the workspace's license changed"
+    );
     let license = std::fs::read_to_string(root.join("LICENSE")).unwrap();
     assert!(license.contains("Apache License") && license.contains("Version 2.0, January 2004"));
 }
