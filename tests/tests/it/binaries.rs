@@ -781,3 +781,50 @@ fn the_license_file_is_the_one_the_manifest_names() {
     let license = std::fs::read_to_string(root.join("LICENSE")).unwrap();
     assert!(license.contains("Apache License") && license.contains("Version 2.0, January 2004"));
 }
+
+/// The systemd units of `deploy/` are valid: `systemd-analyze verify` (where it exists) finds
+/// nothing to say about them, with their commands pointed at the binaries just built.
+#[test]
+fn the_deploy_units_verify() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dir = std::env::temp_dir().join(format!("aiki-units-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut units = Vec::new();
+    for name in ["aiki-server", "aiki-worker"] {
+        let text = std::fs::read_to_string(root.join(format!("deploy/{name}.service"))).unwrap();
+        // Every line is blank, a comment, a section or a setting.
+        for line in text.lines() {
+            let line = line.trim();
+            assert!(
+                line.is_empty()
+                    || line.starts_with('#')
+                    || (line.starts_with('[') && line.ends_with(']'))
+                    || line.contains('='),
+                "{name}.service: {line:?}"
+            );
+        }
+        assert!(
+            text.contains("NoNewPrivileges=yes") && text.contains("ProtectSystem=strict"),
+            "{name}: hardened"
+        );
+        let unit = dir.join(format!("{name}.service"));
+        let local = text.replace(&format!("/usr/local/bin/{name}"), &bin(name).display().to_string());
+        std::fs::write(&unit, local).unwrap();
+        units.push(unit);
+    }
+    match std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .args(&units)
+        .output()
+    {
+        Ok(out) => {
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && said.trim().is_empty(),
+                "systemd-analyze verify: {said}"
+            );
+        }
+        Err(e) => eprintln!("systemd-analyze is not installed ({e}); checked the units' syntax only"),
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
