@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Aiki's whole test suite: makes sure PostgreSQL is up (starting or installing it, and
-# creating the `aiki` role, through `aiki dev postgres`), installs grpcurl if it is missing
-# (the README's grpcurl examples are tested), then runs every test of the workspace.
+# creating the `aiki` role, through `aiki dev postgres`), installs grpcurl and gRPC for Python
+# if they are missing (the README's grpcurl examples and the Python example are tested), then
+# runs every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin:$PATH"
@@ -15,6 +16,12 @@ fi
 if ! command -v grpcurl >/dev/null 2>&1; then
     echo "installing grpcurl (cargo install --locked grpcurl-rs)…" >&2
     cargo install --locked grpcurl-rs
+fi
+
+# The Python example (examples/python) is run by a test: it needs gRPC for Python.
+if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+    echo "installing grpcio and grpcio-tools (pip)…" >&2
+    python3 -m pip install --quiet grpcio grpcio-tools
 fi
 
 log=$(mktemp)

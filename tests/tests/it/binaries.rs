@@ -828,3 +828,38 @@ fn the_deploy_units_verify() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The protocol is plain gRPC: the Python example (stubs generated from the .proto file)
+/// starts a run, waits for it and prints its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_starts_a_run_and_reads_its_result() {
+    let env = aiki_tests::TestEnv::new().await;
+    let _worker = env
+        .worker(aiki_worker::WorkerBuilder::new(env.url()).register(
+            "greet",
+            |_ctx: aiki_worker::Context, input: serde_json::Value| async move {
+                Ok(serde_json::json!({"greeting": format!("Hello, {}", input["name"].as_str().unwrap_or("?"))}))
+            },
+        ))
+        .await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new("python3")
+        .arg(root.join("examples/python/start_and_wait.py"))
+        .args([
+            "--server",
+            &env.server.addr.to_string(),
+            "greet",
+            r#"{"name":"Python"}"#,
+        ])
+        .output()
+        .await
+        .expect("python3 runs (tests/run.sh installs grpcio and grpcio-tools)");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let output: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(output, serde_json::json!({"greeting": "Hello, Python"}));
+    assert!(stderr.contains("started run"), "{stderr}");
+}
