@@ -49,6 +49,10 @@ pub struct Config {
     /// (other replicas' pollers learn of such a run up to this late; see `store::notices`).
     #[serde(with = "humantime_serde")]
     pub notify_window: Duration,
+    /// A worker not heard from for this long (and holding no lease) is forgotten: `ListWorkers`
+    /// stops listing it. One that comes back registers again.
+    #[serde(with = "humantime_serde")]
+    pub worker_retention: Duration,
 }
 
 /// The server-wide default retry policy.
@@ -98,6 +102,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             recheck_interval: Duration::from_millis(500),
             notify_window: Duration::from_millis(5),
+            worker_retention: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -127,6 +132,12 @@ impl Config {
             self.lease_ttl
         );
         anyhow::ensure!(!self.reaper_interval.is_zero(), "reaper_interval must be positive");
+        anyhow::ensure!(
+            self.worker_retention >= self.lease_ttl,
+            "worker_retention ({:?}) must be at least lease_ttl ({:?}): a worker is gone only once its leases could have expired",
+            self.worker_retention,
+            self.lease_ttl
+        );
         anyhow::ensure!(!self.recheck_interval.is_zero(), "recheck_interval must be positive");
         anyhow::ensure!(
             self.notify_window <= Duration::from_secs(10),
@@ -195,6 +206,9 @@ pub struct Args {
     /// Shortest time between two ready notifications of one queue from single starts [default: 5ms].
     #[arg(long, env = "AIKI_NOTIFY_WINDOW", value_parser = humantime::parse_duration)]
     pub notify_window: Option<Duration>,
+    /// Forget workers not heard from for this long [default: 7days].
+    #[arg(long, env = "AIKI_WORKER_RETENTION", value_parser = humantime::parse_duration)]
+    pub worker_retention: Option<Duration>,
 }
 
 impl Args {
@@ -225,7 +239,8 @@ impl Args {
             max_payload_bytes,
             shutdown_grace,
             recheck_interval,
-            notify_window
+            notify_window,
+            worker_retention
         );
         if self.no_migrate {
             c.migrate = false;

@@ -96,6 +96,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         background::reaper::Settings {
             interval: config.reaper_interval,
             max_lease_expirations: config.max_lease_expirations,
+            worker_retention: config.worker_retention,
         },
         pg,
         inner.clone(),

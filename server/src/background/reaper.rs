@@ -24,6 +24,8 @@ pub struct Settings {
     pub interval: Duration,
     /// A run whose lease expires more often ends `failed`.
     pub max_lease_expirations: u32,
+    /// Workers silent for this long (holding no lease) are forgotten.
+    pub worker_retention: Duration,
 }
 
 /// The reaper's parts.
@@ -78,6 +80,7 @@ async fn lead(reaper: &Reaper, pg: &tokio_postgres::Config, shutdown: &Cancellat
         }
     }
     tracing::info!("this server is the reaper");
+    let mut last_forget = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(reaper.settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -120,5 +123,19 @@ async fn lead(reaper: &Reaper, pg: &tokio_postgres::Config, shutdown: &Cancellat
         }
         // Sleeping runs whose timer was on a server that went away.
         super::timers::wake_due(&reaper.store, &reaper.wakers).await;
+        // Workers gone for good, every half retention (at most a minute) apart.
+        let every = (reaper.settings.worker_retention / 2).clamp(reaper.settings.interval, Duration::from_secs(60));
+        if last_forget.elapsed() >= every {
+            last_forget = tokio::time::Instant::now();
+            match reaper
+                .store
+                .forget_workers(reaper.settings.worker_retention, BATCH)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(workers = n, "forgot workers not heard from within the retention"),
+                Err(e) => tracing::warn!(error = %e, "forgetting gone workers failed"),
+            }
+        }
     }
 }

@@ -116,6 +116,15 @@ impl Store {
         Ok(out)
     }
 
+    /// Forgets up to `limit` workers silent for `retention` that hold no lease (see
+    /// `sql/workers/forget.sql`); answers how many.
+    #[instrument(name = "store.workers.forget", skip_all)]
+    pub async fn forget_workers(&self, retention: Duration, limit: i64) -> Result<u64> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("workers/forget")).await?;
+        Ok(client.execute(&stmt, &[&ms(retention), &limit]).await?)
+    }
+
     /// Workers of a namespace, most recently seen first.
     #[instrument(name = "store.workers.list", skip_all)]
     pub async fn list_workers(&self, namespace: &str, live: Duration) -> Result<Vec<Worker>> {
@@ -140,9 +149,11 @@ pub struct Registration {
 }
 
 /// Worker registrations read so far. A registration never changes (`RegisterWorker` always
-/// inserts a worker with a new id) and is never deleted, so what was read once stays true, on
-/// every server: a poll needs no statement to learn what its worker serves (at 1,000 runs/s a
-/// worker polls about as often).
+/// inserts a worker with a new id), so what was read once stays true, on every server: a poll
+/// needs no statement to learn what its worker serves (at 1,000 runs/s a worker polls about as
+/// often). It is deleted only when its worker is forgotten, after `worker_retention` of
+/// silence; a cached one then serves the polls of a worker silent that long, whose leases its
+/// next heartbeat finds lost (it is told it is unknown, and registers again).
 /// Keyed by worker id alone (ids are unique across namespaces), each with its namespace.
 #[derive(Default)]
 pub(super) struct RegistrationCache {

@@ -863,3 +863,27 @@ async fn the_python_example_starts_a_run_and_reads_its_result() {
     assert_eq!(output, serde_json::json!({"greeting": "Hello, Python"}));
     assert!(stderr.contains("started run"), "{stderr}");
 }
+
+/// A worker not heard from for the retention is forgotten: no longer listed, even with
+/// `--all`; a live one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_gone_for_the_retention_are_forgotten() {
+    let env = aiki_tests::TestEnv::with_config(|c| c.worker_retention = Duration::from_secs(3)).await;
+    let _live = env
+        .worker(
+            aiki_worker::WorkerBuilder::new(env.url())
+                .identity("stays")
+                .register("hello", |_ctx: aiki_worker::Context, v: serde_json::Value| async move {
+                    Ok(v)
+                }),
+        )
+        .await;
+    let silent = aiki_tests::RawWorker::register(&env.server, &["default"]).await;
+    assert!(env.client.workers().await.unwrap().iter().any(|w| w.id == silent.id));
+    eventually(Duration::from_secs(30), "the silent worker is forgotten", || async {
+        !env.client.workers().await.unwrap().iter().any(|w| w.id == silent.id)
+    })
+    .await;
+    let workers = env.client.workers().await.unwrap();
+    assert!(workers.iter().any(|w| w.identity == "stays" && w.live), "{workers:?}");
+}
