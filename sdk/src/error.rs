@@ -77,6 +77,7 @@ pub enum Error {
 impl From<Status> for Error {
     fn from(s: Status) -> Self {
         let m = s.message().to_owned();
+        let source = std::error::Error::source(&s);
         match s.code() {
             Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(m),
             Code::NotFound => Error::NotFound(m),
@@ -86,9 +87,15 @@ impl From<Status> for Error {
             Code::Unavailable => Error::Unavailable(m),
             // A connection the server's TLS refused (say, for want of a client certificate)
             // surfaces as a failed call rather than a failed connect.
-            _ if std::error::Error::source(&s).is_some_and(is_tls_failure) => Error::Unavailable(format!(
-                "{TLS_PREFIX}{}",
-                crate::client::chain(std::error::Error::source(&s).unwrap_or(&s))
+            _ if source.is_some_and(is_tls_failure) => {
+                Error::Unavailable(format!("{TLS_PREFIX}{}", crate::client::chain(source.unwrap_or(&s))))
+            }
+            // The connection failed under the call (a reset, a broken pipe, a connection closed
+            // by the server, as when it refuses a client certificate before the client read
+            // why): the server never answered, which is what `Unavailable` means.
+            _ if source.is_some_and(|e| e.is::<tonic::transport::Error>()) => Error::Unavailable(format!(
+                "the connection failed: {}",
+                crate::client::chain(source.unwrap_or(&s))
             )),
             _ => Error::Server(s),
         }

@@ -203,11 +203,11 @@ async fn mutual_tls_takes_only_clients_with_a_certificate_of_the_client_ca() {
     };
     let server = server(&db, &files, &ca.issue(true, false), Some(&clients), good.clone()).await;
 
+    // Under TLS 1.3 the server refuses a client certificate after the client's side of the
+    // handshake: the client meets the refusal on its first call, as the TLS alert or, when
+    // its request went out first, as a connection closed under it.
     let e = refused(&server.url(), &ca.trust()).await;
-    assert!(
-        matches!(&e, aiki::Error::Unavailable(m) if m.contains("TLS")),
-        "no client certificate: {e:?}"
-    );
+    assert!(matches!(e, aiki::Error::Unavailable(_)), "no client certificate: {e:?}");
     let (cert, key) = Ca::new("a stranger's CA").issue(false, false);
     let stranger = TlsOptions {
         ca: Some(ca.pem().into_bytes()),
@@ -216,7 +216,7 @@ async fn mutual_tls_takes_only_clients_with_a_certificate_of_the_client_ca() {
     };
     let e = refused(&server.url(), &stranger).await;
     assert!(
-        matches!(&e, aiki::Error::Unavailable(m) if m.contains("TLS")),
+        matches!(e, aiki::Error::Unavailable(_)),
         "a foreign client certificate: {e:?}"
     );
 
