@@ -141,9 +141,10 @@ async fn sdk_and_worker_run_a_workflow_over_tls() {
     assert_eq!(out, 42);
     worker.stop().await;
 
-    // Plain HTTP/2 to the TLS port gets nowhere (the client reads the TLS alert as a
-    // malformed HTTP/2 frame: `Error::Server`, INTERNAL).
-    refused(&format!("http://{}", server.addr), &TlsOptions::default()).await;
+    // Plain HTTP/2 to the TLS port gets nowhere: the client reads the TLS alert as a malformed
+    // HTTP/2 frame, a connection failed under the call.
+    let e = refused(&format!("http://{}", server.addr), &TlsOptions::default()).await;
+    assert!(matches!(e, aiki::Error::Unavailable(_)), "{e:?}");
     assert_eq!(run_count(&client).await, 1);
 }
 
