@@ -639,7 +639,7 @@ async fn start_server(stack: &mut Stack, database_url: &str) -> anyhow::Result<S
         stdin: None,
         drained: Arc::default(),
     });
-    dev::wait_for_server(&addr, &mut server.child)
+    dev::wait_for_server(&addr, &aiki::TlsOptions::default(), &mut server.child)
         .await
         .map_err(|e| anyhow!("{e:#}\nthe end of its log ({}):\n{}", log.display(), tail(&log, 20)))?;
     Ok(addr)

@@ -30,6 +30,73 @@ pub struct DevArgs {
     /// Start no worker.
     #[arg(long)]
     no_worker: bool,
+    /// Serve TLS with client certificates: make a local CA, a server certificate and a client
+    /// certificate in the dev folder, and print how to use them.
+    #[arg(long)]
+    tls: bool,
+}
+
+/// The dev stack's certificates, made by [`DevTls::create`].
+struct DevTls {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+/// The variables a TLS setting may come in through, which the dev children must not inherit
+/// from a shell set up for another server.
+const TLS_VARS: [&str; 4] = ["AIKI_TLS_CERT", "AIKI_TLS_KEY", "AIKI_TLS_CLIENT_CA", "AIKI_TLS_CA"];
+
+impl DevTls {
+    /// A CA, a certificate of `host` (and localhost, 127.0.0.1) for the server and one for
+    /// clients, all signed by the CA, written as PEM files into `dir`.
+    fn create(dir: &Path, host: &str) -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        std::fs::create_dir_all(dir)?;
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name.push(DnType::CommonName, "aiki dev CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        if !names.iter().any(|n| n == host) {
+            names.push(host.to_owned());
+        }
+        let issue = |name: &str, usage: ExtendedKeyUsagePurpose| -> anyhow::Result<(String, String)> {
+            let mut params = CertificateParams::new(names.clone())?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate()?;
+            Ok((params.signed_by(&key, &ca)?.pem(), key.serialize_pem()))
+        };
+        let (server_cert, server_key) = issue("aiki dev server", ExtendedKeyUsagePurpose::ServerAuth)?;
+        let (client_cert, client_key) = issue("aiki dev client", ExtendedKeyUsagePurpose::ClientAuth)?;
+        let write = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
+            let path = dir.join(name);
+            std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(path)
+        };
+        Ok(Self {
+            ca: write("ca.pem", &ca.pem())?,
+            server_cert: write("server.pem", &server_cert)?,
+            server_key: write("server.key", &server_key)?,
+            client_cert: write("client.pem", &client_cert)?,
+            client_key: write("client.key", &client_key)?,
+        })
+    }
+
+    fn client_options(&self) -> anyhow::Result<aiki::TlsOptions> {
+        Ok(aiki::TlsOptions::from_files(
+            Some(&self.ca),
+            Some(&self.client_cert),
+            Some(&self.client_key),
+        )?)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +129,18 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
     }
     let dir = TempDir::new(std::env::temp_dir().join(format!("aiki-dev-{}", std::process::id())))?;
     let dir = &dir.0;
+    let (server, tls) = if args.tls {
+        let host = listen.rsplit_once(':').map_or(listen.as_str(), |(h, _)| h);
+        let tls = DevTls::create(&dir.join("tls"), host.trim_start_matches('[').trim_end_matches(']'))?;
+        (format!("https://{listen}"), Some(tls))
+    } else {
+        (server.to_owned(), None)
+    };
+    let server = server.as_str();
+    let client_tls = match &tls {
+        Some(t) => t.client_options()?,
+        None => aiki::TlsOptions::default(),
+    };
 
     // From here on a signal stops the children in order (they run in process groups of their
     // own, so Ctrl-C reaches only this process).
@@ -77,7 +156,17 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
     let mut children: Vec<(&str, Child)> = Vec::new();
     let setup = async {
         let server_bin = sibling("aiki-server")?;
-        let child = Command::new(&server_bin)
+        let mut command = Command::new(&server_bin);
+        for var in TLS_VARS {
+            command.env_remove(var);
+        }
+        if let Some(tls) = &tls {
+            command
+                .env("AIKI_TLS_CERT", &tls.server_cert)
+                .env("AIKI_TLS_KEY", &tls.server_key)
+                .env("AIKI_TLS_CLIENT_CA", &tls.ca);
+        }
+        let child = command
             .env("AIKI_DATABASE_URL", &args.database_url)
             .env("AIKI_LISTEN", &listen)
             .stdin(Stdio::null())
@@ -86,13 +175,26 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
             .spawn()
             .with_context(|| format!("cannot start {}", server_bin.display()))?;
         children.push(("aiki-server", child));
-        let client = wait_for_server(server, &mut children[0].1).await?;
+        let client = wait_for_server(server, &client_tls, &mut children[0].1).await?;
 
         if !args.no_worker {
             let config = dir.join("worker.toml");
             std::fs::write(&config, WORKER_TOML)?;
             let worker_bin = sibling("aiki-worker")?;
-            let child = Command::new(&worker_bin)
+            let mut command = Command::new(&worker_bin);
+            for var in TLS_VARS {
+                command.env_remove(var);
+            }
+            if let Some(tls) = &tls {
+                command
+                    .arg("--tls-ca")
+                    .arg(&tls.ca)
+                    .arg("--tls-cert")
+                    .arg(&tls.client_cert)
+                    .arg("--tls-key")
+                    .arg(&tls.client_key);
+            }
+            let child = command
                 .arg("--config")
                 .arg(&config)
                 .arg("--server")
@@ -120,9 +222,25 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
         if let Some(bin_dir) = dir_of_this_binary_if_not_on_path() {
             println!("  export PATH={}:$PATH", bin_dir.display());
         }
+        if let Some(tls) = &tls {
+            println!(
+                "  export AIKI_SERVER={server} AIKI_TLS_CA={} AIKI_TLS_CERT={} AIKI_TLS_KEY={}",
+                tls.ca.display(),
+                tls.client_cert.display(),
+                tls.client_key.display()
+            );
+        }
         println!("  aiki run start hello --input '{{\"name\":\"Grace\"}}' --key hello-grace --wait");
         println!("  aiki run list");
         println!("  aiki workers");
+        if let Some(tls) = &tls {
+            println!(
+                "  grpcurl -cacert {} -cert {} -key {} {listen} list",
+                tls.ca.display(),
+                tls.client_cert.display(),
+                tls.client_key.display()
+            );
+        }
         println!("Press Ctrl-C to stop.");
         anyhow::Ok(())
     };
@@ -199,13 +317,13 @@ pub(crate) async fn stop(children: Vec<(&str, Child)>) {
     }
 }
 
-pub(crate) async fn wait_for_server(server: &str, child: &mut Child) -> anyhow::Result<Client> {
+pub(crate) async fn wait_for_server(server: &str, tls: &aiki::TlsOptions, child: &mut Child) -> anyhow::Result<Client> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait()? {
             bail!("aiki-server exited during start ({status}); see its log above");
         }
-        let connect = tokio::time::timeout(Duration::from_secs(2), Client::connect(server.to_owned()));
+        let connect = tokio::time::timeout(Duration::from_secs(2), Client::connect_with(server.to_owned(), tls));
         if let Ok(Ok(client)) = connect.await
             && client.queues().await.is_ok()
         {

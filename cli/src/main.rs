@@ -31,6 +31,16 @@ struct Cli {
     /// Server address.
     #[arg(long, global = true, env = "AIKI_SERVER", default_value = "http://127.0.0.1:7070")]
     server: String,
+    /// PEM CA certificates an https:// server's certificate must chain to [default: the
+    /// system's roots].
+    #[arg(long, global = true, env = "AIKI_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one (mutual TLS).
+    #[arg(long, global = true, env = "AIKI_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "AIKI_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Namespace.
     #[arg(long, short = 'n', global = true, env = "AIKI_NAMESPACE", default_value = "default")]
     namespace: String,
@@ -313,7 +323,8 @@ fn main() -> ExitCode {
 }
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
-    Ok(Client::connect(cli.server.clone())
+    let tls = aiki::TlsOptions::from_files(cli.tls_ca.as_deref(), cli.tls_cert.as_deref(), cli.tls_key.as_deref())?;
+    Ok(Client::connect_with(cli.server.clone(), &tls)
         .await?
         .with_namespace(cli.namespace.clone()))
 }

@@ -1,6 +1,6 @@
 //! The client: start runs, read them, wait for their results.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, path::Path, time::Duration};
 
 use aiki_proto::v1::{
     self, CancelRunRequest, ConflictPolicy, GetRunHistoryRequest, GetRunRequest, GetRunResultRequest, ListRunsRequest,
@@ -10,7 +10,7 @@ use aiki_proto::v1::{
 use backon::{ExponentialBuilder, Retryable};
 use futures::{Stream, StreamExt};
 use serde::{Serialize, de::DeserializeOwned};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{
     RunStatus,
@@ -219,8 +219,9 @@ fn backoff() -> ExponentialBuilder {
         .with_jitter()
 }
 
+/// Unavailable, but not for TLS: a certificate refused now is refused on every retry.
 fn retryable(e: &Error) -> bool {
-    matches!(e, Error::Unavailable(_))
+    matches!(e, Error::Unavailable(m) if !m.starts_with(crate::error::TLS_PREFIX))
 }
 
 impl Client {
@@ -228,6 +229,20 @@ impl Client {
     /// for a few seconds if the server is not up yet.
     pub async fn connect(addr: impl Into<String>) -> Result<Self> {
         let channel = connect_channel(addr.into()).await?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// [`Client::connect`] with TLS settings, for an `https://` address: the CA to trust
+    /// (instead of the system's roots) and a client certificate for servers that ask for one.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), aiki::Error> {
+    /// let tls = aiki::TlsOptions::from_files(Some("ca.pem".as_ref()), None, None)?;
+    /// let client = aiki::Client::connect_with("https://aiki.internal:7070", &tls).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_with(addr: impl Into<String>, tls: &TlsOptions) -> Result<Self> {
+        let channel = connect_channel_with(addr.into(), tls).await?;
         Ok(Self::from_channel(channel))
     }
 
@@ -595,19 +610,132 @@ impl Client {
     }
 }
 
-/// Opens a channel to `addr`, retrying with backoff while the server is unreachable.
+/// TLS settings of a connection to an `https://` server, each a PEM document. The default
+/// trusts the system's root certificates and presents no client certificate.
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    /// CA certificates the server's certificate must chain to, instead of the system's roots.
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate (chain), for servers that require one (mutual TLS); needs `key`.
+    pub cert: Option<Vec<u8>>,
+    /// Private key of `cert`.
+    pub key: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself.
+        f.debug_struct("TlsOptions")
+            .field("ca", &self.ca.is_some())
+            .field("cert", &self.cert.is_some())
+            .field("key", &self.key.is_some())
+            .finish()
+    }
+}
+
+impl TlsOptions {
+    /// Reads the given PEM files; an error names the file that could not be read.
+    pub fn from_files(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<Self> {
+        let read = |p: Option<&Path>, what: &str| {
+            p.map(|p| {
+                std::fs::read(p)
+                    .map_err(|e| Error::InvalidArgument(format!("cannot read the TLS {what} {}: {e}", p.display())))
+            })
+            .transpose()
+        };
+        Ok(Self {
+            ca: read(ca, "CA file")?,
+            cert: read(cert, "certificate file")?,
+            key: read(key, "key file")?,
+        })
+    }
+
+    /// Whether any setting is given.
+    pub fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.cert.is_none() && self.key.is_none()
+    }
+
+    fn client_config(&self) -> Result<ClientTlsConfig> {
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+            None => config.with_native_roots(),
+        };
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => config = config.identity(Identity::from_pem(cert, key)),
+            (None, None) => {}
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "a TLS client certificate needs its key, and a key its certificate".into(),
+                ));
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// Opens a channel to `addr`, retrying with backoff while the server is unreachable. An
+/// `https://` address trusts the system's root certificates; see [`connect_channel_with`].
 pub async fn connect_channel(addr: String) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(addr.clone())
+    connect_channel_with(addr, &TlsOptions::default()).await
+}
+
+/// Opens a channel to `addr` with TLS settings for an `https://` address (an `http://` one
+/// takes none), retrying with backoff while the server is unreachable. A failed TLS handshake
+/// (a certificate that does not verify, a client certificate refused) is not retried: it is
+/// `Error::Unavailable` at once.
+pub async fn connect_channel_with(addr: String, tls: &TlsOptions) -> Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(addr.clone())
         .map_err(|e| Error::InvalidArgument(format!("server address {addr:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
+    if endpoint.uri().scheme_str() == Some("https") {
+        endpoint = endpoint
+            .tls_config(tls.client_config()?)
+            .map_err(|e| Error::InvalidArgument(format!("TLS settings for {addr}: {}", chain(&e))))?;
+    } else if !tls.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "TLS settings were given but the server address {addr} is not https://"
+        )));
+    }
     (|| async { endpoint.connect().await })
         .retry(backoff())
+        .when(|e| !is_tls_failure(e))
         .notify(|e, d| tracing::debug!(error = %e, delay = ?d, "server not reachable yet"))
         .await
-        .map_err(|e| Error::Unavailable(format!("cannot connect to {addr}: {e}")))
+        .map_err(|e| {
+            if is_tls_failure(&e) {
+                Error::Unavailable(format!(
+                    "{}the handshake with {addr} failed: {}",
+                    crate::error::TLS_PREFIX,
+                    chain(&e)
+                ))
+            } else {
+                Error::Unavailable(format!("cannot connect to {addr}: {}", chain(&e)))
+            }
+        })
+}
+
+/// Whether a connection failed in its TLS handshake: retrying would fail the same way.
+fn is_tls_failure(e: &tonic::transport::Error) -> bool {
+    crate::error::is_tls_failure(e)
+}
+
+/// An error and its causes, `: `-separated.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// `value` as the JSON payload `what`, refused here (as the server would refuse it) if it nests

@@ -52,7 +52,9 @@ pub enum Error {
     /// A payload is over the server's limit.
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
-    /// The server could not be reached, even after retries.
+    /// The server could not be reached, even after retries. A TLS failure (a server certificate
+    /// that does not verify, a client certificate the server refuses) is not retried; its
+    /// message begins with `TLS: `.
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// The run did not end within the time given.
@@ -75,6 +77,7 @@ pub enum Error {
 impl From<Status> for Error {
     fn from(s: Status) -> Self {
         let m = s.message().to_owned();
+        let source = std::error::Error::source(&s);
         match s.code() {
             Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(m),
             Code::NotFound => Error::NotFound(m),
@@ -82,9 +85,52 @@ impl From<Status> for Error {
             Code::FailedPrecondition => Error::FailedPrecondition(m),
             Code::ResourceExhausted => Error::ResourceExhausted(m),
             Code::Unavailable => Error::Unavailable(m),
+            // A connection the server's TLS refused (say, for want of a client certificate)
+            // surfaces as a failed call rather than a failed connect.
+            _ if source.is_some_and(is_tls_failure) => {
+                Error::Unavailable(format!("{TLS_PREFIX}{}", crate::client::chain(source.unwrap_or(&s))))
+            }
+            // The connection failed under the call (a reset, a broken pipe, a connection closed
+            // by the server, as when it refuses a client certificate before the client read
+            // why): the server never answered, which is what `Unavailable` means.
+            _ if source.is_some_and(|e| e.is::<tonic::transport::Error>()) => Error::Unavailable(format!(
+                "the connection failed: {}",
+                crate::client::chain(source.unwrap_or(&s))
+            )),
             _ => Error::Server(s),
         }
     }
+}
+
+/// How the message of an `Error::Unavailable` that is a TLS failure begins.
+pub(crate) const TLS_PREFIX: &str = "TLS: ";
+
+/// Whether `e` or one of its causes is a TLS error. tokio-rustls wraps those in `io::Error`s
+/// of kind `InvalidData` (whose `source` skips the wrapped error); after a failed call, h2 has
+/// rebuilt that `io::Error` from its kind and text, so the TLS alert is known by its words.
+pub(crate) fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.is::<tokio_rustls::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::InvalidData
+        {
+            match io.get_ref() {
+                Some(inner) if is_tls_failure(inner) => return true,
+                Some(inner) => {
+                    let text = inner.to_string();
+                    if text.contains("fatal alert") || text.contains("peer certificate") {
+                        return true;
+                    }
+                }
+                None => {}
+            }
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Shorthand for results of this crate.

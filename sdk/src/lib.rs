@@ -9,6 +9,8 @@
 //!   registered workers, queues and workflow versions. Calls retry with backoff while the
 //!   server is unreachable; errors are typed ([`Error`]; [`RunError`] says how a run failed).
 //! - [`connect_channel`] opens a channel to a server, for the generated clients of [`proto`].
+//! - [`TlsOptions`] with [`Client::connect_with`] or [`connect_channel_with`]: `https://`
+//!   servers with a private CA, and client certificates for servers that require them.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), aiki::Error> {
@@ -27,7 +29,7 @@ mod error;
 pub use aiki_proto::v1::RunStatus;
 pub use client::{
     Client, EventSent, HistoryEvent, ListFilter, Queue, RetryPolicy, Run, RunHandle, RunPage, StartOptions, Timeouts,
-    Worker, WorkflowVersion, connect_channel,
+    TlsOptions, Worker, WorkflowVersion, connect_channel, connect_channel_with,
 };
 pub use error::{Error, Result, RunError};
 

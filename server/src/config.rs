@@ -53,6 +53,14 @@ pub struct Config {
     /// stops listing it. One that comes back registers again.
     #[serde(with = "humantime_serde")]
     pub worker_retention: Duration,
+    /// PEM file with the server's certificate chain; with `tls_key`, the gRPC port speaks TLS
+    /// only. Both files are re-read when they change, without a restart.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM file with the CAs that sign client certificates: clients must then present one
+    /// (mutual TLS). Needs `tls_cert` and `tls_key`.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// The server-wide default retry policy.
@@ -103,6 +111,9 @@ impl Default for Config {
             recheck_interval: Duration::from_millis(500),
             notify_window: Duration::from_millis(5),
             worker_retention: Duration::from_secs(7 * 86_400),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -125,6 +136,18 @@ impl Config {
     /// Checks the settings that must agree with each other.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.pool_size >= 2, "pool_size must be at least 2");
+        anyhow::ensure!(
+            self.tls_key.is_none() || self.tls_cert.is_some(),
+            "tls_key is set but tls_cert is not: TLS needs both"
+        );
+        anyhow::ensure!(
+            self.tls_cert.is_none() || self.tls_key.is_some(),
+            "tls_cert is set but tls_key is not: TLS needs both"
+        );
+        anyhow::ensure!(
+            self.tls_client_ca.is_none() || self.tls_cert.is_some(),
+            "tls_client_ca is set but tls_cert and tls_key are not: client certificates need TLS"
+        );
         anyhow::ensure!(
             self.heartbeat_interval < self.lease_ttl,
             "heartbeat_interval ({:?}) must be shorter than lease_ttl ({:?})",
@@ -209,6 +232,15 @@ pub struct Args {
     /// Forget workers not heard from for this long [default: 7days].
     #[arg(long, env = "AIKI_WORKER_RETENTION", value_parser = humantime::parse_duration)]
     pub worker_retention: Option<Duration>,
+    /// PEM certificate chain of the server; with --tls-key, serve TLS only.
+    #[arg(long, env = "AIKI_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "AIKI_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates that sign client certificates: require and verify them (mTLS).
+    #[arg(long, env = "AIKI_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Args {
@@ -242,6 +274,15 @@ impl Args {
             notify_window,
             worker_retention
         );
+        if let Some(v) = self.tls_cert {
+            c.tls_cert = Some(v);
+        }
+        if let Some(v) = self.tls_key {
+            c.tls_key = Some(v);
+        }
+        if let Some(v) = self.tls_client_ca {
+            c.tls_client_ca = Some(v);
+        }
         if self.no_migrate {
             c.migrate = false;
         }
@@ -274,7 +315,22 @@ mod tests {
         keys(&toml::Table::try_from(Config::default()).unwrap(), "", &mut all);
         listed.sort();
         all.sort();
-        assert_eq!(listed, all, "the example names every setting, and only those");
+        assert_eq!(
+            listed, all,
+            "the example names every setting with a default, and only those"
+        );
+        // The settings without a default (TLS) are there too, commented out.
+        let every = Config {
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            tls_client_ca: Some("a".into()),
+            ..Config::default()
+        };
+        let mut optional = Vec::new();
+        keys(&toml::Table::try_from(every).unwrap(), "", &mut optional);
+        for key in optional.iter().filter(|k| !all.contains(k)) {
+            assert!(text.contains(&format!("# {key} = ")), "the example does not show {key}");
+        }
         assert_eq!(
             toml::Table::try_from(&example).unwrap(),
             toml::Table::try_from(Config::default()).unwrap(),
@@ -309,5 +365,15 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        let key_only = Config {
+            tls_key: Some("server.key".into()),
+            ..Config::default()
+        };
+        assert!(key_only.validate().unwrap_err().to_string().contains("tls_cert"));
+        let ca_only = Config {
+            tls_client_ca: Some("clients.pem".into()),
+            ..Config::default()
+        };
+        assert!(ca_only.validate().unwrap_err().to_string().contains("tls_client_ca"));
     }
 }

@@ -8,6 +8,7 @@
 //! - [`engine`]: every operation, once, for a caller; the gRPC services only translate.
 //! - [`background`]: the notification listener, the timers of suspended runs, and the reaper
 //!   (expired leases, timeouts; one per database, by advisory lock).
+//! - [`tls`]: TLS and client certificates on the gRPC port; the certificate reloads itself.
 //!
 //! [`serve`] runs everything on a bound listener until a shutdown token is cancelled.
 
@@ -19,6 +20,7 @@ pub mod error;
 pub mod service;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod validate;
 pub mod wake;
 
@@ -57,6 +59,8 @@ pub async fn migrate(url: &str) -> anyhow::Result<Vec<&'static str>> {
 /// in-flight calls finish (up to `shutdown_grace`) and returns.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
+    // Before the database: a TLS setting that cannot work should fail the start at once.
+    let tls = tls::acceptor(&config)?;
     let pg = pg_config(&config.database_url)?;
     let store = Store::new(pg.clone(), config.pool_size, config.notify_window)?;
     store
@@ -128,10 +132,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     // A StartRuns batch may carry many payloads, hence the generous bound.
     let max_message = MAX_MESSAGE_BYTES.max(config.max_payload_bytes.saturating_mul(4));
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "aiki-server listening");
-    // Without TCP_NODELAY, small answers wait for the peer's delayed ACK (tens of
-    // milliseconds on Linux) and every poll or report pays for it.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tracing::info!(%addr, tls = tls.is_some(), mutual_tls = config.tls_client_ca.is_some(), "aiki-server listening");
     let signal = {
         let shutdown = shutdown.clone();
         let reporter = health_reporter.clone();
@@ -152,8 +153,20 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         .add_service(reflection_v1alpha)
         .add_service(WorkflowServiceServer::new(WorkflowSvc(engine.clone())).max_decoding_message_size(max_message))
         .add_service(WorkerServiceServer::new(WorkerSvc(engine.clone())).max_decoding_message_size(max_message))
-        .add_service(AdminServiceServer::new(AdminSvc(engine.clone())))
-        .serve_with_incoming_shutdown(incoming, signal);
+        .add_service(AdminServiceServer::new(AdminSvc(engine.clone())));
+    let accepting = CancellationToken::new();
+    let _stop_accepting = accepting.clone().drop_guard();
+    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
+        Some(acceptor) => {
+            Box::pin(server.serve_with_incoming_shutdown(tls::incoming(listener, acceptor, accepting.clone()), signal))
+        }
+        None => {
+            // Without TCP_NODELAY, small answers wait for the peer's delayed ACK (tens of
+            // milliseconds on Linux) and every poll or report pays for it.
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            Box::pin(server.serve_with_incoming_shutdown(incoming, signal))
+        }
+    };
     let grace = config.shutdown_grace;
     let result = tokio::select! {
         r = server => r.map_err(anyhow::Error::from),

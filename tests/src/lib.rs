@@ -204,6 +204,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// With TLS: what [`TestServer::client`] and [`TestServer::channel`] connect with.
+    tls: Option<aiki::TlsOptions>,
 }
 
 impl TestServer {
@@ -214,6 +216,17 @@ impl TestServer {
 
     /// Starts a server with `config` (its `listen` is ignored: a free loopback port is used).
     pub async fn start_with(config: Config) -> Self {
+        Self::start_inner(config, None).await
+    }
+
+    /// Starts a server whose `config` sets `tls_cert` and `tls_key`; its URL is then
+    /// `https://127.0.0.1:PORT`, and its own clients connect with `tls`.
+    pub async fn start_tls(config: Config, tls: aiki::TlsOptions) -> Self {
+        assert!(config.tls_cert.is_some(), "start_tls needs a config with TLS");
+        Self::start_inner(config, Some(tls)).await
+    }
+
+    async fn start_inner(config: Config, tls: Option<aiki::TlsOptions>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
@@ -222,6 +235,7 @@ impl TestServer {
             addr,
             shutdown,
             task: Some(task),
+            tls,
         };
         // Ready when it answers.
         let client = server.client().await;
@@ -235,17 +249,22 @@ impl TestServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// An SDK client.
     pub async fn client(&self) -> aiki::Client {
-        aiki::Client::connect(self.url()).await.expect("connect")
+        aiki::Client::connect_with(self.url(), &self.tls.clone().unwrap_or_default())
+            .await
+            .expect("connect")
     }
 
     /// A raw channel.
     pub async fn channel(&self) -> Channel {
-        aiki::connect_channel(self.url()).await.expect("channel")
+        aiki::connect_channel_with(self.url(), &self.tls.clone().unwrap_or_default())
+            .await
+            .expect("channel")
     }
 
     pub async fn workflows(&self) -> WorkflowServiceClient<Channel> {

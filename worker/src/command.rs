@@ -44,6 +44,16 @@ pub struct Config {
     /// `WorkerBuilder::version`.
     #[serde(default)]
     pub version: Option<String>,
+    /// PEM CA certificates an `https://` server's certificate must chain to [default: the
+    /// system's roots]. Relative paths are relative to the working directory.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one (mutual TLS); needs `tls_key`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
     /// Workflow name → command.
     pub workflows: BTreeMap<String, CommandSpec>,
 }

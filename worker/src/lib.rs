@@ -108,6 +108,7 @@ pub struct WorkerBuilder {
     shutdown_grace: Duration,
     workflows: FastMap<String, Handler>,
     version: String,
+    tls: aiki::TlsOptions,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -137,6 +138,7 @@ impl WorkerBuilder {
             shutdown_grace: Duration::from_secs(30),
             workflows: FastMap::default(),
             version: String::new(),
+            tls: aiki::TlsOptions::default(),
         }
     }
 
@@ -219,12 +221,19 @@ impl WorkerBuilder {
         self
     }
 
+    /// TLS settings for an `https://` server: the CA to trust instead of the system's roots,
+    /// and a client certificate for servers that require one.
+    pub fn tls(mut self, tls: aiki::TlsOptions) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// Connects (retrying while the server is away) and builds the worker.
     pub async fn build(mut self) -> Result<Worker, aiki::Error> {
         if self.queues.is_empty() {
             self.queues.push("default".into());
         }
-        let channel = aiki::connect_channel(self.server.clone()).await?;
+        let channel = aiki::connect_channel_with(self.server.clone(), &self.tls).await?;
         let runs = Arc::new(aiki::Client::from_channel(channel.clone()));
         let client = WorkerServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
         Ok(Worker {

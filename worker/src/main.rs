@@ -25,6 +25,15 @@ struct Args {
     /// Server address; overrides the file's `server`.
     #[arg(long, env = "AIKI_SERVER")]
     server: Option<String>,
+    /// PEM CA certificates for an https:// server; overrides the file's `tls_ca`.
+    #[arg(long, env = "AIKI_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate (mutual TLS); overrides the file's `tls_cert`.
+    #[arg(long, env = "AIKI_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate; overrides the file's `tls_key`.
+    #[arg(long, env = "AIKI_TLS_KEY")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,10 +75,19 @@ async fn run() -> anyhow::Result<()> {
     if let Some(server) = args.server {
         config.server = server;
     }
+    config.tls_ca = args.tls_ca.or(config.tls_ca);
+    config.tls_cert = args.tls_cert.or(config.tls_cert);
+    config.tls_key = args.tls_key.or(config.tls_key);
+    let tls = aiki::TlsOptions::from_files(
+        config.tls_ca.as_deref(),
+        config.tls_cert.as_deref(),
+        config.tls_key.as_deref(),
+    )?;
     let mut builder = WorkerBuilder::new(&config.server)
         .namespace(&config.namespace)
         .slots(config.slots)
-        .shutdown_grace(config.shutdown_grace);
+        .shutdown_grace(config.shutdown_grace)
+        .tls(tls);
     if let Some(identity) = &config.identity {
         builder = builder.identity(identity);
     }

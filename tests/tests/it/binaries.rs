@@ -887,3 +887,64 @@ async fn workers_gone_for_the_retention_are_forgotten() {
     let workers = env.client.workers().await.unwrap();
     assert!(workers.iter().any(|w| w.identity == "stays" && w.live), "{workers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiki_dev_tls_serves_mutual_tls_and_prints_how_to_connect() {
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let dev = Proc::spawn(Command::new(bin("aiki")).args([
+        "dev",
+        "--tls",
+        "--server",
+        &format!("http://{listen}"),
+        "--database-url",
+        &db.url,
+    ]));
+    dev.wait_for("Press Ctrl-C", Duration::from_secs(90)).await;
+    let line = dev.wait_for("completed with output", Duration::from_secs(1)).await;
+    assert!(
+        line.contains(r#""greeting":"hello""#),
+        "the dev worker ran over TLS: {line}"
+    );
+    let grpcurl = dev.wait_for("grpcurl -cacert", Duration::from_secs(1)).await;
+    assert!(grpcurl.contains(&listen), "{grpcurl}");
+    // `export AIKI_SERVER=https://... AIKI_TLS_CA=... AIKI_TLS_CERT=... AIKI_TLS_KEY=...`
+    let export = dev.wait_for("export AIKI_SERVER=", Duration::from_secs(1)).await;
+    let vars: Vec<(String, String)> = export
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert_eq!(vars.len(), 4, "{export}");
+    assert_eq!(vars[0].1, format!("https://{listen}"));
+
+    let run = |vars: Vec<(String, String)>| async move {
+        Command::new(bin("aiki"))
+            .args(["workers", "--output", "json"])
+            .env_remove("AIKI_TLS_CERT")
+            .env_remove("AIKI_TLS_KEY")
+            .envs(vars)
+            .output()
+            .await
+            .expect("run aiki")
+    };
+    let out = run(vars.clone()).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let workers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        workers.as_array().map(Vec::len),
+        Some(1),
+        "the dev worker is registered"
+    );
+    // Without the client certificate the server refuses the CLI.
+    let out = run(vars[..2].to_vec()).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("unavailable"), "{err}");
+    dev.terminate().await;
+}

@@ -29,6 +29,7 @@ mod retries;
 mod sleep;
 mod task_retries;
 mod timeouts;
+mod tls;
 mod versions;
 mod wakeup;
 mod worker_runtime;

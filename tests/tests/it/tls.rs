@@ -1,0 +1,308 @@
+//! TLS on the gRPC port, with certificates made here: the SDK, a worker and the CLI over TLS;
+//! clients refused for a CA that does not sign the server's certificate, for an expired
+//! server certificate, and, under mutual TLS, for a missing or foreign client certificate;
+//! and the server taking a new certificate without a restart.
+
+use std::{path::PathBuf, time::Duration};
+
+use aiki::{Client, TlsOptions};
+use aiki_tests::{Config, TestDb, TestServer, TestWorker, aiki_cli, eventually};
+use aiki_worker::{Context, WorkerBuilder};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use serde_json::json;
+
+/// A certificate authority made for one test.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Self { issuer }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for `127.0.0.1` and `localhost` (server) or a client, and its key, as PEM.
+    fn issue(&self, server: bool, expired: bool) -> (String, String) {
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, if server { "aiki server" } else { "aiki client" });
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Client options trusting this CA, with no client certificate.
+    fn trust(&self) -> TlsOptions {
+        TlsOptions {
+            ca: Some(self.pem().into_bytes()),
+            ..TlsOptions::default()
+        }
+    }
+}
+
+/// A folder of PEM files, removed when dropped.
+struct Files(PathBuf);
+
+impl Files {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("aiki-tls-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A test server on `db` serving `cert`/`key`, requiring client certificates of `client_ca`
+/// when given; its own clients connect with `tls`.
+async fn server(
+    db: &TestDb,
+    files: &Files,
+    (cert, key): &(String, String),
+    client_ca: Option<&Ca>,
+    tls: TlsOptions,
+) -> TestServer {
+    let mut config = Config::for_test(&db.url);
+    config.tls_cert = Some(files.write("server.pem", cert));
+    config.tls_key = Some(files.write("server.key", key));
+    config.tls_client_ca = client_ca.map(|ca| files.write("clients.pem", &ca.pem()));
+    TestServer::start_tls(config, tls).await
+}
+
+async fn run_count(client: &Client) -> usize {
+    client.list(&aiki::ListFilter::default()).await.unwrap().runs.len()
+}
+
+/// A client of `url` with `tls` that tries to start a run: the error it meets, connecting or
+/// starting.
+async fn refused(url: &str, tls: &TlsOptions) -> aiki::Error {
+    let attempt = async {
+        let client = Client::connect_with(url, tls).await?;
+        client
+            .start_run("double", &json!(1), aiki::StartOptions::default())
+            .await
+    };
+    match attempt.await {
+        Ok(run) => panic!("a refused client started run {}", run.id),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_and_worker_run_a_workflow_over_tls() {
+    let db = TestDb::new().await;
+    let files = Files::new("workflow");
+    let ca = Ca::new("aiki test CA");
+    let server = server(&db, &files, &ca.issue(true, false), None, ca.trust()).await;
+    assert!(server.url().starts_with("https://"));
+
+    let client = server.client().await;
+    let run = client
+        .start_run("double", &json!(21), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    let worker = WorkerBuilder::new(server.url())
+        .tls(ca.trust())
+        .register("double", |_ctx: Context, n: u64| async move { Ok(n * 2) });
+    let mut worker = TestWorker::start(worker).await;
+    let out: u64 = run.result(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(out, 42);
+    worker.stop().await;
+
+    // Plain HTTP/2 to the TLS port gets nowhere: the client reads the TLS alert as a malformed
+    // HTTP/2 frame, a connection failed under the call.
+    let e = refused(&format!("http://{}", server.addr), &TlsOptions::default()).await;
+    assert!(matches!(e, aiki::Error::Unavailable(_)), "{e:?}");
+    assert_eq!(run_count(&client).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trusting_another_ca_is_refused() {
+    let db = TestDb::new().await;
+    let files = Files::new("wrong-ca");
+    let ca = Ca::new("aiki test CA");
+    let server = server(&db, &files, &ca.issue(true, false), None, ca.trust()).await;
+
+    let other = Ca::new("another CA");
+    let e = refused(&server.url(), &other.trust()).await;
+    assert!(matches!(&e, aiki::Error::Unavailable(m) if m.contains("TLS")), "{e:?}");
+    // Without a CA the system's roots are trusted, which do not sign the test certificate.
+    let e = refused(&server.url(), &TlsOptions::default()).await;
+    assert!(matches!(e, aiki::Error::Unavailable(_)), "{e:?}");
+    assert_eq!(run_count(&server.client().await).await, 0, "nothing was started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_server_certificate_is_refused() {
+    let db = TestDb::new().await;
+    let files = Files::new("expired");
+    let ca = Ca::new("aiki test CA");
+    let mut config = Config::for_test(&db.url);
+    let (cert, key) = ca.issue(true, true);
+    config.tls_cert = Some(files.write("server.pem", &cert));
+    config.tls_key = Some(files.write("server.key", &key));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(aiki_server::serve(config, listener, stop.clone()));
+
+    let e = refused(&url, &ca.trust()).await;
+    assert!(
+        matches!(&e, aiki::Error::Unavailable(m) if m.contains("TLS") && m.to_lowercase().contains("expired")),
+        "{e:?}"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let pg = db.connect().await;
+    let runs: i64 = pg.query_one("SELECT count(*) FROM runs", &[]).await.unwrap().get(0);
+    assert_eq!(runs, 0, "nothing was started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_takes_only_clients_with_a_certificate_of_the_client_ca() {
+    let db = TestDb::new().await;
+    let files = Files::new("mtls");
+    let ca = Ca::new("aiki test CA");
+    let clients = Ca::new("aiki clients CA");
+    let (cert, key) = clients.issue(false, false);
+    let good = TlsOptions {
+        ca: Some(ca.pem().into_bytes()),
+        cert: Some(cert.into_bytes()),
+        key: Some(key.into_bytes()),
+    };
+    let server = server(&db, &files, &ca.issue(true, false), Some(&clients), good.clone()).await;
+
+    // Under TLS 1.3 the server refuses a client certificate after the client's side of the
+    // handshake: the client meets the refusal on its first call, as the TLS alert or, when
+    // its request went out first, as a connection closed under it.
+    let e = refused(&server.url(), &ca.trust()).await;
+    assert!(matches!(e, aiki::Error::Unavailable(_)), "no client certificate: {e:?}");
+    let (cert, key) = Ca::new("a stranger's CA").issue(false, false);
+    let stranger = TlsOptions {
+        ca: Some(ca.pem().into_bytes()),
+        cert: Some(cert.into_bytes()),
+        key: Some(key.into_bytes()),
+    };
+    let e = refused(&server.url(), &stranger).await;
+    assert!(
+        matches!(e, aiki::Error::Unavailable(_)),
+        "a foreign client certificate: {e:?}"
+    );
+
+    let client = Client::connect_with(server.url(), &good).await.unwrap();
+    assert_eq!(
+        run_count(&client).await,
+        0,
+        "nothing was started by the refused clients"
+    );
+    let run = client
+        .start_run("double", &json!(4), aiki::StartOptions::default())
+        .await
+        .unwrap();
+    let worker = WorkerBuilder::new(server.url())
+        .tls(good.clone())
+        .register("double", |_ctx: Context, n: u64| async move { Ok(n * 2) });
+    let mut worker = TestWorker::start(worker).await;
+    let out: u64 = run.result(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(out, 8);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reads_a_run_over_tls() {
+    let db = TestDb::new().await;
+    let files = Files::new("cli");
+    let ca = Ca::new("aiki test CA");
+    let server = server(&db, &files, &ca.issue(true, false), None, ca.trust()).await;
+    let run = server
+        .client()
+        .await
+        .start_run("double", &json!(3), aiki::StartOptions::key("over-tls"))
+        .await
+        .unwrap();
+    let ca_file = files.write("ca.pem", &ca.pem());
+
+    let (ok, out, err) = aiki_cli(
+        &server,
+        &[
+            "--tls-ca",
+            ca_file.to_str().unwrap(),
+            "-o",
+            "json",
+            "run",
+            "get",
+            &run.id,
+        ],
+    )
+    .await;
+    assert!(ok, "aiki run get over TLS failed: {err}");
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["id"], run.id.as_str(), "{out}");
+
+    // Without the CA the server's certificate is not trusted.
+    let (ok, _, err) = aiki_cli(&server, &["run", "get", &run.id]).await;
+    assert!(!ok);
+    assert!(err.contains("TLS"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_certificate_is_served_without_a_restart() {
+    let db = TestDb::new().await;
+    let files = Files::new("reload");
+    let old_ca = Ca::new("old CA");
+    let server = server(&db, &files, &old_ca.issue(true, false), None, old_ca.trust()).await;
+    let before = server.client().await;
+
+    // A broken pair is not taken: the old certificate stays in use.
+    files.write("server.key", "not a key");
+    let new_ca = Ca::new("new CA");
+    let (cert, key) = new_ca.issue(true, false);
+    files.write("server.pem", &cert);
+    Client::connect_with(server.url(), &old_ca.trust())
+        .await
+        .expect("the old certificate is still served");
+
+    files.write("server.key", &key);
+    eventually(
+        Duration::from_secs(10),
+        "new connections see the new certificate",
+        || async { Client::connect_with(server.url(), &new_ca.trust()).await.is_ok() },
+    )
+    .await;
+    let e = refused(&server.url(), &old_ca.trust()).await;
+    assert!(matches!(e, aiki::Error::Unavailable(_)), "{e:?}");
+    // The connection made before the change goes on working.
+    assert_eq!(run_count(&before).await, 0);
+}
