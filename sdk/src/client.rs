@@ -685,6 +685,15 @@ pub async fn connect_channel(addr: String) -> Result<Channel> {
 /// (a certificate that does not verify, a client certificate refused) is not retried: it is
 /// `Error::Unavailable` at once.
 pub async fn connect_channel_with(addr: String, tls: &TlsOptions) -> Result<Channel> {
+    // `host:port`, the form grpcurl takes, means plain HTTP/2; the error says so if it fails.
+    let (addr, assumed) = if addr.contains("://") {
+        (addr, "")
+    } else {
+        (
+            format!("http://{addr}"),
+            " (the address had no scheme, so http:// was assumed: give https://… for TLS)",
+        )
+    };
     let mut endpoint = Endpoint::from_shared(addr.clone())
         .map_err(|e| Error::InvalidArgument(format!("server address {addr:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
@@ -713,7 +722,13 @@ pub async fn connect_channel_with(addr: String, tls: &TlsOptions) -> Result<Chan
                     chain(&e)
                 ))
             } else {
-                Error::Unavailable(format!("cannot connect to {addr}: {}", chain(&e)))
+                let cause = chain(&e);
+                let hint = if cause.to_lowercase().contains("connection refused") {
+                    ": is a server running there? (`aiki dev` starts one)"
+                } else {
+                    ""
+                };
+                Error::Unavailable(format!("cannot connect to {addr}: {cause}{hint}{assumed}"))
             }
         })
 }

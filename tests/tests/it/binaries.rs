@@ -948,3 +948,33 @@ async fn aiki_dev_tls_serves_mutual_tls_and_prints_how_to_connect() {
     assert!(err.contains("unavailable"), "{err}");
     dev.terminate().await;
 }
+
+/// `--server host:port` (the form grpcurl takes) means plain HTTP/2; an address where nothing
+/// listens is named in the error, with the likely cause and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_address_without_a_scheme_works_and_a_refused_one_is_explained() {
+    let env = aiki_tests::TestEnv::new().await;
+    let out = Command::new(bin("aiki"))
+        .args(["--server", &env.server.addr.to_string(), "queues"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = Command::new(bin("aiki"))
+        .args(["--server", &nobody.to_string(), "queues"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("cannot connect to http://{nobody}"))
+            && stderr.contains("is a server running there? (`aiki dev` starts one)")
+            && stderr.contains("http:// was assumed"),
+        "{stderr}"
+    );
+}
