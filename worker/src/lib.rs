@@ -228,12 +228,19 @@ impl WorkerBuilder {
         self
     }
 
-    /// Connects (retrying while the server is away) and builds the worker.
+    /// Connects and builds the worker. A server that is away is waited for, as long as it
+    /// takes (a line is logged at each try); a refused certificate or a bad address is an error.
     pub async fn build(mut self) -> Result<Worker, aiki::Error> {
         if self.queues.is_empty() {
             self.queues.push("default".into());
         }
-        let channel = aiki::connect_channel_with(self.server.clone(), &self.tls).await?;
+        // A server that is away (not started yet, restarting) is waited for, with backoff and a
+        // line saying so; a certificate refused (`TLS: …`) or a bad address is an error at once.
+        let channel = (|| async { aiki::connect_channel_with(self.server.clone(), &self.tls).await })
+            .retry(backoff())
+            .when(|e| matches!(e, aiki::Error::Unavailable(m) if !m.starts_with("TLS: ")))
+            .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "waiting for the server"))
+            .await?;
         let runs = Arc::new(aiki::Client::from_channel(channel.clone()));
         let client = WorkerServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
         Ok(Worker {

@@ -978,3 +978,44 @@ async fn a_server_address_without_a_scheme_works_and_a_refused_one_is_explained(
         "{stderr}"
     );
 }
+
+/// `aiki-worker` started before its server waits for it, saying so, instead of exiting; once
+/// the server is up it registers and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiki_worker_waits_for_a_server_that_is_not_up_yet() {
+    let db = TestDb::new().await;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = temp_dir("wait");
+    let config = dir.join("worker.toml");
+    std::fs::write(&config, "[workflows.echo]\ncommand = [\"cat\"]\n").unwrap();
+    let mut w = worker(&config, &addr.to_string());
+    w.wait_for("waiting for the server", Duration::from_secs(30)).await;
+    assert!(matches!(w.child.try_wait(), Ok(None)), "the worker is still running");
+    // The server comes up on that address.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(aiki_server::serve(
+        aiki_tests::Config::for_test(&db.url),
+        listener,
+        stop.clone(),
+    ));
+    w.wait_for("worker registered", Duration::from_secs(30)).await;
+    let client = aiki::Client::connect(format!("http://{addr}")).await.unwrap();
+    let run = client
+        .start_run(
+            "echo",
+            &serde_json::json!({"late": true}),
+            aiki::StartOptions::default(),
+        )
+        .await
+        .unwrap();
+    let out: serde_json::Value = run.result(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(out, serde_json::json!({"late": true}));
+    w.terminate().await;
+    stop.cancel();
+    served.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
