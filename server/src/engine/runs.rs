@@ -49,10 +49,6 @@ pub struct EventSent {
     pub run: Run,
 }
 
-fn status_of(run: &Run) -> Option<RunStatus> {
-    RunStatus::from_proto(run.status)
-}
-
 impl Engine {
     /// The run a start asks for, with the server's settings applied: the payload limit, the
     /// default retry policy, the floor of a heartbeat timeout.
@@ -190,7 +186,7 @@ impl Engine {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let run = self.run(&namespace, id).await?;
-            let done = status_of(&run).is_some_and(RunStatus::is_terminal);
+            let done = RunStatus::from_proto(run.status).is_some_and(RunStatus::is_terminal);
             if done || tokio::time::Instant::now() >= deadline || self.shutdown.is_cancelled() {
                 return Ok((run, done));
             }
@@ -323,7 +319,7 @@ impl Engine {
                             return Ok(());
                         }
                     }
-                    let ended = run.is_none_or(|r| status_of(&r).is_some_and(RunStatus::is_terminal));
+                    let ended = run.is_none_or(|r| RunStatus::from_proto(r.status).is_some_and(RunStatus::is_terminal));
                     if (ended && !more) || engine.shutdown.is_cancelled() {
                         return Ok(());
                     }

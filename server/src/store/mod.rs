@@ -361,16 +361,7 @@ fn ready_arrays(payloads: &[Ready]) -> (Vec<&str>, Vec<&str>, Vec<i64>) {
 /// The runs a statement moved (the reaper's expiry, the wake-up of sleepers), from its rows
 /// of (namespace, id, queue, status); wakes the pollers of the queues that got runs back.
 async fn moved_runs(tx: &Transaction<'_>, rows: &[tokio_postgres::Row]) -> Result<Vec<Moved>> {
-    let moved: Vec<Moved> = rows
-        .iter()
-        .map(|r| Moved {
-            namespace: r.get(0),
-            id: r.get(1),
-            queue: r.get(2),
-            status: r.get(3),
-            visible_in: None,
-        })
-        .collect();
+    let moved: Vec<Moved> = rows.iter().map(|r| Moved::of_row(r, None)).collect();
     let payloads = moved
         .iter()
         .filter(|m| m.status == RunStatus::Queued)
@@ -413,11 +404,6 @@ async fn lock_run(tx: &Transaction<'_>, namespace: &str, id: Uuid) -> Result<tok
 
 fn not_found(id: Uuid) -> Error {
     Error::NotFound(format!("run {id} not found"))
-}
-
-/// A run's status, as the protocol message carries it.
-fn status_of_run(run: &Run) -> Option<RunStatus> {
-    RunStatus::from_proto(run.status)
 }
 
 #[cfg(test)]

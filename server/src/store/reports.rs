@@ -305,7 +305,7 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
             } => {
                 let ended = end_one(tx, namespace, *id, *token, end).await;
                 if let Ok(Some((run, delay))) = &ended
-                    && status_of_run(run) == Some(RunStatus::Queued)
+                    && RunStatus::from_proto(run.status) == Some(RunStatus::Queued)
                 {
                     notify.push(Ready::new(namespace, &run.queue, *delay));
                 }

@@ -70,8 +70,8 @@ impl Store {
                 )
                 .await?;
                 if let Some((run, delay)) = end_one(&tx, &ns, id, token, &LeaseEnd::Timeout { error }).await? {
-                    let status =
-                        status_of_run(&run).ok_or_else(|| Error::Internal(format!("run {id} has no status")))?;
+                    let status = RunStatus::from_proto(run.status)
+                        .ok_or_else(|| Error::Internal(format!("run {id} has no status")))?;
                     if status == RunStatus::Queued {
                         notify_ready(&tx, vec![Ready::new(&ns, &run.queue, delay)]).await?;
                     }
