@@ -625,6 +625,7 @@ async fn start_server(stack: &mut Stack, database_url: &str) -> anyhow::Result<S
         .arg(&listen)
         .arg("--database-url")
         .arg(database_url)
+        .arg("--no-auth")
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)

@@ -166,9 +166,11 @@ pub async fn run(args: &DevArgs, server: &str) -> anyhow::Result<()> {
                 .env("AIKI_TLS_KEY", &tls.server_key)
                 .env("AIKI_TLS_CLIENT_CA", &tls.ca);
         }
+        // A local stack on a loopback address: no API keys, so that `aiki` works as it is.
         let child = command
             .env("AIKI_DATABASE_URL", &args.database_url)
             .env("AIKI_LISTEN", &listen)
+            .env("AIKI_NO_AUTH", "true")
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(true)

@@ -41,6 +41,9 @@ struct Cli {
     /// PEM private key of --tls-cert.
     #[arg(long, global = true, env = "AIKI_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// API key, for a server that requires keys (as `aiki keys create` printed it).
+    #[arg(long, global = true, env = "AIKI_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Namespace.
     #[arg(long, short = 'n', global = true, env = "AIKI_NAMESPACE", default_value = "default")]
     namespace: String,
@@ -52,6 +55,39 @@ struct Cli {
     /// Whether --server was given (flag or environment) rather than defaulted.
     #[arg(skip)]
     server_given: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCmd {
+    /// Make an API key for the namespace of --namespace (and those of --also) with a role;
+    /// prints the key once.
+    Create {
+        /// What the key may do: read (get, list, history, watch, results); client (read, and
+        /// start, cancel, pause, resume, wake, send events); worker (register, poll,
+        /// heartbeat, report, start children); admin (everything, and keys).
+        #[arg(long, value_parser = ["read", "client", "worker", "admin"])]
+        role: String,
+        /// A name people recognise the key by [default: ROLE key for NAMESPACE].
+        #[arg(long)]
+        name: Option<String>,
+        /// More namespaces the key is for (comma-separated); `*` means every namespace.
+        #[arg(long, value_delimiter = ',')]
+        also: Vec<String>,
+        /// Requests per second the key may make [default: the server's key_rate_limit].
+        #[arg(long, default_value_t = 0)]
+        rate_limit: u32,
+    },
+    /// The keys you administer (never their secrets).
+    List {
+        /// Revoked keys too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a key: every server refuses it within a second.
+    Revoke {
+        /// The key's id (see `aiki keys list`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -78,6 +114,9 @@ enum Command {
     Queues,
     /// Registered workflow versions and the live workers serving each.
     Workflows,
+    /// Make, list and revoke API keys (needs an admin key).
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Apply database migrations.
     Migrate {
         /// PostgreSQL URL.
@@ -326,6 +365,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     let tls = aiki::TlsOptions::from_files(cli.tls_ca.as_deref(), cli.tls_cert.as_deref(), cli.tls_key.as_deref())?;
     Ok(Client::connect_with(cli.server.clone(), &tls)
         .await?
+        .with_api_key(cli.api_key.as_deref().unwrap_or_default())?
         .with_namespace(cli.namespace.clone()))
 }
 
@@ -404,7 +444,36 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             Ok(())
         }
         Command::Run(cmd) => run_cmd(&cli, cmd, &out).await,
+        Command::Keys(cmd) => keys_cmd(&cli, cmd, &out).await,
     }
+}
+
+async fn keys_cmd(cli: &Cli, cmd: &KeysCmd, out: &Output) -> Result<(), Exit> {
+    let client = connect(cli).await?;
+    match cmd {
+        KeysCmd::Create {
+            role,
+            name,
+            also,
+            rate_limit,
+        } => {
+            let mut namespaces = vec![cli.namespace.clone()];
+            namespaces.extend(
+                also.iter()
+                    .filter(|n| !namespaces.contains(n))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            );
+            let name = name
+                .clone()
+                .unwrap_or_else(|| format!("{role} key for {}", namespaces.join(",")));
+            let (key, secret) = client.create_api_key(&name, role, &namespaces, *rate_limit).await?;
+            out.key_created(&key, &secret);
+        }
+        KeysCmd::List { all } => out.keys(&client.api_keys(*all).await?),
+        KeysCmd::Revoke { id } => out.key_revoked(&client.revoke_api_key(id).await?),
+    }
+    Ok(())
 }
 
 async fn run_cmd(cli: &Cli, cmd: &RunCmd, out: &Output) -> Result<(), Exit> {

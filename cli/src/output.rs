@@ -401,6 +401,70 @@ impl Output {
         println!("{t}");
     }
 
+    fn key_json(k: &aiki::proto::v1::ApiKey) -> Value {
+        json!({
+            "id": k.id, "name": k.name, "role": k.role, "namespaces": k.namespaces,
+            "rate_limit": k.rate_limit, "created_at": json_ts(&k.created_at), "created_by": k.created_by,
+            "revoked_at": json_ts(&k.revoked_at),
+        })
+    }
+
+    pub fn key_created(&self, k: &aiki::proto::v1::ApiKey, secret: &str) {
+        if self.json {
+            let mut v = Self::key_json(k);
+            v["secret"] = json!(secret);
+            return print_json(&v);
+        }
+        println!("{secret}");
+        eprintln!(
+            "API key {} ({}), role {} in {}: keep it now, it is not shown again.\nUse it with --api-key or AIKI_API_KEY.",
+            k.id,
+            k.name,
+            k.role,
+            k.namespaces.join(",")
+        );
+    }
+
+    pub fn keys(&self, keys: &[aiki::proto::v1::ApiKey]) {
+        if self.json {
+            return print_json(&Value::Array(keys.iter().map(Self::key_json).collect()));
+        }
+        let mut t = table(&[
+            "ID",
+            "NAME",
+            "ROLE",
+            "NAMESPACES",
+            "RATE LIMIT",
+            "CREATED",
+            "CREATED BY",
+            "STATE",
+        ]);
+        for k in keys {
+            t.add_row(vec![
+                k.id.clone(),
+                k.name.clone(),
+                k.role.clone(),
+                k.namespaces.join(","),
+                if k.rate_limit == 0 {
+                    "server's".to_owned()
+                } else {
+                    format!("{}/s", k.rate_limit)
+                },
+                age(&k.created_at),
+                k.created_by.clone(),
+                if k.revoked_at.is_some() { "revoked" } else { "active" }.to_owned(),
+            ]);
+        }
+        println!("{t}");
+    }
+
+    pub fn key_revoked(&self, k: &aiki::proto::v1::ApiKey) {
+        if self.json {
+            return print_json(&Self::key_json(k));
+        }
+        println!("API key {} ({}) revoked", k.id, k.name);
+    }
+
     pub fn queues(&self, queues: &[Queue]) {
         let oldest = |q: &Queue| {
             q.oldest_ready_age

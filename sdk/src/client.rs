@@ -10,7 +10,11 @@ use aiki_proto::v1::{
 use backon::{ExponentialBuilder, Retryable};
 use futures::{Stream, StreamExt};
 use serde::{Serialize, de::DeserializeOwned};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 
 use crate::{
     RunStatus,
@@ -206,10 +210,58 @@ pub struct EventSent {
 /// which reconnects by itself when the server comes back.
 #[derive(Debug, Clone)]
 pub struct Client {
-    workflows: WorkflowServiceClient<Channel>,
-    admin: AdminServiceClient<Channel>,
+    channel: Channel,
+    workflows: WorkflowServiceClient<AuthChannel>,
+    admin: AdminServiceClient<AuthChannel>,
     namespace: String,
 }
+
+/// The API key a connection sends with every request (`authorization: Bearer <key>`), or none.
+#[derive(Clone, Default)]
+pub struct ApiKey(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself.
+        f.write_str(if self.0.is_some() {
+            "ApiKey(set)"
+        } else {
+            "ApiKey(none)"
+        })
+    }
+}
+
+impl ApiKey {
+    /// The key `key` (as `aiki keys create` printed it); an empty one is no key.
+    pub fn new(key: &str) -> Result<Self> {
+        let key = key.trim();
+        if key.is_empty() {
+            return Ok(Self(None));
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {key}")
+            .parse()
+            .map_err(|_| Error::InvalidArgument("an API key must be printable ASCII".into()))?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+
+    /// Whether a key is set.
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Interceptor for ApiKey {
+    fn call(&mut self, mut req: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that sends an API key with every request.
+pub type AuthChannel = InterceptedService<Channel, ApiKey>;
 
 fn backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
@@ -248,11 +300,35 @@ impl Client {
 
     /// A client over an existing channel.
     pub fn from_channel(channel: Channel) -> Self {
+        Self::with_key(channel, ApiKey::default(), "default".to_owned())
+    }
+
+    fn with_key(channel: Channel, key: ApiKey, namespace: String) -> Self {
         Self {
-            workflows: WorkflowServiceClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024),
-            admin: AdminServiceClient::new(channel),
-            namespace: "default".to_owned(),
+            workflows: WorkflowServiceClient::with_interceptor(channel.clone(), key.clone())
+                .max_decoding_message_size(64 * 1024 * 1024),
+            admin: AdminServiceClient::with_interceptor(channel.clone(), key),
+            channel,
+            namespace,
         }
+    }
+
+    /// The same client, sending the API key `key` with every request (as `aiki keys create`
+    /// printed it). Servers that require keys refuse requests without one (`Unauthenticated`).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), aiki::Error> {
+    /// let key = std::env::var("AIKI_API_KEY").unwrap_or_default();
+    /// let client = aiki::Client::connect("http://127.0.0.1:7070").await?.with_api_key(&key)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_api_key(self, key: &str) -> Result<Self> {
+        Ok(self.with_api_key_of(&ApiKey::new(key)?))
+    }
+
+    /// [`Client::with_api_key`] with a key already parsed.
+    pub fn with_api_key_of(self, key: &ApiKey) -> Self {
+        Self::with_key(self.channel, key.clone(), self.namespace)
     }
 
     /// The same client, working in another namespace.
@@ -295,7 +371,7 @@ impl Client {
     async fn call<Req, Resp, F, Fut>(&self, req: Req, f: F) -> Result<Resp>
     where
         Req: Clone,
-        F: Fn(WorkflowServiceClient<Channel>, Req) -> Fut,
+        F: Fn(WorkflowServiceClient<AuthChannel>, Req) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         (|| async {
@@ -607,6 +683,41 @@ impl Client {
             namespace: self.namespace.clone(),
         };
         Ok(self.admin.clone().list_workflows(req).await?.into_inner().workflows)
+    }
+
+    /// Makes an API key with `role` ("read", "client", "worker" or "admin") in `namespaces`
+    /// (`*`: all); answers it and its secret, which the server shows this once. Needs an
+    /// admin key of every namespace named.
+    pub async fn create_api_key(
+        &self,
+        name: &str,
+        role: &str,
+        namespaces: &[String],
+        rate_limit: u32,
+    ) -> Result<(v1::ApiKey, String)> {
+        let req = v1::CreateApiKeyRequest {
+            name: name.to_owned(),
+            role: role.to_owned(),
+            namespaces: namespaces.to_vec(),
+            rate_limit,
+        };
+        let resp = self.admin.clone().create_api_key(req).await?.into_inner();
+        let key = resp
+            .key
+            .ok_or_else(|| Error::Server(tonic::Status::internal("CreateApiKey answered without the key")))?;
+        Ok((key, resp.secret))
+    }
+
+    /// The API keys the caller administers (revoked ones too with `include_revoked`).
+    pub async fn api_keys(&self, include_revoked: bool) -> Result<Vec<v1::ApiKey>> {
+        let req = v1::ListApiKeysRequest { include_revoked };
+        Ok(self.admin.clone().list_api_keys(req).await?.into_inner().keys)
+    }
+
+    /// Revokes the API key `id`: every server refuses it within a second.
+    pub async fn revoke_api_key(&self, id: &str) -> Result<v1::ApiKey> {
+        let req = v1::RevokeApiKeyRequest { id: id.to_owned() };
+        Ok(self.admin.clone().revoke_api_key(req).await?.into_inner())
     }
 }
 

@@ -49,9 +49,17 @@ pub enum Error {
     /// The request does not fit the run's state (e.g. cancelling a completed run).
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
-    /// A payload is over the server's limit.
+    /// A payload is over the server's limit, or the caller made too many requests (the
+    /// message says when to retry).
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
+    /// The server requires an API key and got none, or one it does not know or that was
+    /// revoked (see `Client::with_api_key`).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The API key may not do this, or not in this namespace.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The server could not be reached, even after retries. A TLS failure (a server certificate
     /// that does not verify, a client certificate the server refuses) is not retried; its
     /// message begins with `TLS: `.
@@ -84,6 +92,8 @@ impl From<Status> for Error {
             Code::AlreadyExists => Error::AlreadyExists(m),
             Code::FailedPrecondition => Error::FailedPrecondition(m),
             Code::ResourceExhausted => Error::ResourceExhausted(m),
+            Code::Unauthenticated => Error::Unauthenticated(m),
+            Code::PermissionDenied => Error::PermissionDenied(m),
             Code::Unavailable => Error::Unavailable(m),
             // A connection the server's TLS refused (say, for want of a client certificate)
             // surfaces as a failed call rather than a failed connect.

@@ -28,8 +28,8 @@ mod error;
 
 pub use aiki_proto::v1::RunStatus;
 pub use client::{
-    Client, EventSent, HistoryEvent, ListFilter, Queue, RetryPolicy, Run, RunHandle, RunPage, StartOptions, Timeouts,
-    TlsOptions, Worker, WorkflowVersion, connect_channel, connect_channel_with,
+    ApiKey, AuthChannel, Client, EventSent, HistoryEvent, ListFilter, Queue, RetryPolicy, Run, RunHandle, RunPage,
+    StartOptions, Timeouts, TlsOptions, Worker, WorkflowVersion, connect_channel, connect_channel_with,
 };
 pub use error::{Error, Result, RunError};
 

@@ -61,6 +61,31 @@ pub struct Config {
     /// PEM file with the CAs that sign client certificates: clients must then present one
     /// (mutual TLS). Needs `tls_cert` and `tls_key`.
     pub tls_client_ca: Option<PathBuf>,
+    /// Every request must carry an API key (`authorization: Bearer <key>`), health checks
+    /// excepted. Without it every caller may do everything: only on a loopback address, or
+    /// with `insecure`.
+    pub auth: bool,
+    /// The bootstrap admin key: an admin of every namespace, to make the first keys with
+    /// (`aiki keys create`). At least 32 characters; best given by the environment
+    /// (`AIKI_ADMIN_KEY`) rather than written in a file.
+    pub admin_key: Option<Secret>,
+    /// Requests per second an API key may make when it sets no limit of its own (0: no
+    /// limit). Past it, requests are refused with `RESOURCE_EXHAUSTED` and a retry delay.
+    pub key_rate_limit: u32,
+    /// Allow listening on a non-loopback address without TLS or without API keys: the server
+    /// refuses to otherwise.
+    pub insecure: bool,
+}
+
+/// A setting that is a secret: never shown in logs or debug output.
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
 }
 
 /// The server-wide default retry policy.
@@ -114,6 +139,10 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            auth: true,
+            admin_key: None,
+            key_rate_limit: 10_000,
+            insecure: false,
         }
     }
 }
@@ -129,6 +158,8 @@ impl Config {
             heartbeat_interval: Duration::from_millis(500),
             reaper_interval: Duration::from_millis(100),
             shutdown_grace: Duration::from_secs(5),
+            // On loopback; the tests of authentication turn it on.
+            auth: false,
             ..Self::default()
         }
     }
@@ -148,6 +179,16 @@ impl Config {
             self.tls_client_ca.is_none() || self.tls_cert.is_some(),
             "tls_client_ca is set but tls_cert and tls_key are not: client certificates need TLS"
         );
+        if let Some(key) = &self.admin_key {
+            anyhow::ensure!(
+                key.0.chars().count() >= 32,
+                "admin_key must be at least 32 characters long (e.g. `openssl rand -hex 32`)"
+            );
+            anyhow::ensure!(
+                key.0.chars().all(|c| c.is_ascii_graphic()),
+                "admin_key must be printable ASCII without spaces: it is sent in a header"
+            );
+        }
         anyhow::ensure!(
             self.heartbeat_interval < self.lease_ttl,
             "heartbeat_interval ({:?}) must be shorter than lease_ttl ({:?})",
@@ -241,6 +282,19 @@ pub struct Args {
     /// PEM CA certificates that sign client certificates: require and verify them (mTLS).
     #[arg(long, env = "AIKI_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Take requests without an API key: every caller may do everything (loopback only,
+    /// unless --insecure).
+    #[arg(long, env = "AIKI_NO_AUTH")]
+    pub no_auth: bool,
+    /// The bootstrap admin key (at least 32 characters), to make the first API keys with.
+    #[arg(long, env = "AIKI_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Requests per second of an API key without a limit of its own; 0: none [default: 10000].
+    #[arg(long, env = "AIKI_KEY_RATE_LIMIT")]
+    pub key_rate_limit: Option<u32>,
+    /// Listen on a non-loopback address without TLS or without API keys, on purpose.
+    #[arg(long, env = "AIKI_INSECURE")]
+    pub insecure: bool,
 }
 
 impl Args {
@@ -272,8 +326,18 @@ impl Args {
             shutdown_grace,
             recheck_interval,
             notify_window,
-            worker_retention
+            worker_retention,
+            key_rate_limit
         );
+        if let Some(v) = self.admin_key {
+            c.admin_key = Some(Secret(v));
+        }
+        if self.no_auth {
+            c.auth = false;
+        }
+        if self.insecure {
+            c.insecure = true;
+        }
         if let Some(v) = self.tls_cert {
             c.tls_cert = Some(v);
         }
@@ -324,6 +388,7 @@ mod tests {
             tls_cert: Some("c".into()),
             tls_key: Some("k".into()),
             tls_client_ca: Some("a".into()),
+            admin_key: Some(Secret("k".into())),
             ..Config::default()
         };
         let mut optional = Vec::new();

@@ -16,6 +16,19 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Too many requests of one caller: `RESOURCE_EXHAUSTED`, with the delay after which a
+    /// retry may pass (also in the `grpc-retry-pushback-ms` trailer, gRPC's retry pushback).
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: std::time::Duration,
+    },
+    /// No credentials, or credentials the server does not know.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A known caller not allowed to do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -91,7 +104,9 @@ impl Error {
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::ResourceExhausted(_) | Error::RateLimited { .. } => Code::ResourceExhausted,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Internal(_) => Code::Internal,
         }
@@ -118,7 +133,13 @@ impl From<Error> for Status {
         if matches!(code, Code::Internal | Code::Unavailable) {
             tracing::warn!(error = %e, "request failed");
         }
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        if let Error::RateLimited { retry_after, .. } = &e
+            && let Ok(v) = retry_after.as_millis().to_string().parse()
+        {
+            status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+        }
+        status
     }
 }
 
@@ -177,6 +198,8 @@ mod tests {
             (Error::AlreadyExists("x".into()), Code::AlreadyExists, 409),
             (Error::FailedPrecondition("x".into()), Code::FailedPrecondition, 400),
             (Error::ResourceExhausted("x".into()), Code::ResourceExhausted, 429),
+            (Error::Unauthenticated("x".into()), Code::Unauthenticated, 401),
+            (Error::PermissionDenied("x".into()), Code::PermissionDenied, 403),
             (Error::Unavailable("x".into()), Code::Unavailable, 503),
             (Error::Internal("x".into()), Code::Internal, 500),
         ];
@@ -184,5 +207,11 @@ mod tests {
             assert_eq!((e.code(), e.http_status()), (code, http), "{e:?}");
             assert_eq!(Status::from(e).code(), code);
         }
+        let limited = Status::from(Error::RateLimited {
+            message: "slow down".into(),
+            retry_after: std::time::Duration::from_millis(250),
+        });
+        assert_eq!(limited.code(), Code::ResourceExhausted);
+        assert_eq!(limited.metadata().get("grpc-retry-pushback-ms").unwrap(), "250");
     }
 }

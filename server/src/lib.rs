@@ -9,9 +9,11 @@
 //! - [`background`]: the notification listener, the timers of suspended runs, and the reaper
 //!   (expired leases, timeouts; one per database, by advisory lock).
 //! - [`tls`]: TLS and client certificates on the gRPC port; the certificate reloads itself.
+//! - [`auth`]: API keys: authentication of every request, the roles, request rates.
 //!
 //! [`serve`] runs everything on a bound listener until a shutdown token is cancelled.
 
+pub mod auth;
 pub mod background;
 pub mod commit;
 pub mod config;
@@ -61,6 +63,19 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     config.validate()?;
     // Before the database: a TLS setting that cannot work should fail the start at once.
     let tls = tls::acceptor(&config)?;
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() && !config.insecure {
+        anyhow::ensure!(
+            tls.is_some(),
+            "refusing to listen on {addr} without TLS: set tls_cert and tls_key (see the README's \
+             Security section), listen on a loopback address, or pass --insecure to do it on purpose"
+        );
+        anyhow::ensure!(
+            config.auth,
+            "refusing to listen on {addr} without API keys (auth = false): turn auth on, listen on a \
+             loopback address, or pass --insecure to do it on purpose"
+        );
+    }
     let pg = pg_config(&config.database_url)?;
     let store = Store::new(pg.clone(), config.pool_size, config.notify_window)?;
     store
@@ -78,6 +93,15 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     let committer = commit::Committer::start(commit::Reports(store.clone()), (config.pool_size / 4).clamp(1, 8));
     let starter = commit::Committer::start(commit::Starts(store.clone()), (config.pool_size / 8).clamp(1, 4));
     let (sleepers, deadlines) = tokio::sync::mpsc::unbounded_channel();
+    let keys = Arc::new(auth::Keys::new(
+        store.clone(),
+        config.auth,
+        config.admin_key.as_ref().map(|k| k.0.as_str()),
+        config.key_rate_limit,
+    ));
+    if config.auth && config.admin_key.is_none() {
+        tracing::info!("API keys are required; no bootstrap admin key is set (admin_key, AIKI_ADMIN_KEY)");
+    }
     let engine = Arc::new(Engine {
         store,
         committer,
@@ -87,7 +111,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         wakers: wakers.clone(),
         shutdown: shutdown.clone(),
         scans: tokio::sync::Semaphore::new(Engine::scan_permits(config.pool_size)),
+        keys: keys.clone(),
     });
+    let keys_task = tokio::spawn(keys.clone().refresh(inner.clone()));
     let listen_task = tokio::spawn(background::listener::listen(
         pg.clone(),
         engine.store.clone(),
@@ -131,8 +157,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     // over `max_payload_bytes` inside smaller messages get RESOURCE_EXHAUSTED from validation.
     // A StartRuns batch may carry many payloads, hence the generous bound.
     let max_message = MAX_MESSAGE_BYTES.max(config.max_payload_bytes.saturating_mul(4));
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, tls = tls.is_some(), mutual_tls = config.tls_client_ca.is_some(), "aiki-server listening");
+    tracing::info!(%addr, tls = tls.is_some(), mutual_tls = config.tls_client_ca.is_some(), auth = config.auth, "aiki-server listening");
     let signal = {
         let shutdown = shutdown.clone();
         let reporter = health_reporter.clone();
@@ -148,6 +173,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         .layer(tower::util::MapResponseLayer::new(
             error::undecodable_is_invalid_argument,
         ))
+        .layer(auth::AuthLayer(keys))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -179,6 +205,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     let _ = listen_task.await;
     let _ = reaper_task.await;
     let _ = sleepers_task.await;
+    let _ = keys_task.await;
     tracing::info!("aiki-server stopped");
     result
 }

@@ -42,6 +42,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aiki::AuthChannel;
 use aiki_proto::v1::{
     self, CompleteRunRequest, FailRunRequest, HeartbeatRequest, LeasedRun, PollTasksRequest, RegisterWorkerRequest,
     ReleaseRunRequest, WorkflowRef, worker_service_client::WorkerServiceClient,
@@ -51,7 +52,7 @@ use futures::FutureExt;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 
 pub use crate::workflow::{ChildRun, Context, Suspension, TaskOptions, WaitFor, WorkflowError};
 use crate::{reporter::Reporter, workflow::Lease};
@@ -109,6 +110,7 @@ pub struct WorkerBuilder {
     workflows: FastMap<String, Handler>,
     version: String,
     tls: aiki::TlsOptions,
+    api_key: aiki::ApiKey,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -139,6 +141,7 @@ impl WorkerBuilder {
             workflows: FastMap::default(),
             version: String::new(),
             tls: aiki::TlsOptions::default(),
+            api_key: aiki::ApiKey::default(),
         }
     }
 
@@ -228,6 +231,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// The API key to send with every request (a key of the `worker` role, as `aiki keys
+    /// create --role worker` printed it), for servers that require keys. The workers it
+    /// registers are bound to it: no other key may act as them.
+    pub fn api_key(mut self, key: &str) -> Result<Self, aiki::Error> {
+        self.api_key = aiki::ApiKey::new(key)?;
+        Ok(self)
+    }
+
     /// Connects and builds the worker. A server that is away is waited for, as long as it
     /// takes (a line is logged at each try); a refused certificate or a bad address is an error.
     pub async fn build(mut self) -> Result<Worker, aiki::Error> {
@@ -241,8 +252,9 @@ impl WorkerBuilder {
             .when(|e| matches!(e, aiki::Error::Unavailable(m) if !m.starts_with("TLS: ")))
             .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "waiting for the server"))
             .await?;
-        let runs = Arc::new(aiki::Client::from_channel(channel.clone()));
-        let client = WorkerServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+        let runs = Arc::new(aiki::Client::from_channel(channel.clone()).with_api_key_of(&self.api_key));
+        let client = WorkerServiceClient::with_interceptor(channel, self.api_key.clone())
+            .max_decoding_message_size(256 * 1024 * 1024);
         Ok(Worker {
             inner: Arc::new(Inner {
                 completed: self.workflows.keys().map(|w| (w.clone(), AtomicU64::new(0))).collect(),
@@ -306,7 +318,7 @@ struct Held {
 
 struct Inner {
     cfg: WorkerBuilder,
-    client: WorkerServiceClient<Channel>,
+    client: WorkerServiceClient<AuthChannel>,
     /// Starts child runs for workflow code (`Context::start_child`).
     runs: Arc<aiki::Client>,
     /// Sends task results, completions, failures and releases, many per call.

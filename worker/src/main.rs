@@ -34,6 +34,10 @@ struct Args {
     /// PEM private key of the client certificate; overrides the file's `tls_key`.
     #[arg(long, env = "AIKI_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// API key of the `worker` role, for a server that requires keys. Not read from the file:
+    /// give it by the environment.
+    #[arg(long, env = "AIKI_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -87,7 +91,8 @@ async fn run() -> anyhow::Result<()> {
         .namespace(&config.namespace)
         .slots(config.slots)
         .shutdown_grace(config.shutdown_grace)
-        .tls(tls);
+        .tls(tls)
+        .api_key(args.api_key.as_deref().unwrap_or_default())?;
     if let Some(identity) = &config.identity {
         builder = builder.identity(identity);
     }

@@ -8,13 +8,14 @@
 
 use std::sync::Arc;
 
+use aiki::AuthChannel;
 use aiki_proto::v1::{
     CompleteRunRequest, CompleteRunResponse, FailRunRequest, FailRunResponse, RecordTaskRequest, RecordTaskResponse,
     ReleaseRunRequest, ReleaseRunResponse, ReportRequest, RunReport, SuspendRunRequest, SuspendRunResponse,
     report_result, run_report, worker_service_client::WorkerServiceClient,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 
 /// Most reports in one call (the server's limit).
 pub(crate) const MAX_BATCH: usize = 1000;
@@ -46,7 +47,7 @@ impl std::fmt::Debug for Reporter {
 
 impl Reporter {
     /// Starts the batching task (on the current Tokio runtime).
-    pub(crate) fn new(client: WorkerServiceClient<Channel>) -> Self {
+    pub(crate) fn new(client: WorkerServiceClient<AuthChannel>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(batch_loop(client, rx));
         Self { tx }
@@ -114,7 +115,7 @@ fn mismatch(got: &report_result::Result) -> Status {
     ))
 }
 
-async fn batch_loop(client: WorkerServiceClient<Channel>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+async fn batch_loop(client: WorkerServiceClient<AuthChannel>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut carry: Option<Pending> = None;
     loop {

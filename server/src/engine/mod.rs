@@ -9,9 +9,11 @@
 //!   event, read and watch the history;
 //! - [`workers`]: register, poll (the long poll and the sizing of claims), heartbeat, and the
 //!   reports (task checkpoints, completions, failures, releases, suspensions);
-//! - [`admin`]: workers, queues and workflows, for operators.
+//! - [`admin`]: workers, queues and workflows, for operators;
+//! - [`keys`]: API keys.
 
 pub mod admin;
+pub mod keys;
 pub mod requests;
 pub mod runs;
 pub mod workers;
@@ -22,26 +24,49 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
+    auth::{Key, Keys, Role},
     commit::{Committer, Reports, Starts},
     config::Config,
-    error::Result,
+    error::{Error, Result},
     status::RunStatus,
     store::Store,
     wake::Wakers,
 };
 
-/// Who makes a request. Today every caller is anonymous and may do everything; identities,
-/// namespaces and roles come with authentication.
+/// Who makes a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    /// A caller the server does not authenticate.
+    /// A caller of a server that does not authenticate (`auth = false`): it may do everything.
     Anonymous,
+    /// A caller authenticated by an API key: it may do what the key's role allows, in the
+    /// key's namespaces.
+    Key(Arc<Key>),
+}
+
+impl Caller {
+    /// The caller's key id, if it has a key.
+    pub fn key_id(&self) -> Option<Uuid> {
+        match self {
+            Caller::Anonymous => None,
+            Caller::Key(k) => Some(k.id),
+        }
+    }
+
+    /// Who did something, as history events record it: `{"key_id", "key"}`, or `None`.
+    pub fn actor(&self) -> Option<serde_json::Value> {
+        match self {
+            Caller::Anonymous => None,
+            Caller::Key(k) => Some(serde_json::json!({"key_id": k.id.to_string(), "key": k.name})),
+        }
+    }
 }
 
 /// Every operation, as authorization names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     StartRun,
+    /// A start of a child run (it names its parent): what a workflow does from a worker.
+    StartChild,
     GetRun,
     ListRuns,
     GetHistory,
@@ -57,6 +82,34 @@ pub enum Op {
     ListWorkers,
     ListQueues,
     ListWorkflows,
+    /// Create, list and revoke API keys.
+    ManageKeys,
+}
+
+impl Op {
+    /// What the operation does, for messages ("may not start runs").
+    pub fn describe(self) -> &'static str {
+        match self {
+            Op::StartRun => "start runs",
+            Op::StartChild => "start child runs",
+            Op::GetRun => "read runs",
+            Op::ListRuns => "list runs",
+            Op::GetHistory => "read run histories",
+            Op::CancelRun => "cancel runs",
+            Op::PauseRun => "pause runs",
+            Op::ResumeRun => "resume runs",
+            Op::WakeRun => "wake runs",
+            Op::SendEvent => "send events",
+            Op::RegisterWorker => "register workers",
+            Op::PollTasks => "poll for runs",
+            Op::Heartbeat => "heartbeat leases",
+            Op::Report => "report on leases",
+            Op::ListWorkers => "list workers",
+            Op::ListQueues => "list queues",
+            Op::ListWorkflows => "list workflows",
+            Op::ManageKeys => "manage API keys",
+        }
+    }
 }
 
 /// The engine of one server: the store, the group committers, the wake-ups and the settings.
@@ -77,19 +130,50 @@ pub struct Engine {
     /// hold at most a quarter of the pool, so that no burst of them keeps polls, reports and
     /// reads of single runs from the database.
     pub scans: tokio::sync::Semaphore,
+    /// The API keys: authentication, and each key's request rate.
+    pub keys: Arc<Keys>,
 }
 
 /// How long a list waits for its turn before it is refused (`RESOURCE_EXHAUSTED`).
 const SCAN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Engine {
-    /// Checks that `caller` may do `op` in `namespace`. Every operation asks first.
+    /// Checks that `caller` may do `op` in `namespace`. Every operation asks first, before it
+    /// reads anything: a key denied a namespace learns nothing of what is in it.
     pub fn authorize(&self, caller: &Caller, op: Op, namespace: &str) -> Result<()> {
+        let Caller::Key(key) = caller else {
+            return Ok(());
+        };
+        if !key.role.allows(op) {
+            return Err(Error::PermissionDenied(format!(
+                "API key {} has the role {}, which may not {}; that needs the role {} or admin",
+                key.label(),
+                key.role,
+                op.describe(),
+                Role::least_for(op)
+            )));
+        }
+        if !key.covers(namespace) {
+            return Err(Error::PermissionDenied(format!(
+                "API key {} may not {} in namespace {}: it is for {}",
+                key.label(),
+                op.describe(),
+                crate::validate::quote(namespace),
+                key.namespaces.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that `caller` may act as worker `worker`, registered by the key `registered_by`:
+    /// a worker id is bound to the key that registered it.
+    pub fn authorize_worker(&self, caller: &Caller, worker: Uuid, registered_by: Option<Uuid>) -> Result<()> {
         match caller {
-            Caller::Anonymous => {
-                let _ = (op, namespace);
-                Ok(())
-            }
+            Caller::Key(key) if Some(key.id) != registered_by => Err(Error::PermissionDenied(format!(
+                "worker {worker} was registered with another API key; API key {} may act only as workers it registered",
+                key.label()
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -102,8 +186,8 @@ impl Engine {
     pub(crate) async fn scan_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
         match tokio::time::timeout(SCAN_WAIT, self.scans.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) => Err(crate::error::Error::Unavailable("the server is shutting down".into())),
-            Err(_) => Err(crate::error::Error::ResourceExhausted(format!(
+            Ok(Err(_)) => Err(Error::Unavailable("the server is shutting down".into())),
+            Err(_) => Err(Error::ResourceExhausted(format!(
                 "too many lists of runs, queues, workers or workflows at once on this server: none \
                  could start within {}s; retry later or list less often",
                 SCAN_WAIT.as_secs()

@@ -129,7 +129,7 @@ impl Engine {
     /// Starts one run, coalesced with other single starts arriving at the same time into one
     /// transaction. `bytes`: the request's size, which the coalescing weighs.
     pub async fn start(&self, caller: &Caller, start: StartRun, bytes: usize) -> Result<Started> {
-        self.authorize(caller, Op::StartRun, &start.namespace)?;
+        self.authorize(caller, start_op(&start), &start.namespace)?;
         let new = self.new_run(start)?;
         let (namespace, queue, delay) = (new.namespace.clone(), new.queue.clone(), new.delay);
         let (run, created) = self.starter.apply(new, bytes).await?;
@@ -139,7 +139,7 @@ impl Engine {
     /// Starts many runs: all of them, or none.
     pub async fn start_many(&self, caller: &Caller, starts: Vec<StartRun>) -> Result<Vec<Started>> {
         for s in &starts {
-            self.authorize(caller, Op::StartRun, &s.namespace)?;
+            self.authorize(caller, start_op(s), &s.namespace)?;
         }
         let runs = starts
             .into_iter()
@@ -339,5 +339,14 @@ impl Engine {
             }
         });
         Ok(rx)
+    }
+}
+
+/// What a start asks for: a child's start (it names its parent) is what workflows do.
+fn start_op(start: &StartRun) -> Op {
+    if start.parent.is_some() {
+        Op::StartChild
+    } else {
+        Op::StartRun
     }
 }

@@ -17,7 +17,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     status::RunStatus,
-    store::{Applied, LeaseEnd, NewTask, Registration, Report},
+    store::{Applied, LeaseEnd, NewTask, NewWorker, Registration, Report},
     validate,
 };
 
@@ -53,16 +53,17 @@ impl Engine {
         self.authorize(caller, Op::RegisterWorker, &req.namespace)?;
         let id = self
             .store
-            .register_worker(
-                &req.namespace,
-                &req.identity,
-                &req.host,
-                &req.workflows,
-                &req.queues,
-                req.slots,
-            )
+            .register_worker(&NewWorker {
+                namespace: &req.namespace,
+                identity: &req.identity,
+                host: &req.host,
+                workflows: &req.workflows,
+                queues: &req.queues,
+                slots: req.slots,
+                key: caller.key_id(),
+            })
             .await?;
-        tracing::info!(worker_id = %id, identity = req.identity, "worker registered");
+        tracing::info!(worker_id = %id, identity = req.identity, key_id = ?caller.key_id(), "worker registered");
         Ok(id)
     }
 
@@ -82,6 +83,7 @@ impl Engine {
             self.store.worker_registration(&ns, worker).await?.ok_or_else(|| {
                 Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"))
             })?;
+        self.authorize_worker(caller, worker, registered.key)?;
         let queues = if queues.is_empty() {
             registered.queues.clone()
         } else {
@@ -206,6 +208,19 @@ impl Engine {
     /// or are to be cancelled or paused.
     pub async fn heartbeat(&self, caller: &Caller, req: Heartbeat) -> Result<HeartbeatAnswer> {
         self.authorize(caller, Op::Heartbeat, &req.namespace)?;
+        if let Caller::Key(_) = caller {
+            let registered = self
+                .store
+                .worker_registration(&req.namespace, req.worker)
+                .await?
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "worker {} is not registered; call RegisterWorker first",
+                        req.worker
+                    ))
+                })?;
+            self.authorize_worker(caller, req.worker, registered.key)?;
+        }
         let out = self
             .store
             .heartbeat(&req.namespace, req.worker, &req.ids, &req.tokens, self.config.lease_ttl)
@@ -271,6 +286,7 @@ impl Engine {
             namespace: lease.namespace,
             id: lease.id,
             token: lease.token,
+            key: caller.key_id(),
             task: self.new_task(req.task)?,
         };
         match self.committer.apply(report, bytes).await? {
@@ -298,6 +314,7 @@ impl Engine {
             namespace: lease.namespace,
             id: lease.id,
             token: lease.token,
+            key: caller.key_id(),
             output: req.output,
             tasks,
         };
@@ -361,6 +378,7 @@ impl Engine {
             namespace: lease.namespace.clone(),
             id: lease.id,
             token: lease.token,
+            key: caller.key_id(),
             end,
         };
         let Applied::Ended(ended) = self.committer.apply(report, bytes).await? else {

@@ -7,11 +7,15 @@ pub mod admin;
 pub mod worker;
 pub mod workflow;
 
-use tonic::Request;
+use tonic::{Request, Status};
 
 use crate::engine::Caller;
 
-/// Who makes `req`. Every caller is anonymous until authentication exists.
-pub(crate) fn caller<T>(_req: &Request<T>) -> Caller {
-    Caller::Anonymous
+/// Who makes `req`, as the authentication layer (`auth::AuthLayer`) found it. A request that
+/// did not pass that layer has no caller, and is refused.
+pub(crate) fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the request was not authenticated; this is a bug of the server"))
 }

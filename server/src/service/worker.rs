@@ -39,7 +39,7 @@ impl WorkerService for WorkerSvc {
         req: Request<RegisterWorkerRequest>,
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
         let register = Register::try_from(req.get_ref())?;
-        let id = self.0.register(&caller(&req), register).await?;
+        let id = self.0.register(&caller(&req)?, register).await?;
         let c = &self.0.config;
         Ok(Response::new(RegisterWorkerResponse {
             worker_id: id.to_string(),
@@ -52,14 +52,14 @@ impl WorkerService for WorkerSvc {
     #[instrument(name = "rpc.PollTasks", skip_all, fields(max = req.get_ref().max_runs))]
     async fn poll_tasks(&self, req: Request<PollTasksRequest>) -> Result<Response<PollTasksResponse>, Status> {
         let poll = Poll::try_from(req.get_ref())?;
-        let runs = self.0.poll(&caller(&req), poll).await?;
+        let runs = self.0.poll(&caller(&req)?, poll).await?;
         Ok(Response::new(PollTasksResponse { runs }))
     }
 
     #[instrument(name = "rpc.Heartbeat", skip_all, fields(leases = req.get_ref().leases.len()))]
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let beat = Heartbeat::try_from(req.get_ref())?;
-        let a = self.0.heartbeat(&caller(&req), beat).await?;
+        let a = self.0.heartbeat(&caller(&req)?, beat).await?;
         Ok(Response::new(HeartbeatResponse {
             lost_run_ids: ids(a.lost),
             ended_run_ids: ids(a.ended),
@@ -71,37 +71,37 @@ impl WorkerService for WorkerSvc {
 
     #[instrument(name = "rpc.RecordTask", skip_all)]
     async fn record_task(&self, req: Request<RecordTaskRequest>) -> Result<Response<RecordTaskResponse>, Status> {
-        let who = caller(&req);
+        let who = caller(&req)?;
         Ok(Response::new(record(&self.0, &who, req.into_inner()).await?))
     }
 
     #[instrument(name = "rpc.CompleteRun", skip_all)]
     async fn complete_run(&self, req: Request<CompleteRunRequest>) -> Result<Response<CompleteRunResponse>, Status> {
-        let who = caller(&req);
+        let who = caller(&req)?;
         Ok(Response::new(complete(&self.0, &who, req.into_inner()).await?))
     }
 
     #[instrument(name = "rpc.FailRun", skip_all)]
     async fn fail_run(&self, req: Request<FailRunRequest>) -> Result<Response<FailRunResponse>, Status> {
-        let who = caller(&req);
+        let who = caller(&req)?;
         Ok(Response::new(fail(&self.0, &who, req.into_inner()).await?))
     }
 
     #[instrument(name = "rpc.ReleaseRun", skip_all)]
     async fn release_run(&self, req: Request<ReleaseRunRequest>) -> Result<Response<ReleaseRunResponse>, Status> {
-        let who = caller(&req);
+        let who = caller(&req)?;
         Ok(Response::new(release(&self.0, &who, req.into_inner()).await?))
     }
 
     #[instrument(name = "rpc.SuspendRun", skip_all)]
     async fn suspend_run(&self, req: Request<SuspendRunRequest>) -> Result<Response<SuspendRunResponse>, Status> {
-        let who = caller(&req);
+        let who = caller(&req)?;
         Ok(Response::new(suspend(&self.0, &who, req.into_inner()).await?))
     }
 
     #[instrument(name = "rpc.Report", skip_all, fields(reports = req.get_ref().reports.len()))]
     async fn report(&self, req: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
-        let who = caller(&req);
+        let who = caller(&req)?;
         let req = req.into_inner();
         if req.reports.is_empty() || req.reports.len() > MAX_REPORTS {
             return Err(Error::InvalidArgument(format!(

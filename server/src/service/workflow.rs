@@ -42,7 +42,7 @@ impl WorkflowService for WorkflowSvc {
     async fn start_run(&self, req: Request<StartRunRequest>) -> Result<Response<StartRunResponse>, Status> {
         let bytes = req.get_ref().encoded_len();
         let start = StartRun::try_from(req.get_ref())?;
-        let s = self.0.start(&caller(&req), start, bytes).await?;
+        let s = self.0.start(&caller(&req)?, start, bytes).await?;
         Ok(Response::new(started(s)))
     }
 
@@ -59,7 +59,7 @@ impl WorkflowService for WorkflowSvc {
             .enumerate()
             .map(|(i, r)| StartRun::try_from(r).map_err(|e| e.within(&format!("runs[{i}]"))))
             .collect::<Result<Vec<_>>>()?;
-        let results = self.0.start_many(&caller(&req), starts).await?;
+        let results = self.0.start_many(&caller(&req)?, starts).await?;
         Ok(Response::new(StartRunsResponse {
             results: results.into_iter().map(started).collect(),
         }))
@@ -68,7 +68,7 @@ impl WorkflowService for WorkflowSvc {
     #[instrument(name = "rpc.GetRun", skip_all)]
     async fn get_run(&self, req: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
         let sel = RunSelector::try_from(req.get_ref())?;
-        Ok(Response::new(self.0.get(&caller(&req), sel).await?))
+        Ok(Response::new(self.0.get(&caller(&req)?, sel).await?))
     }
 
     #[instrument(name = "rpc.GetRunResult", skip_all)]
@@ -77,14 +77,14 @@ impl WorkflowService for WorkflowSvc {
         req: Request<GetRunResultRequest>,
     ) -> Result<Response<GetRunResultResponse>, Status> {
         let wait = AwaitResult::try_from(req.get_ref())?;
-        let (run, done) = self.0.result(&caller(&req), wait).await?;
+        let (run, done) = self.0.result(&caller(&req)?, wait).await?;
         Ok(Response::new(GetRunResultResponse { run: Some(run), done }))
     }
 
     #[instrument(name = "rpc.ListRuns", skip_all)]
     async fn list_runs(&self, req: Request<ListRunsRequest>) -> Result<Response<ListRunsResponse>, Status> {
         let list = ListRuns::try_from(req.get_ref())?;
-        let page = self.0.list(&caller(&req), list).await?;
+        let page = self.0.list(&caller(&req)?, list).await?;
         Ok(Response::new(ListRunsResponse {
             runs: page.runs,
             next_page_token: page.next_page_token,
@@ -94,25 +94,25 @@ impl WorkflowService for WorkflowSvc {
     #[instrument(name = "rpc.CancelRun", skip_all)]
     async fn cancel_run(&self, req: Request<CancelRunRequest>) -> Result<Response<Run>, Status> {
         let cancel = WithReason::try_from(req.get_ref())?;
-        Ok(Response::new(self.0.cancel(&caller(&req), cancel).await?))
+        Ok(Response::new(self.0.cancel(&caller(&req)?, cancel).await?))
     }
 
     #[instrument(name = "rpc.PauseRun", skip_all)]
     async fn pause_run(&self, req: Request<PauseRunRequest>) -> Result<Response<Run>, Status> {
         let pause = WithReason::try_from(req.get_ref())?;
-        Ok(Response::new(self.0.pause(&caller(&req), pause).await?))
+        Ok(Response::new(self.0.pause(&caller(&req)?, pause).await?))
     }
 
     #[instrument(name = "rpc.WakeRun", skip_all)]
     async fn wake_run(&self, req: Request<WakeRunRequest>) -> Result<Response<Run>, Status> {
         let run = RunId::try_from(req.get_ref())?;
-        Ok(Response::new(self.0.wake(&caller(&req), run).await?))
+        Ok(Response::new(self.0.wake(&caller(&req)?, run).await?))
     }
 
     #[instrument(name = "rpc.SendEvent", skip_all)]
     async fn send_event(&self, req: Request<SendEventRequest>) -> Result<Response<SendEventResponse>, Status> {
         let event = SendEvent::try_from(req.get_ref())?;
-        let sent = self.0.send_event(&caller(&req), event).await?;
+        let sent = self.0.send_event(&caller(&req)?, event).await?;
         Ok(Response::new(SendEventResponse {
             stored: sent.stored,
             delivered: sent.delivered,
@@ -123,7 +123,7 @@ impl WorkflowService for WorkflowSvc {
     #[instrument(name = "rpc.ResumeRun", skip_all)]
     async fn resume_run(&self, req: Request<ResumeRunRequest>) -> Result<Response<Run>, Status> {
         let run = RunId::try_from(req.get_ref())?;
-        Ok(Response::new(self.0.resume(&caller(&req), run).await?))
+        Ok(Response::new(self.0.resume(&caller(&req)?, run).await?))
     }
 
     #[instrument(name = "rpc.GetRunHistory", skip_all)]
@@ -132,7 +132,7 @@ impl WorkflowService for WorkflowSvc {
         req: Request<GetRunHistoryRequest>,
     ) -> Result<Response<GetRunHistoryResponse>, Status> {
         let run = RunId::try_from(req.get_ref())?;
-        let (events, more) = self.0.history(&caller(&req), run, req.get_ref().after_seq).await?;
+        let (events, more) = self.0.history(&caller(&req)?, run, req.get_ref().after_seq).await?;
         Ok(Response::new(GetRunHistoryResponse { events, more }))
     }
 
@@ -141,7 +141,7 @@ impl WorkflowService for WorkflowSvc {
     #[instrument(name = "rpc.WatchRun", skip_all)]
     async fn watch_run(&self, req: Request<WatchRunRequest>) -> Result<Response<Self::WatchRunStream>, Status> {
         let run = RunId::try_from(req.get_ref())?;
-        let events = self.0.watch(&caller(&req), run, req.get_ref().after_seq).await?;
+        let events = self.0.watch(&caller(&req)?, run, req.get_ref().after_seq).await?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(events).map(|e| e.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }

@@ -29,6 +29,7 @@ impl Store {
                     &ms(ttl),
                     &served.workflows,
                     &served.versions,
+                    &served.key,
                 ],
             )
             .await?;

@@ -41,6 +41,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "transitions",
         include_str!("../../../migrations/0014_transitions.sql"),
     ),
+    (15, "api_keys", include_str!("../../../migrations/0015_api_keys.sql")),
 ];
 
 /// A fixed key for `pg_advisory_xact_lock`: "aiki" + 1.

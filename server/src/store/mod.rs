@@ -6,7 +6,7 @@
 //! - `leases`: claims, heartbeats, expired leases;
 //! - `reports`: task checkpoints, completions, failures, releases, suspensions;
 //! - `waits`: sleeps, events, child waits, timers and timeouts;
-//! - `workers`: workers and workflow versions;
+//! - `workers`: workers and workflow versions; `keys`: API keys;
 //! - `queues` and `history`: what operators read;
 //! - `session` (below): statements of dedicated connections; `migrate`: the migrations.
 //!
@@ -24,6 +24,7 @@ macro_rules! sql {
 }
 
 mod history;
+mod keys;
 mod leases;
 mod migrate;
 mod notices;
@@ -52,8 +53,8 @@ use reports::*;
 pub use reports::{Applied, Report};
 use rows::*;
 use waits::*;
-pub use workers::Registration;
 use workers::*;
+pub use workers::{NewWorker, Registration};
 
 use crate::error::{Error, Result};
 pub use crate::status::RunStatus;

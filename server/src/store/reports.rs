@@ -39,6 +39,7 @@ pub enum Report {
         namespace: String,
         id: Uuid,
         token: Uuid,
+        key: Option<Uuid>,
         task: NewTask,
     },
     /// `CompleteRun`, with the task results it checkpoints.
@@ -46,6 +47,7 @@ pub enum Report {
         namespace: String,
         id: Uuid,
         token: Uuid,
+        key: Option<Uuid>,
         output: Json,
         tasks: Vec<NewTask>,
     },
@@ -54,6 +56,7 @@ pub enum Report {
         namespace: String,
         id: Uuid,
         token: Uuid,
+        key: Option<Uuid>,
         end: LeaseEnd,
     },
 }
@@ -70,8 +73,8 @@ pub enum Applied {
     Ended(Option<(Box<Run>, Duration)>),
 }
 
-/// A locked run's (open lease's token, attempt, lease owner).
-pub(super) type LeaseRow = (Option<Uuid>, i32, Option<Uuid>);
+/// A locked run's (open lease's token, attempt, lease owner, the owner's API key).
+pub(super) type LeaseRow = (Option<Uuid>, i32, Option<Uuid>, Option<Uuid>);
 
 /// A `CompleteRun` report of a batch.
 pub(super) struct Completion<'a> {
@@ -79,6 +82,7 @@ pub(super) struct Completion<'a> {
     namespace: &'a str,
     id: Uuid,
     token: Uuid,
+    key: Option<Uuid>,
     output: &'a Json,
     tasks: &'a [NewTask],
 }
@@ -183,6 +187,7 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
                             .filter(|_| r.get::<_, bool>("open")),
                         r.get("attempt"),
                         r.get("lease_owner"),
+                        r.get("lease_key"),
                     ),
                 )
             })
@@ -195,6 +200,7 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
                 namespace,
                 id,
                 token,
+                key,
                 task,
             } = &reports[i]
             else {
@@ -203,10 +209,11 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
             let Ok(at) = leases.binary_search_by(|(n, i, _)| (n.as_str(), *i).cmp(&(namespace.as_str(), *id))) else {
                 continue;
             };
-            let (Some(current), attempt, owner) = &leases[at].2 else {
+            let (Some(current), attempt, owner, lease_key) = &leases[at].2 else {
                 continue;
             };
-            if current != token {
+            // Another key's report is refused one by one below, with the reason.
+            if current != token || key.is_some_and(|k| Some(k) != *lease_key) {
                 continue;
             }
             live.push(i);
@@ -241,6 +248,7 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
                 namespace,
                 id,
                 token,
+                key,
                 output,
                 tasks,
             } => Some(Completion {
@@ -248,6 +256,7 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
                 namespace,
                 id: *id,
                 token: *token,
+                key: *key,
                 output,
                 tasks,
             }),
@@ -267,9 +276,10 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
             .collect();
         // A completion carries at most 1,000 results (checked when it came in).
         let counts: Vec<i32> = completes.iter().map(|c| c.tasks.len() as i32).collect();
+        let keys: Vec<Option<Uuid>> = completes.iter().map(|c| c.key).collect();
         let stmt = tx.prepare_cached(sql!("reports/complete")).await?;
         for row in tx
-            .query(&stmt, &[&ns, &ids, &tokens, &outputs, &tasks, &counts])
+            .query(&stmt, &[&ns, &ids, &tokens, &outputs, &tasks, &counts, &keys])
             .await?
         {
             let ord: i64 = row.get("ord");
@@ -288,22 +298,28 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
                 namespace,
                 id,
                 token,
+                key,
                 task,
-            } => record_one(tx, namespace, *id, *token, task)
+            } => record_one(tx, namespace, *id, *token, *key, task)
                 .await
                 .map(Applied::Recorded),
             Report::Complete {
-                namespace, id, token, ..
-            } => refusal(tx, namespace, *id, *token, Some("complete"))
+                namespace,
+                id,
+                token,
+                key,
+                ..
+            } => refusal(tx, namespace, *id, *token, *key, Some("complete"))
                 .await
                 .map(|()| Applied::Completed(false)),
             Report::End {
                 namespace,
                 id,
                 token,
+                key,
                 end,
             } => {
-                let ended = end_one(tx, namespace, *id, *token, end).await;
+                let ended = end_one(tx, namespace, *id, *token, *key, end).await;
                 if let Ok(Some((run, delay))) = &ended
                     && RunStatus::from_proto(run.status) == Some(RunStatus::Queued)
                 {
@@ -315,7 +331,14 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
         match answer {
             // Refusals are answers; any other error comes from a statement that failed and
             // aborted the transaction: the whole batch fails.
-            Err(e) if !matches!(e, Error::NotFound(_) | Error::FailedPrecondition(_)) => return Err(e),
+            Err(e)
+                if !matches!(
+                    e,
+                    Error::NotFound(_) | Error::FailedPrecondition(_) | Error::PermissionDenied(_)
+                ) =>
+            {
+                return Err(e);
+            }
             answer => out[i] = Some(answer),
         }
     }
@@ -333,6 +356,7 @@ pub(super) async fn record_one(
     namespace: &str,
     id: Uuid,
     token: Uuid,
+    key: Option<Uuid>,
     task: &NewTask,
 ) -> Result<Option<TaskResult>> {
     let stmt = tx.prepare_cached(sql!("reports/task_record")).await?;
@@ -348,13 +372,14 @@ pub(super) async fn record_one(
                 &(task.seq as i32),
                 &task.output,
                 &task.error,
+                &key,
             ],
         )
         .await?;
     let lease_ok: bool = row.get("lease_ok");
     let recorded: bool = row.get("recorded");
     if !lease_ok {
-        refusal(tx, namespace, id, token, None).await?;
+        refusal(tx, namespace, id, token, key, None).await?;
     }
     if recorded {
         return Ok(None);
@@ -376,6 +401,7 @@ pub(super) async fn end_one(
     namespace: &str,
     id: Uuid,
     token: Uuid,
+    key: Option<Uuid>,
     end: &LeaseEnd,
 ) -> Result<Option<(Run, Duration)>> {
     let kind = match end {
@@ -387,11 +413,11 @@ pub(super) async fn end_one(
     let locked = tx
         .query_opt(
             &tx.prepare_cached(sql!("reports/lock_lease")).await?,
-            &[&namespace, &id, &token],
+            &[&namespace, &id, &token, &key],
         )
         .await?;
     let Some(row) = locked else {
-        return refusal(tx, namespace, id, token, Some(kind)).await.map(|()| None);
+        return refusal(tx, namespace, id, token, key, Some(kind)).await.map(|()| None);
     };
     let attempt: i32 = row.get("attempt");
     let owner: Option<Uuid> = row.get("lease_owner");
@@ -574,6 +600,7 @@ pub(super) async fn refusal(
     namespace: &str,
     id: Uuid,
     token: Uuid,
+    key: Option<Uuid>,
     kind: Option<&str>,
 ) -> Result<()> {
     let stmt = client.prepare_cached(sql!("runs/get")).await?;
@@ -584,6 +611,11 @@ pub(super) async fn refusal(
     let status: String = row.get("status");
     let row_token: Option<Uuid> = row.get("lease_token");
     let lease_end: Option<String> = row.get("lease_end");
+    if row_token == Some(token) && key.is_some() && key != row.get::<_, Option<Uuid>>("lease_key") {
+        return Err(Error::PermissionDenied(format!(
+            "the lease on run {id} belongs to a worker of another API key; this report was not applied"
+        )));
+    }
     if row_token == Some(token) && kind.is_some() && lease_end.as_deref() == kind {
         return Ok(());
     }

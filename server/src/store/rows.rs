@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::{RetryPolicy, RunStatus};
 use crate::error::{Error, Result};
 
-fn ts(t: SystemTime) -> Timestamp {
+pub(super) fn ts(t: SystemTime) -> Timestamp {
     t.into()
 }
 
@@ -261,6 +261,24 @@ pub fn worker_from_row(row: &Row) -> Result<Worker> {
         last_heartbeat_at: opt_ts(row, "last_heartbeat_at"),
         leases_held: row.get::<_, i64>("leases_held").max(0) as u32,
         live: row.get("live"),
+        api_key_id: row
+            .get::<_, Option<Uuid>>("key_id")
+            .map(|k| k.to_string())
+            .unwrap_or_default(),
+    })
+}
+
+/// An `api_keys` row as the protocol shows it (never its digest).
+pub fn api_key_from_row(row: &Row) -> Result<aiki_proto::v1::ApiKey> {
+    Ok(aiki_proto::v1::ApiKey {
+        id: row.get::<_, Uuid>("id").to_string(),
+        name: row.get("name"),
+        role: row.get("role"),
+        namespaces: row.get("namespaces"),
+        rate_limit: row.get::<_, i32>("rate_limit").max(0) as u32,
+        created_at: opt_ts(row, "created_at"),
+        created_by: row.get("created_by"),
+        revoked_at: opt_ts(row, "revoked_at"),
     })
 }
 

@@ -69,7 +69,7 @@ impl Store {
                     &[&ns, &id, &"timed_out", &attempt, &owner, &json!({"timeout": kind})],
                 )
                 .await?;
-                if let Some((run, delay)) = end_one(&tx, &ns, id, token, &LeaseEnd::Timeout { error }).await? {
+                if let Some((run, delay)) = end_one(&tx, &ns, id, token, None, &LeaseEnd::Timeout { error }).await? {
                     let status = RunStatus::from_proto(run.status)
                         .ok_or_else(|| Error::Internal(format!("run {id} has no status")))?;
                     if status == RunStatus::Queued {

@@ -7,15 +7,16 @@ impl Store {
     /// Registers a worker serving `workflows` (name, version) on `queues`, records the
     /// versions it brings, and returns its id.
     #[instrument(name = "store.worker.register", skip_all)]
-    pub async fn register_worker(
-        &self,
-        namespace: &str,
-        identity: &str,
-        host: &str,
-        workflows: &[(String, String)],
-        queues: &[String],
-        slots: u32,
-    ) -> Result<Uuid> {
+    pub async fn register_worker(&self, w: &NewWorker<'_>) -> Result<Uuid> {
+        let NewWorker {
+            namespace,
+            identity,
+            host,
+            workflows,
+            queues,
+            slots,
+            key,
+        } = *w;
         let id = Uuid::now_v7();
         let json = Json::Array(
             workflows
@@ -32,7 +33,7 @@ impl Store {
         let tx = client.transaction().await?;
         tx.execute(
             &tx.prepare_cached(sql!("workers/register")).await?,
-            &[&namespace, &id, &identity, &host, &json, &queues, &(slots as i32)],
+            &[&namespace, &id, &identity, &host, &json, &queues, &(slots as i32), &key],
         )
         .await?;
         tx.execute(
@@ -81,6 +82,7 @@ impl Store {
             queues: row.get("queues"),
             workflows: names,
             versions: pinned,
+            key: row.get("key_id"),
         });
         let mut entries = self.registrations.entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= MAX_REGISTRATIONS {
@@ -139,6 +141,20 @@ impl Store {
     }
 }
 
+/// A worker to register.
+#[derive(Debug, Clone, Copy)]
+pub struct NewWorker<'a> {
+    pub namespace: &'a str,
+    pub identity: &'a str,
+    pub host: &'a str,
+    /// (name, version); name `*`: every workflow.
+    pub workflows: &'a [(String, String)],
+    pub queues: &'a [String],
+    pub slots: u32,
+    /// The API key that registers it.
+    pub key: Option<Uuid>,
+}
+
 /// What a worker registered: its queues, the workflows whose unpinned runs it serves (`*`:
 /// all), and the versions whose pinned runs it serves ("workflow\nversion").
 #[derive(Debug, Clone, Default)]
@@ -146,6 +162,9 @@ pub struct Registration {
     pub queues: Vec<String>,
     pub workflows: Vec<String>,
     pub versions: Vec<String>,
+    /// The API key that registered the worker (`None`: registered without authentication);
+    /// only that key may poll and heartbeat as it, and report under its leases.
+    pub key: Option<Uuid>,
 }
 
 /// Worker registrations read so far. A registration never changes (`RegisterWorker` always

@@ -105,6 +105,7 @@ async fn server(db: &TestDb) -> (Proc, String) {
                 "5s",
                 "--heartbeat-interval",
                 "1s",
+                "--no-auth",
             ])
             .env("AIKI_DATABASE_URL", &db.url),
     );
@@ -561,7 +562,7 @@ async fn one_log_variable_and_a_quiet_second_start() {
     // `Proc::spawn` sets RUST_LOG=info: AIKI_LOG wins over it.
     let quiet = Proc::spawn(
         Command::new(bin("aiki-server"))
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--no-auth"])
             .env("AIKI_DATABASE_URL", &db.url)
             .env("AIKI_LOG", "info,aiki_server=debug"),
     );

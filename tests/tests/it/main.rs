@@ -8,6 +8,7 @@
 //! `cargo test -p aiki-tests --test it -- events::` (after `cargo build --workspace`: some
 //! tests run the workspace's binaries).
 
+mod auth;
 mod bad_input;
 mod bench;
 mod binaries;

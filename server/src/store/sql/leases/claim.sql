@@ -4,7 +4,8 @@
 -- run was never leased before, so it has no recorded task to fetch. Only runs the worker
 -- serves: an unpinned run (version '') if the worker serves its workflow in any version ($6,
 -- workflow names, where '*' stands for every workflow); a pinned one if the worker registered
--- that version ($7, "workflow\nversion" pairs).
+-- that version ($7, "workflow\nversion" pairs). The lease is bound to the worker's API key ($8,
+-- NULL without authentication): reports under it from another key are refused.
 -- The update finds each locked row by its `ctid` rather than by its key: no second index
 -- descent per run. The lock keeps that row version in place until the transaction ends; a row
 -- whose locked version is newer than the statement's snapshot is not found, so it is simply
@@ -22,7 +23,7 @@ WITH ready AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE runs r
-    SET status = 'running', lease_owner = $4, lease_token = gen_random_uuid(),
+    SET status = 'running', lease_owner = $4, lease_token = gen_random_uuid(), lease_key = $8::uuid,
         lease_expires_at = now() + least($5::bigint, coalesce(r.heartbeat_timeout_ms, $5::bigint))
                                    * interval '1 millisecond',
         attempt_deadline = now() + r.attempt_timeout_ms * interval '1 millisecond', lease_end = NULL,
