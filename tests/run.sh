@@ -10,7 +10,7 @@ export PATH="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin:$PATH"
 cargo build --workspace --all-targets
 # The tests' own PostgreSQL, if one is named; else the local one, started or installed.
 if [ -z "${AIKI_TEST_DATABASE_URL:-}" ]; then
-    target/debug/aiki dev postgres >/dev/null
+    "${CARGO_TARGET_DIR:-target}/debug/aiki" dev postgres >/dev/null
 fi
 
 if ! command -v grpcurl >/dev/null 2>&1; then

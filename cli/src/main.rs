@@ -85,7 +85,7 @@ enum KeysCmd {
     },
     /// Revoke a key: every server refuses it within a second.
     Revoke {
-        /// The key's id (see `aiki keys list`).
+        /// The key's id (see `aiki keys list`), or the key itself.
         id: String,
     },
 }
@@ -471,7 +471,14 @@ async fn keys_cmd(cli: &Cli, cmd: &KeysCmd, out: &Output) -> Result<(), Exit> {
             out.key_created(&key, &secret);
         }
         KeysCmd::List { all } => out.keys(&client.api_keys(*all).await?),
-        KeysCmd::Revoke { id } => out.key_revoked(&client.revoke_api_key(id).await?),
+        KeysCmd::Revoke { id } => {
+            // The key itself names its id (its first 32 hex digits): only the id is sent.
+            let id = match aiki_server::auth::parse(id.trim()) {
+                Some((key_id, _)) => key_id.to_string(),
+                None => id.clone(),
+            };
+            out.key_revoked(&client.revoke_api_key(&id).await?)
+        }
     }
     Ok(())
 }

@@ -113,6 +113,7 @@ impl Engine {
             retry,
             parent: s.parent,
             timeouts: s.timeouts,
+            created_by: None,
         })
     }
 
@@ -130,7 +131,8 @@ impl Engine {
     /// transaction. `bytes`: the request's size, which the coalescing weighs.
     pub async fn start(&self, caller: &Caller, start: StartRun, bytes: usize) -> Result<Started> {
         self.authorize(caller, start_op(&start), &start.namespace)?;
-        let new = self.new_run(start)?;
+        let mut new = self.new_run(start)?;
+        new.created_by = caller.key_id();
         let (namespace, queue, delay) = (new.namespace.clone(), new.queue.clone(), new.delay);
         let (run, created) = self.starter.apply(new, bytes).await?;
         Ok(self.started(&namespace, &queue, delay, run, created))
@@ -144,7 +146,11 @@ impl Engine {
         let runs = starts
             .into_iter()
             .enumerate()
-            .map(|(i, s)| self.new_run(s).map_err(|e| e.within(&format!("runs[{i}]"))))
+            .map(|(i, s)| {
+                let mut new = self.new_run(s).map_err(|e| e.within(&format!("runs[{i}]")))?;
+                new.created_by = caller.key_id();
+                Ok(new)
+            })
             .collect::<Result<Vec<_>>>()?;
         let started = self.store.start_runs(&runs, true).await?;
         runs.iter()
@@ -226,7 +232,10 @@ impl Engine {
     pub async fn cancel(&self, caller: &Caller, req: WithReason) -> Result<Run> {
         let RunId { namespace, id } = req.run;
         self.authorize(caller, Op::CancelRun, &namespace)?;
-        let (run, moved) = self.store.cancel_run(&namespace, id, &req.reason).await?;
+        let (run, moved) = self
+            .store
+            .cancel_run(&namespace, id, &req.reason, caller.key_id())
+            .await?;
         moved.iter().for_each(|m| self.wakers.moved(m));
         Ok(run)
     }
@@ -235,7 +244,10 @@ impl Engine {
     pub async fn pause(&self, caller: &Caller, req: WithReason) -> Result<Run> {
         let RunId { namespace, id } = req.run;
         self.authorize(caller, Op::PauseRun, &namespace)?;
-        let (run, moved) = self.store.pause_run(&namespace, id, &req.reason).await?;
+        let (run, moved) = self
+            .store
+            .pause_run(&namespace, id, &req.reason, caller.key_id())
+            .await?;
         self.wakers.moved(&moved);
         Ok(run)
     }
@@ -243,7 +255,7 @@ impl Engine {
     /// Resumes a paused run, or withdraws a pause not yet taken effect.
     pub async fn resume(&self, caller: &Caller, req: RunId) -> Result<Run> {
         self.authorize(caller, Op::ResumeRun, &req.namespace)?;
-        let (run, moved) = self.store.resume_run(&req.namespace, req.id).await?;
+        let (run, moved) = self.store.resume_run(&req.namespace, req.id, caller.key_id()).await?;
         self.wakers.moved(&moved);
         Ok(run)
     }
@@ -251,7 +263,7 @@ impl Engine {
     /// Ends a suspended run's wait now.
     pub async fn wake(&self, caller: &Caller, req: RunId) -> Result<Run> {
         self.authorize(caller, Op::WakeRun, &req.namespace)?;
-        let (run, moved) = self.store.wake_run(&req.namespace, req.id).await?;
+        let (run, moved) = self.store.wake_run(&req.namespace, req.id, caller.key_id()).await?;
         self.wakers.moved(&moved);
         Ok(run)
     }
@@ -268,6 +280,7 @@ impl Engine {
                 &req.name,
                 &req.payload,
                 req.event_key.as_deref(),
+                caller.key_id(),
             )
             .await?;
         self.wakers.moved(&moved);

@@ -80,6 +80,8 @@ pub struct NewRun {
     /// The run that starts this one as its child.
     pub parent: Option<Uuid>,
     pub timeouts: Timeouts,
+    /// The API key that starts it.
+    pub created_by: Option<Uuid>,
 }
 
 /// A run's timeouts (see `StartRunRequest`); `None`: no limit.
@@ -405,6 +407,16 @@ async fn lock_run(tx: &Transaction<'_>, namespace: &str, id: Uuid) -> Result<tok
 
 fn not_found(id: Uuid) -> Error {
     Error::NotFound(format!("run {id} not found"))
+}
+
+/// Makes `actor` the API key behind the history events and task results this transaction
+/// writes through SQL functions and defaults (see `sql/session/set_actor.sql`).
+pub(super) async fn set_actor(tx: &Transaction<'_>, actor: Option<Uuid>) -> Result<()> {
+    if let Some(a) = actor {
+        tx.execute(&tx.prepare_cached(sql!("session/set_actor")).await?, &[&a.to_string()])
+            .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

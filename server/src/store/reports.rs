@@ -99,11 +99,13 @@ pub(super) struct TaskRows<'a> {
     errors: Vec<Option<&'a Json>>,
     attempts: Vec<i32>,
     owners: Vec<Option<Uuid>>,
+    keys_of_leases: Vec<Option<Uuid>>,
 }
 
 impl<'a> TaskRows<'a> {
-    /// Adds the result of `task` of run `id`, recorded under `attempt` by worker `owner`.
-    fn push(&mut self, ns: &'a str, id: Uuid, task: &'a NewTask, attempt: i32, owner: Option<Uuid>) {
+    /// Adds the result of `task` of run `id`, recorded under `attempt` by worker `owner` of API
+    /// key `key`.
+    fn push(&mut self, ns: &'a str, id: Uuid, task: &'a NewTask, attempt: i32, owner: Option<Uuid>, key: Option<Uuid>) {
         self.ns.push(ns);
         self.ids.push(id);
         self.keys.push(&task.key);
@@ -113,6 +115,7 @@ impl<'a> TaskRows<'a> {
         self.errors.push(task.error.as_ref());
         self.attempts.push(attempt);
         self.owners.push(owner);
+        self.keys_of_leases.push(key);
     }
 
     /// Inserts the rows (a task already recorded is kept): answers the (run, key, namespace)
@@ -132,6 +135,7 @@ impl<'a> TaskRows<'a> {
                     &self.errors,
                     &self.attempts,
                     &self.owners,
+                    &self.keys_of_leases,
                 ],
             )
             .await?;
@@ -217,7 +221,7 @@ pub(super) async fn apply_in(tx: &Transaction<'_>, reports: &[Report]) -> Result
                 continue;
             }
             live.push(i);
-            rows.push(namespace, *id, task, *attempt, *owner);
+            rows.push(namespace, *id, task, *attempt, *owner, *lease_key);
         }
         if !live.is_empty() {
             let mut recorded = rows.insert(tx).await?;
@@ -421,6 +425,8 @@ pub(super) async fn end_one(
     };
     let attempt: i32 = row.get("attempt");
     let owner: Option<Uuid> = row.get("lease_owner");
+    // The reports under a lease are its worker's key's: the events they write say so.
+    let lease_key: Option<Uuid> = row.get("lease_key");
     let cancel_requested: bool = row.get("cancel_requested");
     let pause_requested: bool = row.get("pause_requested");
     let policy = retry_from_row(&row)?;
@@ -548,12 +554,23 @@ pub(super) async fn end_one(
         )
         .await?;
     let insert = tx.prepare_cached(sql!("history/insert")).await?;
-    tx.execute(&insert, &[&namespace, &id, &event, &attempt, &owner, &details])
-        .await?;
+    tx.execute(
+        &insert,
+        &[&namespace, &id, &event, &attempt, &owner, &details, &lease_key],
+    )
+    .await?;
     if next == RunStatus::Paused {
         tx.execute(
             &insert,
-            &[&namespace, &id, &"run_paused", &attempt, &owner, &None::<Json>],
+            &[
+                &namespace,
+                &id,
+                &"run_paused",
+                &attempt,
+                &owner,
+                &None::<Json>,
+                &lease_key,
+            ],
         )
         .await?;
     }

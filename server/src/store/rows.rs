@@ -234,6 +234,14 @@ pub fn event_from_row(row: &Row) -> Result<HistoryEvent> {
             .map(|w| w.to_string())
             .unwrap_or_default(),
         details: row.get::<_, Option<Json>>("details").as_ref().map(json_to_value),
+        actor_key_id: row
+            .get::<_, Option<Uuid>>("actor")
+            .map(|k| k.to_string())
+            .unwrap_or_default(),
+        actor_key_name: match row.get::<_, Option<Uuid>>("actor") {
+            Some(k) if k == crate::auth::BOOTSTRAP_ID => "bootstrap admin".to_owned(),
+            _ => row.get::<_, Option<String>>("actor_name").unwrap_or_default(),
+        },
     })
 }
 

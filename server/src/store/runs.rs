@@ -110,12 +110,19 @@ impl Store {
     /// the same transaction, every run it started (children, grandchildren...) that has not
     /// ended. Idempotent.
     #[instrument(name = "store.run.cancel", skip_all)]
-    pub async fn cancel_run(&self, namespace: &str, id: Uuid, reason: &str) -> Result<(Run, Vec<Moved>)> {
+    pub async fn cancel_run(
+        &self,
+        namespace: &str,
+        id: Uuid,
+        reason: &str,
+        actor: Option<Uuid>,
+    ) -> Result<(Run, Vec<Moved>)> {
         let mut client = self.pool.get().await?;
         let mut tries = 0;
         loop {
             tries += 1;
             let tx = client.transaction().await?;
+            set_actor(&tx, actor).await?;
             match cancel_tree(&tx, namespace, id, reason).await {
                 Ok(run) => {
                     tx.commit().await?;
@@ -134,9 +141,16 @@ impl Store {
     /// Pauses a run: a queued one at once, a running one once its worker releases it (it is
     /// asked to at its next heartbeat). Pausing a paused run, or asking twice, changes nothing.
     #[instrument(name = "store.run.pause", skip_all)]
-    pub async fn pause_run(&self, namespace: &str, id: Uuid, reason: &str) -> Result<(Run, Moved)> {
+    pub async fn pause_run(
+        &self,
+        namespace: &str,
+        id: Uuid,
+        reason: &str,
+        actor: Option<Uuid>,
+    ) -> Result<(Run, Moved)> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        set_actor(&tx, actor).await?;
         let row = lock_run(&tx, namespace, id).await?;
         let status: RunStatus = row.get("status");
         let requested: bool = row.get("pause_requested");
@@ -165,6 +179,7 @@ impl Store {
                 &attempt,
                 &None::<Uuid>,
                 &json!({"reason": reason}),
+                &None::<Uuid>,
             ],
         )
         .await?;
@@ -175,9 +190,10 @@ impl Store {
     /// Resumes a paused run (queued again, visible when it would have been) or withdraws a
     /// pause request not yet taken effect. Resuming a run that is not paused changes nothing.
     #[instrument(name = "store.run.resume", skip_all)]
-    pub async fn resume_run(&self, namespace: &str, id: Uuid) -> Result<(Run, Moved)> {
+    pub async fn resume_run(&self, namespace: &str, id: Uuid, actor: Option<Uuid>) -> Result<(Run, Moved)> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        set_actor(&tx, actor).await?;
         let row = lock_run(&tx, namespace, id).await?;
         let status: RunStatus = row.get("status");
         let requested: bool = row.get("pause_requested");
@@ -202,7 +218,15 @@ impl Store {
         let details = json!({"pause_withdrawn": status == RunStatus::Running});
         tx.execute(
             &tx.prepare_cached(sql!("history/insert")).await?,
-            &[&namespace, &id, &"run_resumed", &attempt, &None::<Uuid>, &details],
+            &[
+                &namespace,
+                &id,
+                &"run_resumed",
+                &attempt,
+                &None::<Uuid>,
+                &details,
+                &None::<Uuid>,
+            ],
         )
         .await?;
         let queued = if status == RunStatus::Paused {
@@ -277,6 +301,7 @@ pub(super) async fn start_in(
         Vec::with_capacity(n),
     );
     let mut parent_ids = Vec::with_capacity(n);
+    let mut created_by = Vec::with_capacity(n);
     let (mut execution, mut attempt, mut schedule, mut heartbeat) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -289,6 +314,7 @@ pub(super) async fn start_in(
         }
         let r = &runs[i];
         parent_ids.push(r.parent);
+        created_by.push(r.created_by);
         execution.push(r.timeouts.execution.map(ms));
         attempt.push(r.timeouts.attempt.map(ms));
         schedule.push(r.timeouts.schedule_to_start.map(ms));
@@ -338,6 +364,7 @@ pub(super) async fn start_in(
                 &wake_namespaces,
                 &wake_queues,
                 &wake_delays,
+                &created_by,
             ],
         )
         .await?;
@@ -365,6 +392,7 @@ pub(super) async fn start_in(
                         &attempt,
                         &None::<Uuid>,
                         &details,
+                        &r.created_by,
                     ],
                 )
                 .await?;
@@ -608,7 +636,7 @@ pub(super) async fn cancel_in(
     let details = json!({"reason": reason});
     tx.execute(
         &tx.prepare_cached(sql!("history/insert")).await?,
-        &[&namespace, &id, &kind, &attempt, &None::<Uuid>, &details],
+        &[&namespace, &id, &kind, &attempt, &None::<Uuid>, &details, &None::<Uuid>],
     )
     .await?;
     Ok(row)

@@ -35,11 +35,22 @@ impl Store {
                 let insert = tx.prepare_cached(sql!("history/insert")).await?;
                 tx.execute(
                     &insert,
-                    &[&ns, &id, &"timed_out", &attempt, &owner, &json!({"timeout": kind})],
+                    &[
+                        &ns,
+                        &id,
+                        &"timed_out",
+                        &attempt,
+                        &owner,
+                        &json!({"timeout": kind}),
+                        &None::<Uuid>,
+                    ],
                 )
                 .await?;
-                tx.execute(&insert, &[&ns, &id, &"run_failed", &attempt, &owner, &error])
-                    .await?;
+                tx.execute(
+                    &insert,
+                    &[&ns, &id, &"run_failed", &attempt, &owner, &error, &None::<Uuid>],
+                )
+                .await?;
                 moved.push(Moved {
                     namespace: ns,
                     id,
@@ -66,7 +77,15 @@ impl Store {
                 };
                 tx.execute(
                     &tx.prepare_cached(sql!("history/insert")).await?,
-                    &[&ns, &id, &"timed_out", &attempt, &owner, &json!({"timeout": kind})],
+                    &[
+                        &ns,
+                        &id,
+                        &"timed_out",
+                        &attempt,
+                        &owner,
+                        &json!({"timeout": kind}),
+                        &None::<Uuid>,
+                    ],
                 )
                 .await?;
                 if let Some((run, delay)) = end_one(&tx, &ns, id, token, None, &LeaseEnd::Timeout { error }).await? {
@@ -105,9 +124,10 @@ impl Store {
     /// Ends a suspended run's wait now (`WakeRun`): a sleep ends, a wait for an event times
     /// out. A wait for a child cannot be ended so.
     #[instrument(name = "store.run.wake", skip_all)]
-    pub async fn wake_run(&self, namespace: &str, id: Uuid) -> Result<(Run, Moved)> {
+    pub async fn wake_run(&self, namespace: &str, id: Uuid, actor: Option<Uuid>) -> Result<(Run, Moved)> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        set_actor(&tx, actor).await?;
         let row = lock_run(&tx, namespace, id).await?;
         let status: RunStatus = row.get("status");
         if status != RunStatus::Suspended {
@@ -145,9 +165,11 @@ impl Store {
         name: &str,
         payload: &Json,
         event_key: Option<&str>,
+        actor: Option<Uuid>,
     ) -> Result<(bool, bool, Run, Moved)> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        set_actor(&tx, actor).await?;
         let row = match target {
             RunRef::Id(id) => lock_run(&tx, namespace, *id).await?,
             RunRef::Key(key) => tx
@@ -197,6 +219,7 @@ impl Store {
                 &attempt,
                 &None::<Uuid>,
                 &json!({"name": name, "key": event_key, "seq": seq}),
+                &None::<Uuid>,
             ],
         )
         .await?;

@@ -990,3 +990,231 @@ async fn the_cli_makes_lists_and_revokes_keys_and_the_sdk_and_worker_use_them() 
     }
     drop(worker);
 }
+
+/// The (type, name of the key that did it) of each event of a run's history.
+async fn actors(c: &Clients, run_id: &str) -> Vec<(String, String)> {
+    c.workflows
+        .clone()
+        .get_run_history(GetRunHistoryRequest {
+            namespace: String::new(),
+            run_id: run_id.to_owned(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| {
+            let kind = v1::EventType::try_from(e.r#type).unwrap().as_str_name().to_lowercase();
+            (kind.trim_start_matches("event_type_").to_owned(), e.actor_key_name)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_says_which_key_did_what() {
+    let db = TestDb::new().await;
+    let server = TestServer::start_with(keyed_config(&db)).await;
+    let client_key = clients(&server, &make_key(&server, "client", &["default"], 0).await.0).await;
+    let worker_key = clients(&server, &make_key(&server, "worker", &["default"], 0).await.0).await;
+    let (c, w) = ("client of default", "worker of default");
+    let start = |key: &str| {
+        let mut wf = client_key.workflows.clone();
+        let mut req = start_req("wf", json!({}));
+        req.idempotency_key = key.to_owned();
+        async move { wf.start_run(req).await.unwrap().into_inner().run.unwrap().id }
+    };
+    let worker_id = worker_key
+        .workers
+        .clone()
+        .register_worker(RegisterWorkerRequest {
+            namespace: String::new(),
+            identity: "w".into(),
+            host: "h".into(),
+            workflows: vec![WorkflowRef {
+                name: "wf".into(),
+                version: String::new(),
+            }],
+            queues: vec!["default".into()],
+            slots: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let lease = || {
+        let mut wk = worker_key.workers.clone();
+        let worker_id = worker_id.clone();
+        async move {
+            wk.poll_tasks(PollTasksRequest {
+                namespace: String::new(),
+                worker_id,
+                queues: Vec::new(),
+                max_runs: 1,
+                wait: Some(aiki_proto::duration_to_proto(Duration::from_secs(5))),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .runs
+            .pop()
+            .expect("a run")
+        }
+    };
+    // Started by the client, leased, checkpointed and completed by the worker.
+    let done = start("done").await;
+    let l = lease().await;
+    worker_key
+        .workers
+        .clone()
+        .record_task(RecordTaskRequest {
+            namespace: String::new(),
+            run_id: done.clone(),
+            lease_token: l.lease_token.clone(),
+            task: Some(task_output("t#0", "t", 0, json!(1))),
+        })
+        .await
+        .unwrap();
+    worker_key
+        .workers
+        .clone()
+        .complete_run(CompleteRunRequest {
+            namespace: String::new(),
+            run_id: done.clone(),
+            lease_token: l.lease_token,
+            output: Some(aiki_proto::json_to_value(&json!(2))),
+            tasks: vec![task_output("u#0", "u", 1, json!(3))],
+        })
+        .await
+        .unwrap();
+    let own = |v: &[(&str, &str)]| {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        actors(&client_key, &done).await,
+        own(&[
+            ("run_created", c),
+            ("run_leased", w),
+            ("task_recorded", w),
+            ("task_recorded", w),
+            ("run_completed", w)
+        ])
+    );
+    // Suspended by the worker for an event; the event sent and the run woken by the client;
+    // then failed by the worker, paused, resumed and cancelled by the client.
+    let waits = start("waits").await;
+    let l = lease().await;
+    worker_key
+        .workers
+        .clone()
+        .suspend_run(SuspendRunRequest {
+            namespace: String::new(),
+            run_id: waits.clone(),
+            lease_token: l.lease_token,
+            wait_key: "event:go#0".into(),
+            wait_name: "go".into(),
+            wait_seq: 0,
+            event: "go".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client_key
+        .workflows
+        .clone()
+        .send_event(SendEventRequest {
+            namespace: String::new(),
+            r#ref: Some(send_event_request::Ref::RunId(waits.clone())),
+            name: "go".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let l = lease().await;
+    worker_key
+        .workers
+        .clone()
+        .fail_run(FailRunRequest {
+            namespace: String::new(),
+            run_id: waits.clone(),
+            lease_token: l.lease_token,
+            error: Some(v1::RunError {
+                r#type: "E".into(),
+                message: "again".into(),
+                details: None,
+            }),
+            retry_after: Some(aiki_proto::duration_to_proto(Duration::from_secs(3600))),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut wf = client_key.workflows.clone();
+    wf.pause_run(PauseRunRequest {
+        namespace: String::new(),
+        run_id: waits.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    wf.resume_run(ResumeRunRequest {
+        namespace: String::new(),
+        run_id: waits.clone(),
+    })
+    .await
+    .unwrap();
+    wf.cancel_run(CancelRunRequest {
+        namespace: String::new(),
+        run_id: waits.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let history = actors(&client_key, &waits).await;
+    let by = |kind: &str| -> Vec<&str> {
+        history
+            .iter()
+            .filter(|(k, _)| k == kind)
+            .map(|(_, a)| a.as_str())
+            .collect()
+    };
+    assert_eq!(by("run_created"), [c]);
+    assert_eq!(by("run_leased"), [w, w]);
+    assert_eq!(by("run_suspended"), [w], "{history:?}");
+    assert_eq!(by("event_received"), [c]);
+    assert_eq!(by("run_woken"), [c]);
+    assert_eq!(by("run_retry_scheduled"), [w], "{history:?}");
+    assert_eq!(by("run_paused"), [c]);
+    assert_eq!(by("run_resumed"), [c]);
+    assert_eq!(by("run_cancelled"), [c]);
+    // The id is there too, and the bootstrap key is named.
+    let mut req = start_req("wf", json!({}));
+    req.idempotency_key = "by-admin".into();
+    let admin = clients(&server, ADMIN).await;
+    let id = admin
+        .workflows
+        .clone()
+        .start_run(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+        .id;
+    let events = admin
+        .workflows
+        .clone()
+        .get_run_history(GetRunHistoryRequest {
+            namespace: String::new(),
+            run_id: id,
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(events[0].actor_key_name, "bootstrap admin");
+    assert_eq!(events[0].actor_key_id, uuid::Uuid::nil().to_string());
+}

@@ -306,3 +306,116 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     // The connection made before the change goes on working.
     assert_eq!(run_count(&before).await, 0);
 }
+
+/// The `sh` blocks of the README's section `heading` (up to the next heading), each as its
+/// lines, comments left out.
+fn readme_blocks(heading: &str) -> Vec<Vec<String>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme.find(heading).expect("the README has the section");
+    let rest = &readme[start + heading.len()..];
+    let end = rest.find("\n#").unwrap_or(rest.len());
+    let (mut blocks, mut block) = (Vec::new(), None::<Vec<String>>);
+    for line in rest[..end].lines() {
+        match (line.trim(), &mut block) {
+            ("```sh", None) => block = Some(Vec::new()),
+            ("```", Some(_)) => blocks.push(block.take().unwrap()),
+            (l, Some(b)) if !l.is_empty() && !l.starts_with('#') => b.push(l.to_owned()),
+            _ => {}
+        }
+    }
+    blocks
+}
+
+/// The README's Security section, run as it is written: the server started with its TLS pair
+/// and bootstrap key on a public address, then the operator's commands over TLS with keys,
+/// grpcurl included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_security_commands_run_over_tls_with_keys() {
+    let blocks = readme_blocks("### API keys and roles");
+    assert_eq!(
+        blocks.len(),
+        2,
+        "a block for the server, one for the operator: {blocks:?}"
+    );
+    let db = TestDb::new().await;
+    let files = Files::new("readme-security");
+    let ca = Ca::new("readme CA");
+    let (cert, key) = ca.issue(true, false);
+    files.write("server.pem", &cert);
+    files.write("server.key", &key);
+    files.write("ca.pem", &ca.pem());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bin_dir = aiki_tests::bin("aiki").parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}:{}",
+        bin_dir.display(),
+        std::env::var("HOME")
+            .map(|h| format!("{h}/.cargo/bin"))
+            .unwrap_or_default(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    // The server line: environment assignments, then the command and its arguments.
+    let [server_line] = &blocks[0][..] else {
+        panic!("one server command: {:?}", blocks[0]);
+    };
+    let line = server_line.replace("7070", &port.to_string());
+    let mut words = line.split_whitespace().peekable();
+    let mut server = tokio::process::Command::new(bin_dir.join("aiki-server"));
+    while let Some(assignment) = words.next_if(|w| w.contains('=')) {
+        let (k, v) = assignment.split_once('=').unwrap();
+        server.env(k, v);
+    }
+    assert_eq!(words.next(), Some("aiki-server"));
+    let _server = server
+        .args(words)
+        .current_dir(&files.0)
+        .env("AIKI_DATABASE_URL", &db.url)
+        .env_remove("AIKI_API_KEY")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start aiki-server");
+    let url = format!("https://localhost:{port}");
+    eventually(Duration::from_secs(30), "the server answers over TLS", || async {
+        match Client::connect_with(url.clone(), &ca.trust()).await {
+            Ok(c) => matches!(c.queues().await, Err(aiki::Error::Unauthenticated(_))),
+            Err(_) => false,
+        }
+    })
+    .await;
+
+    // The operator's commands, as one script.
+    let script =
+        format!("set -e\n{}", blocks[1].join("\n")).replace("aiki.internal:7070", &format!("localhost:{port}"));
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(&files.0)
+        .env("PATH", &path)
+        .output()
+        .await
+        .expect("sh");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "the README's commands failed ({}):\n{script}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("checkout") && stdout.contains("billing-workers"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("revoked"), "the temporary key is revoked: {stdout}");
+    // grpcurl's answer over TLS with the key: the namespace's (empty) list of runs.
+    assert!(stdout.trim_end().ends_with('}'), "{stdout}");
+}

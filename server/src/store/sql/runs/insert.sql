@@ -5,7 +5,8 @@
 -- $8 idempotency key, $9 request id, $10 max attempts, $11 initial interval ms,
 -- $12 max interval ms, $13 backoff coefficient, $14 non-retryable error types (a JSON array),
 -- $15 delay ms, $16 parent run id, $17 execution timeout ms, $18 attempt timeout ms,
--- $19 schedule-to-start timeout ms, $20 heartbeat timeout ms), inserted in the order given
+-- $19 schedule-to-start timeout ms, $20 heartbeat timeout ms, $24 the API key that starts it),
+-- inserted in the order given
 -- (the caller sorts them by key, so that batches sharing keys wait for each other in one order
 -- and cannot deadlock). ($21 namespace, $22 queue, $23 delay in ms) are the ready
 -- notifications to send, one NOTIFY each (its payload built by `aiki_ready_payload`) when the
@@ -16,24 +17,25 @@ WITH input AS (
     SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int[],
                          $7::jsonb[], $8::text[], $9::text[], $10::int[], $11::bigint[],
                          $12::bigint[], $13::float8[], $14::jsonb[], $15::bigint[], $16::uuid[],
-                         $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[])
+                         $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[], $24::uuid[])
         WITH ORDINALITY AS i (namespace, id, workflow, version, queue, priority, input,
                               idempotency_key, request_id, max_attempts, initial_interval_ms,
                               max_interval_ms, backoff_coefficient, non_retryable, delay_ms, parent_id,
-                              execution_ms, attempt_ms, schedule_ms, heartbeat_ms, ord)
+                              execution_ms, attempt_ms, schedule_ms, heartbeat_ms, created_by, ord)
 ), inserted AS (
     INSERT INTO runs (namespace, id, workflow, version, queue, priority, status, input,
                       idempotency_key, request_id, max_attempts, initial_interval_ms,
                       max_interval_ms, backoff_coefficient, non_retryable_error_types, visible_at,
                       parent_id, execution_deadline, attempt_timeout_ms, schedule_timeout_ms,
-                      heartbeat_timeout_ms)
+                      heartbeat_timeout_ms, created_by)
     SELECT namespace, id, workflow, version, queue, priority, 'queued', input,
            idempotency_key, request_id, max_attempts, initial_interval_ms,
            max_interval_ms, backoff_coefficient,
            CASE WHEN non_retryable = '[]' THEN '{}'
                 ELSE ARRAY(SELECT jsonb_array_elements_text(non_retryable)) END,
            now() + delay_ms * interval '1 millisecond', parent_id,
-           now() + execution_ms * interval '1 millisecond', attempt_ms, schedule_ms, heartbeat_ms
+           now() + execution_ms * interval '1 millisecond', attempt_ms, schedule_ms, heartbeat_ms,
+           created_by
     FROM input ORDER BY ord
     ON CONFLICT DO NOTHING
     -- What the answer needs; not the input, which the caller sent (nor output and error,
