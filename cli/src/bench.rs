@@ -121,7 +121,7 @@ impl Phase {
 
 /// `aiki bench`: see the module docs (and `aiki bench --help`).
 #[derive(Debug, Args)]
-#[command(after_long_help = AFTER_HELP, next_display_order = 100)]
+#[command(after_long_help = format!("{AFTER_HELP}\n\n{}", crate::examples::BENCH), next_display_order = 100)]
 pub struct BenchArgs {
     /// Runs per phase: StartRun calls of enqueue-single, runs of enqueue-batch and of the drain.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]

@@ -102,6 +102,7 @@ impl DevTls {
 #[derive(Debug, Subcommand)]
 enum DevWhat {
     /// Only make sure PostgreSQL runs and the database exists; print its URL.
+    #[command(after_help = crate::examples::DEV_POSTGRES)]
     Postgres,
 }
 

@@ -5,6 +5,7 @@
 
 mod bench;
 mod dev;
+mod examples;
 mod output;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -101,23 +102,27 @@ enum Format {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start, inspect, wait for and cancel runs.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = examples::RUN)]
     Run(RunCmd),
     /// Live workers (a heartbeat within the lease time), their last heartbeat and the leases
     /// they hold; `--all` lists the gone ones too.
+    #[command(after_help = examples::WORKERS)]
     Workers {
         /// Also the workers that are gone (no heartbeat within the lease time).
         #[arg(long)]
         all: bool,
     },
     /// Queue depths per state, the age of the oldest ready run, and why runs wait.
+    #[command(after_help = examples::QUEUES)]
     Queues,
     /// Registered workflow versions and the live workers serving each.
+    #[command(after_help = examples::WORKFLOWS)]
     Workflows,
     /// Make, list and revoke API keys (needs an admin key).
     #[command(subcommand)]
     Keys(KeysCmd),
     /// Apply database migrations.
+    #[command(after_help = examples::MIGRATE)]
     Migrate {
         /// PostgreSQL URL.
         #[arg(long, env = "AIKI_DATABASE_URL", default_value = aiki_server::config::DEFAULT_DATABASE_URL)]
@@ -125,20 +130,21 @@ enum Command {
     },
     /// Run the whole local stack: PostgreSQL (started or installed if missing), a server, a
     /// worker, and a first workflow.
-    #[command(
-        after_help = "Examples:\n  aiki dev\n  aiki --server http://127.0.0.1:7071 dev --no-worker\n  aiki dev postgres"
-    )]
+    #[command(after_help = examples::DEV)]
     Dev(dev::DevArgs),
-    /// Print a completion script for a shell, e.g. `aiki completion bash > ~/.local/share/bash-completion/completions/aiki`.
+    /// Print a completion script for a shell.
+    #[command(after_help = examples::COMPLETION)]
     Completion {
         /// The shell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff), e.g. `aiki man | man -l -`.
+    /// Print the man page (roff).
+    #[command(after_help = examples::MAN)]
     Man,
     /// Measure throughput, start latency and server memory: starts its own server (or uses
     /// --server) and workers, and prints the figures.
+    #[command(after_help = examples::BENCH)]
     Bench(bench::BenchArgs),
     /// A worker process of `aiki bench`.
     #[command(hide = true)]
@@ -148,13 +154,13 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum RunCmd {
     /// Start a run.
-    #[command(
-        after_help = "Examples:\n  aiki run start hello --input '{\"name\":\"Ada\"}' --key hello-ada\n  aiki run start hello --input @input.json --wait 30\n  aiki run start report --queue nightly --delay 1h"
-    )]
+    #[command(after_help = examples::RUN_START)]
     Start(StartArgs),
     /// Show a run.
+    #[command(after_help = examples::RUN_GET)]
     Get(RunRef),
     /// Print a run's output; with --wait, wait up to SECS for it to end.
+    #[command(after_help = examples::RUN_RESULT)]
     Result {
         #[command(flatten)]
         run: RunRef,
@@ -163,8 +169,10 @@ enum RunCmd {
         wait: u64,
     },
     /// List runs, newest first.
+    #[command(after_help = examples::RUN_LIST)]
     List(ListArgs),
     /// Cancel a run.
+    #[command(after_help = examples::RUN_CANCEL)]
     Cancel {
         #[command(flatten)]
         run: RunRef,
@@ -174,6 +182,7 @@ enum RunCmd {
     },
     /// Pause a run: a queued run at once, a running one when its worker releases it. A paused
     /// run is not leased until resumed.
+    #[command(after_help = examples::RUN_PAUSE)]
     Pause {
         #[command(flatten)]
         run: RunRef,
@@ -182,14 +191,17 @@ enum RunCmd {
         reason: String,
     },
     /// Resume a paused run (queued again).
+    #[command(after_help = examples::RUN_RESUME)]
     Resume(RunRef),
     /// End a suspended run's wait now (queued again at once): a sleep ends, a wait for an event
     /// times out.
+    #[command(after_help = examples::RUN_WAKE)]
     Wake(RunRef),
     /// Send an event to a run; it receives it from `ctx.wait_event` (now if it waits for it,
     /// else when it does).
     ///
     /// `aiki run event ID NAME --data JSON`, or `aiki run event --key KEY NAME --data JSON`.
+    #[command(after_help = examples::RUN_EVENT)]
     Event {
         /// Run id, then the event's name (with --key: only the event's name).
         #[arg(value_name = "ID NAME", num_args = 1..=2, required = true)]
@@ -205,9 +217,11 @@ enum RunCmd {
         event_key: Option<String>,
     },
     /// Print a run's history.
+    #[command(after_help = examples::RUN_HISTORY)]
     History(RunRef),
     /// Follow a run's history live until it ends. With `--output json`, one JSON object per
     /// event and line (JSON Lines), printed as the event happens.
+    #[command(after_help = examples::RUN_WATCH)]
     Watch(RunRef),
 }
 
