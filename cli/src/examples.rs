@@ -112,6 +112,7 @@ pub const BENCH: &str = "\
 Examples:
   aiki bench
   aiki bench --runs 5000 --phases enqueue-batch,drain --workers 2
+  aiki bench --tls --runs 5000
   aiki --server http://127.0.0.1:7070 bench --server-pid 4242 --phases drain";
 
 #[cfg(test)]

@@ -375,6 +375,18 @@ fn main() -> ExitCode {
     }
 }
 
+impl Cli {
+    /// The server and TLS flags, for `aiki bench` and its workers.
+    fn access(&self) -> bench::Access {
+        bench::Access {
+            server: self.server.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+    }
+}
+
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     let tls = aiki::TlsOptions::from_files(cli.tls_ca.as_deref(), cli.tls_cert.as_deref(), cli.tls_key.as_deref())?;
     Ok(Client::connect_with(cli.server.clone(), &tls)
@@ -433,12 +445,12 @@ async fn run(cli: Cli) -> Result<(), Exit> {
         Command::Dev(args) => Ok(dev::run(args, &cli.server).await?),
         Command::Bench(args) => {
             let target = bench::Target {
-                server: cli.server_given.then(|| cli.server.clone()),
+                server: cli.server_given.then(|| cli.access()),
                 namespace: (cli.namespace != "default").then(|| cli.namespace.clone()),
             };
             Ok(bench::run(args, &target, out.json).await?)
         }
-        Command::BenchWorker(args) => Ok(bench::worker(&cli.server, &cli.namespace, args).await?),
+        Command::BenchWorker(args) => Ok(bench::worker(&cli.access(), &cli.namespace, args).await?),
         Command::Workers { all } => {
             let workers = connect(&cli).await?.workers().await?;
             let gone = workers.iter().filter(|w| !w.live).count();
