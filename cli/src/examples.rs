@@ -82,6 +82,25 @@ Examples:
   aiki workflows
   aiki workflows -o json";
 
+pub const KEYS: &str = "\
+Examples:
+  aiki keys create --role client --namespace billing
+  aiki keys list --all";
+
+pub const KEYS_CREATE: &str = r#"Examples:
+  aiki keys create --role client --namespace billing
+  aiki keys create --role worker --name "billing workers" --rate-limit 500
+  aiki keys create --role read --namespace billing --also reports,audit"#;
+
+pub const KEYS_LIST: &str = "\
+Examples:
+  aiki keys list
+  aiki keys list --all -o json";
+
+pub const KEYS_REVOKE: &str = "\
+Examples:
+  aiki keys revoke 0197a3c4-5d1e-7f20-8b3a-4c5d6e7f8091";
+
 pub const MIGRATE: &str = "\
 Examples:
   aiki migrate

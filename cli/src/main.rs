@@ -62,6 +62,7 @@ struct Cli {
 enum KeysCmd {
     /// Make an API key for the namespace of --namespace (and those of --also) with a role;
     /// prints the key once.
+    #[command(after_help = examples::KEYS_CREATE)]
     Create {
         /// What the key may do: read (get, list, history, watch, results); client (read, and
         /// start, cancel, pause, resume, wake, send events); worker (register, poll,
@@ -79,12 +80,14 @@ enum KeysCmd {
         rate_limit: u32,
     },
     /// The keys you administer (never their secrets).
+    #[command(after_help = examples::KEYS_LIST)]
     List {
         /// Revoked keys too.
         #[arg(long)]
         all: bool,
     },
     /// Revoke a key: every server refuses it within a second.
+    #[command(after_help = examples::KEYS_REVOKE)]
     Revoke {
         /// The key's id (see `aiki keys list`).
         id: String,
@@ -119,7 +122,7 @@ enum Command {
     #[command(after_help = examples::WORKFLOWS)]
     Workflows,
     /// Make, list and revoke API keys (needs an admin key).
-    #[command(subcommand)]
+    #[command(subcommand, after_help = examples::KEYS)]
     Keys(KeysCmd),
     /// Apply database migrations.
     #[command(after_help = examples::MIGRATE)]
