@@ -6,6 +6,11 @@
 //! the hidden `aiki bench-worker` command on the worker runtime ([`aiki_worker`]); they serve
 //! one workflow, `bench.noop`, whose body records one durable task and returns the time it
 //! started. With `--server` it uses a running server instead (and still starts its workers).
+//! With `--tls` its own server serves TLS with a certificate of a CA made for the bench, and
+//! the clients and workers connect over `https://` trusting that CA, so that the figures can be
+//! compared with a plain run; a server given with `--server https://…` is reached with the
+//! global `--tls-ca`, `--tls-cert` and `--tls-key`. Everything a connection needs is in
+//! [`Access`], which the bench hands to its own clients and, as flags, to its workers.
 //!
 //! The phases, in order (`--phases` picks some):
 //!
@@ -44,6 +49,7 @@
 //! after 10 s) and the database is dropped, unless `--keep`.
 
 use std::{
+    ffi::OsString,
     fmt::Write as _,
     path::{Path, PathBuf},
     process::Stdio,
@@ -121,7 +127,7 @@ impl Phase {
 
 /// `aiki bench`: see the module docs (and `aiki bench --help`).
 #[derive(Debug, Args)]
-#[command(after_long_help = AFTER_HELP, next_display_order = 100)]
+#[command(after_long_help = format!("{AFTER_HELP}\n\n{}", crate::examples::BENCH), next_display_order = 100)]
 pub struct BenchArgs {
     /// Runs per phase: StartRun calls of enqueue-single, runs of enqueue-batch and of the drain.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -185,6 +191,11 @@ pub struct BenchArgs {
     /// Abort a phase that makes no progress for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     stall_timeout: Duration,
+    /// Serve the bench's own server over TLS, with a certificate of a CA made for the bench,
+    /// and connect the clients and workers over https:// trusting it. With --server, give an
+    /// https:// address and --tls-ca (--tls-cert, --tls-key) instead.
+    #[arg(long)]
+    tls: bool,
 }
 
 const AFTER_HELP: &str = "\
@@ -192,7 +203,9 @@ Without --server, aiki bench starts PostgreSQL if needed, drops and creates the 
 and starts one aiki-server (found next to this binary) on a free loopback port. With --server
 ADDR (or AIKI_SERVER) it uses that server. Either way it starts --workers worker processes
 (`aiki bench-worker`) serving the workflow bench.noop, and works in namespaces of its own
-(bench-<time>-<pid>, or --namespace).
+(bench-<time>-<pid>, or --namespace). With --tls its own server serves TLS (a CA and a
+certificate made for the bench) and every connection is https://; a --server https://… is
+reached with --tls-ca, --tls-cert and --tls-key.
 
 Phases:
   enqueue-single  --runs StartRun calls, --in-flight at a time           -> runs/s
@@ -211,9 +224,58 @@ Build in release mode for figures that mean something:
 #[derive(Debug, Clone)]
 pub struct Target {
     /// A running server to use (the global --server, when given); `None`: start one.
-    pub server: Option<String>,
+    pub server: Option<Access>,
     /// Base namespace (the global --namespace unless it is the default).
     pub namespace: Option<String>,
+}
+
+/// What a connection to the server needs: its address and the TLS files, the same for the
+/// bench's own clients and for its worker processes (which get it as the global flags of
+/// `aiki`). A setting that every connection needs belongs here.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// The server's address.
+    pub server: String,
+    /// PEM CA certificates the server's certificate must chain to.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Access {
+    /// The TLS settings of a connection, read from the files.
+    fn tls(&self) -> anyhow::Result<aiki::TlsOptions> {
+        Ok(aiki::TlsOptions::from_files(
+            self.tls_ca.as_deref(),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+        )?)
+    }
+
+    /// A client in `namespace`.
+    async fn client(&self, namespace: &str) -> anyhow::Result<Client> {
+        let client = Client::connect_with(self.server.clone(), &self.tls()?)
+            .await
+            .with_context(|| format!("cannot connect to {}", self.server))?;
+        Ok(client.with_namespace(namespace.to_owned()))
+    }
+
+    /// The global flags of `aiki` that give a child process this access.
+    fn args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--server".into(), self.server.clone().into()];
+        for (flag, file) in [
+            ("--tls-ca", &self.tls_ca),
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+        ] {
+            if let Some(file) = file {
+                args.extend([flag.into(), file.clone().into_os_string()]);
+            }
+        }
+        args
+    }
 }
 
 /// The hidden `aiki bench-worker`: a worker process of `aiki bench`.
@@ -235,8 +297,10 @@ pub struct WorkerArgs {
 /// prints `drained <n>` whenever the count of `bench.noop` runs it has completed (their
 /// completion acknowledged, so committed) changes (every 5 ms at most), so that the bench
 /// follows the drain without querying the database.
-pub async fn worker(server: &str, namespace: &str, args: &WorkerArgs) -> anyhow::Result<()> {
+pub async fn worker(access: &Access, namespace: &str, args: &WorkerArgs) -> anyhow::Result<()> {
+    let server = &access.server;
     let mut builder = aiki_worker::WorkerBuilder::new(server)
+        .tls(access.tls()?)
         .namespace(namespace)
         .slots(args.slots)
         .poll_batch(args.poll_batch);
@@ -318,6 +382,12 @@ pub async fn run(args: &BenchArgs, target: &Target, json: bool) -> anyhow::Resul
     }
     if args.checkpoint && target.server.is_some() {
         bail!(CHECKPOINT_NEEDS_OWN_DATABASE);
+    }
+    if args.tls && target.server.is_some() {
+        bail!(
+            "--tls has the bench start its own server with TLS; for a server given with --server, give its \
+             https:// address and --tls-ca (and --tls-cert, --tls-key) instead"
+        );
     }
     let phases: Vec<Phase> = Phase::ALL.into_iter().filter(|p| args.phases.contains(p)).collect();
     let namespace = target
@@ -609,18 +679,41 @@ async fn checkpoint(stack: &Stack) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts `aiki-server` on a free loopback port with the bench database; returns its address.
-async fn start_server(stack: &mut Stack, database_url: &str) -> anyhow::Result<String> {
+/// Starts `aiki-server` on a free loopback port with the bench database, with `tls` over TLS
+/// (certificates made in the logs' folder); returns how to reach it.
+async fn start_server(stack: &mut Stack, database_url: &str, tls: bool) -> anyhow::Result<Access> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .context("cannot find a free port")?
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let addr = format!("http://{listen}");
     let bin = dev::sibling("aiki-server")?;
     let log = stack.logs.join("aiki-server.log");
     let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-    let child = Command::new(&bin)
+    let mut command = Command::new(&bin);
+    // The server's TLS is the bench's choice, whatever the shell says.
+    for var in dev::TLS_VARS {
+        command.env_remove(var);
+    }
+    let access = if tls {
+        let certs = dev::DevTls::create(&stack.logs.join("tls"), "127.0.0.1")?;
+        command
+            .arg("--tls-cert")
+            .arg(&certs.server_cert)
+            .arg("--tls-key")
+            .arg(&certs.server_key);
+        Access {
+            server: format!("https://{listen}"),
+            tls_ca: Some(certs.ca),
+            ..Access::default()
+        }
+    } else {
+        Access {
+            server: format!("http://{listen}"),
+            ..Access::default()
+        }
+    };
+    let child = command
         .arg("--listen")
         .arg(&listen)
         .arg("--database-url")
@@ -640,10 +733,10 @@ async fn start_server(stack: &mut Stack, database_url: &str) -> anyhow::Result<S
         stdin: None,
         drained: Arc::default(),
     });
-    dev::wait_for_server(&addr, &aiki::TlsOptions::default(), &mut server.child)
+    dev::wait_for_server(&access.server, &access.tls()?, &mut server.child)
         .await
         .map_err(|e| anyhow!("{e:#}\nthe end of its log ({}):\n{}", log.display(), tail(&log, 20)))?;
-    Ok(addr)
+    Ok(access)
 }
 
 /// Starts the worker processes, serving `queues`, and waits until each has connected (they then
@@ -651,17 +744,24 @@ async fn start_server(stack: &mut Stack, database_url: &str) -> anyhow::Result<S
 async fn start_workers(
     stack: &mut Stack,
     args: &BenchArgs,
-    server: &str,
+    access: &Access,
     namespace: &str,
     queues: &[&str],
 ) -> anyhow::Result<()> {
+    let server = &access.server;
     let exe = std::env::current_exe().context("cannot find the aiki binary")?;
     let mut outputs = Vec::new();
     for i in 0..args.workers {
         let log = stack.logs.join(format!("bench-worker-{i}.log"));
         let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let mut child = Command::new(&exe)
-            .args(["--server", server, "--namespace", namespace, "bench-worker"])
+        let mut command = Command::new(&exe);
+        // The worker connects as `access` says, whatever the shell says.
+        for var in dev::TLS_VARS {
+            command.env_remove(var);
+        }
+        let mut child = command
+            .args(access.args())
+            .args(["--namespace", namespace, "bench-worker"])
             .args(queues.iter().flat_map(|q| ["--queue", q]))
             .arg("--slots")
             .arg(args.slots.to_string())
@@ -818,14 +918,11 @@ fn per_sec(runs: u64, secs: f64) -> f64 {
 /// one connection does not become the bottleneck, and each carries enough calls that its writes
 /// coalesce (64 single starts in flight here: about 11,000 runs/s over 1 or 2 connections,
 /// 10,300 over 4, 8,900 over 8).
-async fn clients(server: &str, namespace: &str, in_flight: u64) -> anyhow::Result<Vec<Client>> {
+async fn clients(access: &Access, namespace: &str, in_flight: u64) -> anyhow::Result<Vec<Client>> {
     let n = in_flight.div_ceil(32).clamp(1, 8);
     let mut clients = Vec::new();
     for _ in 0..n {
-        let client = Client::connect(server.to_owned())
-            .await
-            .with_context(|| format!("cannot connect to {server}"))?;
-        clients.push(client.with_namespace(namespace.to_owned()));
+        clients.push(access.client(namespace).await?);
     }
     Ok(clients)
 }
@@ -1337,24 +1434,28 @@ async fn bench(
         namespace: namespace.to_owned(),
         ..Report::default()
     };
-    let (server, server_pid) = match &target.server {
-        Some(server) => (server.clone(), args.server_pid),
+    let (access, server_pid) = match &target.server {
+        Some(access) => (access.clone(), args.server_pid),
         None => {
             let url = args.database_url.clone().unwrap_or_else(default_database_url);
             let db = Database::recreate(&url).await?;
             report.database = Some(describe_database(&url, &db.name));
             stack.database = Some(db);
-            let addr = start_server(stack, &url).await?;
+            let access = start_server(stack, &url, args.tls).await?;
             let pid = stack.server.as_ref().and_then(|s| s.child.id());
-            eprintln!("aiki-server listening on {addr} (pid {})", pid.unwrap_or_default());
-            (addr, pid)
+            eprintln!(
+                "aiki-server listening on {} (pid {})",
+                access.server,
+                pid.unwrap_or_default()
+            );
+            (access, pid)
         }
     };
-    report.server = server.clone();
+    report.server = access.server.clone();
     report.own_server = target.server.is_none();
     let server_rss = server_pid.map(RssPeak::start);
     let single_ns = format!("{namespace}-single");
-    let single_clients = clients(&server, &single_ns, args.in_flight).await?;
+    let single_clients = clients(&access, &single_ns, args.in_flight).await?;
     let client = single_clients[0].clone().with_namespace(namespace.to_owned());
     // The counts the phases wait on are per queue: runs of an earlier bench would skew them.
     for (c, ns) in [(&client, namespace), (&single_clients[0], single_ns.as_str())] {
@@ -1368,7 +1469,7 @@ async fn bench(
 
     if args.warmup > 0 {
         let ns = format!("{namespace}-warmup");
-        let ids = warm_up(args, &clients(&server, &ns, args.in_flight).await?).await?;
+        let ids = warm_up(args, &clients(&access, &ns, args.in_flight).await?).await?;
         leftovers.push((client.clone().with_namespace(ns), ids));
     }
     if has(Phase::EnqueueSingle) {
@@ -1403,7 +1504,7 @@ async fn bench(
         if args.checkpoint && has(Phase::Drain) {
             checkpoint(stack).await?;
         }
-        start_workers(stack, args, &server, namespace, &queues).await?;
+        start_workers(stack, args, &access, namespace, &queues).await?;
         if has(Phase::Drain) {
             report.drain = Some(drain(args, &client, stack, server_pid).await?);
             // Let the backlog go too, so that it leaves nothing behind and does not keep the
@@ -1524,6 +1625,7 @@ impl Report {
                 "latency_secs": args.latency_secs,
                 "server": self.server,
                 "own_server": self.own_server,
+                "tls": self.server.starts_with("https://"),
                 "database": self.database,
                 "namespace": self.namespace,
                 "build": build_profile(),

@@ -37,22 +37,22 @@ pub struct DevArgs {
 }
 
 /// The dev stack's certificates, made by [`DevTls::create`].
-struct DevTls {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
+pub(crate) struct DevTls {
+    pub(crate) ca: PathBuf,
+    pub(crate) server_cert: PathBuf,
+    pub(crate) server_key: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
 }
 
 /// The variables a TLS setting may come in through, which the dev children must not inherit
 /// from a shell set up for another server.
-const TLS_VARS: [&str; 4] = ["AIKI_TLS_CERT", "AIKI_TLS_KEY", "AIKI_TLS_CLIENT_CA", "AIKI_TLS_CA"];
+pub(crate) const TLS_VARS: [&str; 4] = ["AIKI_TLS_CERT", "AIKI_TLS_KEY", "AIKI_TLS_CLIENT_CA", "AIKI_TLS_CA"];
 
 impl DevTls {
     /// A CA, a certificate of `host` (and localhost, 127.0.0.1) for the server and one for
     /// clients, all signed by the CA, written as PEM files into `dir`.
-    fn create(dir: &Path, host: &str) -> anyhow::Result<Self> {
+    pub(crate) fn create(dir: &Path, host: &str) -> anyhow::Result<Self> {
         use rcgen::{
             BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
             KeyUsagePurpose,
@@ -102,6 +102,7 @@ impl DevTls {
 #[derive(Debug, Subcommand)]
 enum DevWhat {
     /// Only make sure PostgreSQL runs and the database exists; print its URL.
+    #[command(after_help = crate::examples::DEV_POSTGRES)]
     Postgres,
 }
 

@@ -5,6 +5,7 @@
 
 mod bench;
 mod dev;
+mod examples;
 mod output;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -61,6 +62,7 @@ struct Cli {
 enum KeysCmd {
     /// Make an API key for the namespace of --namespace (and those of --also) with a role;
     /// prints the key once.
+    #[command(after_help = examples::KEYS_CREATE)]
     Create {
         /// What the key may do: read (get, list, history, watch, results); client (read, and
         /// start, cancel, pause, resume, wake, send events); worker (register, poll,
@@ -78,12 +80,14 @@ enum KeysCmd {
         rate_limit: u32,
     },
     /// The keys you administer (never their secrets).
+    #[command(after_help = examples::KEYS_LIST)]
     List {
         /// Revoked keys too.
         #[arg(long)]
         all: bool,
     },
     /// Revoke a key: every server refuses it within a second.
+    #[command(after_help = examples::KEYS_REVOKE)]
     Revoke {
         /// The key's id (see `aiki keys list`), or the key itself.
         id: String,
@@ -101,23 +105,27 @@ enum Format {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start, inspect, wait for and cancel runs.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = examples::RUN)]
     Run(RunCmd),
     /// Live workers (a heartbeat within the lease time), their last heartbeat and the leases
     /// they hold; `--all` lists the gone ones too.
+    #[command(after_help = examples::WORKERS)]
     Workers {
         /// Also the workers that are gone (no heartbeat within the lease time).
         #[arg(long)]
         all: bool,
     },
     /// Queue depths per state, the age of the oldest ready run, and why runs wait.
+    #[command(after_help = examples::QUEUES)]
     Queues,
     /// Registered workflow versions and the live workers serving each.
+    #[command(after_help = examples::WORKFLOWS)]
     Workflows,
     /// Make, list and revoke API keys (needs an admin key).
-    #[command(subcommand)]
+    #[command(subcommand, after_help = examples::KEYS)]
     Keys(KeysCmd),
     /// Apply database migrations.
+    #[command(after_help = examples::MIGRATE)]
     Migrate {
         /// PostgreSQL URL.
         #[arg(long, env = "AIKI_DATABASE_URL", default_value = aiki_server::config::DEFAULT_DATABASE_URL)]
@@ -125,20 +133,21 @@ enum Command {
     },
     /// Run the whole local stack: PostgreSQL (started or installed if missing), a server, a
     /// worker, and a first workflow.
-    #[command(
-        after_help = "Examples:\n  aiki dev\n  aiki --server http://127.0.0.1:7071 dev --no-worker\n  aiki dev postgres"
-    )]
+    #[command(after_help = examples::DEV)]
     Dev(dev::DevArgs),
-    /// Print a completion script for a shell, e.g. `aiki completion bash > ~/.local/share/bash-completion/completions/aiki`.
+    /// Print a completion script for a shell.
+    #[command(after_help = examples::COMPLETION)]
     Completion {
         /// The shell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff), e.g. `aiki man | man -l -`.
+    /// Print the man page (roff).
+    #[command(after_help = examples::MAN)]
     Man,
     /// Measure throughput, start latency and server memory: starts its own server (or uses
     /// --server) and workers, and prints the figures.
+    #[command(after_help = examples::BENCH)]
     Bench(bench::BenchArgs),
     /// A worker process of `aiki bench`.
     #[command(hide = true)]
@@ -148,13 +157,13 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum RunCmd {
     /// Start a run.
-    #[command(
-        after_help = "Examples:\n  aiki run start hello --input '{\"name\":\"Ada\"}' --key hello-ada\n  aiki run start hello --input @input.json --wait 30\n  aiki run start report --queue nightly --delay 1h"
-    )]
+    #[command(after_help = examples::RUN_START)]
     Start(StartArgs),
     /// Show a run.
+    #[command(after_help = examples::RUN_GET)]
     Get(RunRef),
     /// Print a run's output; with --wait, wait up to SECS for it to end.
+    #[command(after_help = examples::RUN_RESULT)]
     Result {
         #[command(flatten)]
         run: RunRef,
@@ -163,8 +172,10 @@ enum RunCmd {
         wait: u64,
     },
     /// List runs, newest first.
+    #[command(after_help = examples::RUN_LIST)]
     List(ListArgs),
     /// Cancel a run.
+    #[command(after_help = examples::RUN_CANCEL)]
     Cancel {
         #[command(flatten)]
         run: RunRef,
@@ -174,6 +185,7 @@ enum RunCmd {
     },
     /// Pause a run: a queued run at once, a running one when its worker releases it. A paused
     /// run is not leased until resumed.
+    #[command(after_help = examples::RUN_PAUSE)]
     Pause {
         #[command(flatten)]
         run: RunRef,
@@ -182,14 +194,17 @@ enum RunCmd {
         reason: String,
     },
     /// Resume a paused run (queued again).
+    #[command(after_help = examples::RUN_RESUME)]
     Resume(RunRef),
     /// End a suspended run's wait now (queued again at once): a sleep ends, a wait for an event
     /// times out.
+    #[command(after_help = examples::RUN_WAKE)]
     Wake(RunRef),
     /// Send an event to a run; it receives it from `ctx.wait_event` (now if it waits for it,
     /// else when it does).
     ///
     /// `aiki run event ID NAME --data JSON`, or `aiki run event --key KEY NAME --data JSON`.
+    #[command(after_help = examples::RUN_EVENT)]
     Event {
         /// Run id, then the event's name (with --key: only the event's name).
         #[arg(value_name = "ID NAME", num_args = 1..=2, required = true)]
@@ -205,9 +220,11 @@ enum RunCmd {
         event_key: Option<String>,
     },
     /// Print a run's history.
+    #[command(after_help = examples::RUN_HISTORY)]
     History(RunRef),
     /// Follow a run's history live until it ends. With `--output json`, one JSON object per
     /// event and line (JSON Lines), printed as the event happens.
+    #[command(after_help = examples::RUN_WATCH)]
     Watch(RunRef),
 }
 
@@ -361,6 +378,18 @@ fn main() -> ExitCode {
     }
 }
 
+impl Cli {
+    /// The server and TLS flags, for `aiki bench` and its workers.
+    fn access(&self) -> bench::Access {
+        bench::Access {
+            server: self.server.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+    }
+}
+
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     let tls = aiki::TlsOptions::from_files(cli.tls_ca.as_deref(), cli.tls_cert.as_deref(), cli.tls_key.as_deref())?;
     Ok(Client::connect_with(cli.server.clone(), &tls)
@@ -419,12 +448,12 @@ async fn run(cli: Cli) -> Result<(), Exit> {
         Command::Dev(args) => Ok(dev::run(args, &cli.server).await?),
         Command::Bench(args) => {
             let target = bench::Target {
-                server: cli.server_given.then(|| cli.server.clone()),
+                server: cli.server_given.then(|| cli.access()),
                 namespace: (cli.namespace != "default").then(|| cli.namespace.clone()),
             };
             Ok(bench::run(args, &target, out.json).await?)
         }
-        Command::BenchWorker(args) => Ok(bench::worker(&cli.server, &cli.namespace, args).await?),
+        Command::BenchWorker(args) => Ok(bench::worker(&cli.access(), &cli.namespace, args).await?),
         Command::Workers { all } => {
             let workers = connect(&cli).await?.workers().await?;
             let gone = workers.iter().filter(|w| !w.live).count();

@@ -277,8 +277,10 @@ fn retryable(e: &Error) -> bool {
 }
 
 impl Client {
-    /// Connects to `addr` (e.g. `http://127.0.0.1:7070`), retrying with exponential backoff
-    /// for a few seconds if the server is not up yet.
+    /// Connects to `addr` (e.g. `http://127.0.0.1:7070`). An address where nothing listens (a
+    /// refused connection, no route, a name that does not resolve) is an error at once;
+    /// a connection that fails on the way (reset, timed out) is tried again for a few seconds.
+    /// Once connected, calls retry with backoff while the server is unavailable.
     pub async fn connect(addr: impl Into<String>) -> Result<Self> {
         let channel = connect_channel(addr.into()).await?;
         Ok(Self::from_channel(channel))
@@ -785,16 +787,17 @@ impl TlsOptions {
     }
 }
 
-/// Opens a channel to `addr`, retrying with backoff while the server is unreachable. An
+/// Opens a channel to `addr` (see [`Client::connect`] for what is retried). An
 /// `https://` address trusts the system's root certificates; see [`connect_channel_with`].
 pub async fn connect_channel(addr: String) -> Result<Channel> {
     connect_channel_with(addr, &TlsOptions::default()).await
 }
 
 /// Opens a channel to `addr` with TLS settings for an `https://` address (an `http://` one
-/// takes none), retrying with backoff while the server is unreachable. A failed TLS handshake
-/// (a certificate that does not verify, a client certificate refused) is not retried: it is
-/// `Error::Unavailable` at once.
+/// takes none). Nothing listening at the address, no route to it, a host name that does not
+/// resolve, and a failed TLS handshake (a certificate that does not verify, a client
+/// certificate refused) are `Error::Unavailable` at once; a connection reset or timed out on
+/// the way is tried again with backoff for a few seconds.
 pub async fn connect_channel_with(addr: String, tls: &TlsOptions) -> Result<Channel> {
     // `host:port`, the form grpcurl takes, means plain HTTP/2; the error says so if it fails.
     let (addr, assumed) = if addr.contains("://") {
@@ -820,9 +823,13 @@ pub async fn connect_channel_with(addr: String, tls: &TlsOptions) -> Result<Chan
             "TLS settings were given but the server address {addr} is not https://"
         )));
     }
+    // What may pass by itself (a connection reset or closed during the handshake, a timeout)
+    // is retried; nothing to connect to (refused, no route, a name that does not resolve) or a
+    // certificate refused is an error at once: a retry a moment later meets the same answer.
+    // Waiting for a server that is not up yet is the worker runtime's part (`WorkerBuilder::build`).
     (|| async { endpoint.connect().await })
         .retry(backoff())
-        .when(|e| !is_tls_failure(e))
+        .when(|e| !is_tls_failure(e) && unreachable(e).is_none())
         .notify(|e, d| tracing::debug!(error = %e, delay = ?d, "server not reachable yet"))
         .await
         .map_err(|e| {
@@ -833,15 +840,48 @@ pub async fn connect_channel_with(addr: String, tls: &TlsOptions) -> Result<Chan
                     chain(&e)
                 ))
             } else {
-                let cause = chain(&e);
-                let hint = if cause.to_lowercase().contains("connection refused") {
-                    ": is a server running there? (`aiki dev` starts one)"
-                } else {
-                    ""
+                let hint = match unreachable(&e) {
+                    Some(Unreachable::Refused) => ": is a server running there? (`aiki dev` starts one)",
+                    Some(Unreachable::Name) => ": is the host name right?",
+                    Some(Unreachable::NoRoute) | None => "",
                 };
-                Error::Unavailable(format!("cannot connect to {addr}: {cause}{hint}{assumed}"))
+                Error::Unavailable(format!("cannot connect to {addr}: {}{hint}{assumed}", chain(&e)))
             }
         })
+}
+
+/// Why there is nothing to connect to at an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unreachable {
+    /// Nothing listens on the port.
+    Refused,
+    /// No route to the host or its network.
+    NoRoute,
+    /// The host name does not resolve.
+    Name,
+}
+
+/// Why a connection attempt found nothing to connect to, if that is why it failed.
+fn unreachable(e: &(dyn std::error::Error + 'static)) -> Option<Unreachable> {
+    use std::io::ErrorKind;
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                ErrorKind::ConnectionRefused => return Some(Unreachable::Refused),
+                ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable | ErrorKind::AddrNotAvailable => {
+                    return Some(Unreachable::NoRoute);
+                }
+                _ => {}
+            }
+        }
+        // hyper-util's connector names a failed name lookup so (its error type is private).
+        if s.to_string() == "dns error" {
+            return Some(Unreachable::Name);
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// Whether a connection failed in its TLS handshake: retrying would fail the same way.

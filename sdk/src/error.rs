@@ -60,9 +60,10 @@ pub enum Error {
     /// The API key may not do this, or not in this namespace.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
-    /// The server could not be reached, even after retries. A TLS failure (a server certificate
-    /// that does not verify, a client certificate the server refuses) is not retried; its
-    /// message begins with `TLS: `.
+    /// The server could not be reached: nothing to connect to at its address (said at once,
+    /// with the likely cause), or unavailable through the retries. A TLS failure (a server
+    /// certificate that does not verify, a client certificate the server refuses) is not
+    /// retried; its message begins with `TLS: `.
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// The run did not end within the time given.

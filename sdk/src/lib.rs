@@ -7,7 +7,7 @@
 //!   [`Client::history`], [`Client::watch`]), waits for them ([`RunHandle::result`]), cancels,
 //!   pauses, resumes and wakes them, sends them events ([`Client::send_event`]), and lists the
 //!   registered workers, queues and workflow versions. Calls retry with backoff while the
-//!   server is unreachable; errors are typed ([`Error`]; [`RunError`] says how a run failed).
+//!   server is unavailable, but connecting where nothing listens fails at once; errors are typed ([`Error`]; [`RunError`] says how a run failed).
 //! - [`connect_channel`] opens a channel to a server, for the generated clients of [`proto`].
 //! - [`TlsOptions`] with [`Client::connect_with`] or [`connect_channel_with`]: `https://`
 //!   servers with a private CA, and client certificates for servers that require them.

@@ -10,12 +10,15 @@ use tokio::process::Command;
 
 /// Runs `aiki` with `args`; on timeout sends SIGTERM (so that the bench stops what it started)
 /// and fails. Returns the exit status, stdout and stderr.
-async fn aiki(args: &[&str], timeout: Duration) -> (std::process::ExitStatus, String, String) {
+pub(crate) async fn aiki(args: &[&str], timeout: Duration) -> (std::process::ExitStatus, String, String) {
     let mut child = Command::new(bin("aiki"))
         .args(args)
         .env_remove("AIKI_SERVER")
         .env_remove("AIKI_NAMESPACE")
         .env_remove("AIKI_BENCH_DATABASE_URL")
+        .env_remove("AIKI_TLS_CA")
+        .env_remove("AIKI_TLS_CERT")
+        .env_remove("AIKI_TLS_KEY")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -123,6 +126,63 @@ async fn smoke_run_reports_every_figure_and_cleans_up() {
     assert_eq!(params["workers"], 1);
     assert_eq!(params["own_server"], true);
 
+    assert!(!database_exists(&db).await, "the bench dropped its database {db}");
+}
+
+/// `--tls`: the bench's own server serves TLS only, and its clients and workers reach it over
+/// https:// (the drain and the latency phase complete every run, so the workers did), with
+/// every figure; `--tls` is refused with a server of someone else's.
+#[tokio::test]
+async fn tls_bench_serves_and_connects_over_https() {
+    assert_refused(
+        &["bench", "--tls", "--server", "http://127.0.0.1:9"],
+        "--tls has the bench start its own server with TLS",
+    )
+    .await;
+
+    let db = format!("aiki_bench_t_{}", uuid::Uuid::new_v4().simple());
+    let url = url_for(&db);
+    let args = [
+        "bench",
+        "--tls",
+        "--runs",
+        "200",
+        "--rate",
+        "100",
+        "--latency-secs",
+        "2",
+        "--warmup",
+        "100",
+        "--output",
+        "json",
+        "--database-url",
+        &url,
+    ];
+    let (status, stdout, stderr) = aiki(&args, Duration::from_secs(120)).await;
+    assert!(
+        status.success(),
+        "aiki bench --tls failed ({status}); stderr:\n{stderr}"
+    );
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}):\n{stdout}\nstderr:\n{stderr}"));
+    let params = &report["parameters"];
+    assert_eq!(params["tls"], true, "{report:#}");
+    assert!(
+        params["server"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("https://127.0.0.1:")),
+        "{report:#}"
+    );
+    for figure in [
+        "enqueue_single_runs_per_sec",
+        "enqueue_batch_runs_per_sec",
+        "drain_runs_per_sec",
+    ] {
+        positive(&report, &[figure]);
+    }
+    positive(&report, &["latency_ms", "p50"]);
+    assert_eq!(report["drain_completed"], 200, "{report:#}");
+    assert_eq!(report["latency_runs"], 200, "{report:#}");
     assert!(!database_exists(&db).await, "the bench dropped its database {db}");
 }
 

@@ -1020,3 +1020,59 @@ async fn aiki_worker_waits_for_a_server_that_is_not_up_yet() {
     served.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An address where nothing listens: a command of the CLI says so and exits 1 at once, rather
+/// than retrying for seconds.
+#[tokio::test]
+async fn a_refused_connection_fails_the_cli_within_a_second() {
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("aiki"))
+        .args(["--server", &format!("http://{nobody}"), "workers"])
+        .env_remove("AIKI_TLS_CA")
+        .env_remove("AIKI_TLS_CERT")
+        .env_remove("AIKI_TLS_KEY")
+        .output()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot connect to http://{nobody}"))
+            && stderr.contains("is a server running there? (`aiki dev` starts one)"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+/// `Client::connect` to an address where nothing listens, or to a host name that does not
+/// resolve, is `Unavailable` at once, with the likely cause.
+#[tokio::test]
+async fn client_connect_where_nothing_listens_fails_within_a_second() {
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = aiki::Client::connect(format!("http://{nobody}")).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(&err, aiki::Error::Unavailable(m)
+            if m.contains(&format!("cannot connect to http://{nobody}")) && m.contains("is a server running there?")),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    // `.invalid` never resolves (RFC 6761); how long the resolver takes to say so is its own.
+    let err = aiki::Client::connect("http://aiki-test.invalid:7070")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, aiki::Error::Unavailable(m) if m.contains("dns error") && m.contains("is the host name right?")),
+        "{err}"
+    );
+}

@@ -1,7 +1,8 @@
 //! TLS on the gRPC port, with certificates made here: the SDK, a worker and the CLI over TLS;
 //! clients refused for a CA that does not sign the server's certificate, for an expired
 //! server certificate, and, under mutual TLS, for a missing or foreign client certificate;
-//! and the server taking a new certificate without a restart.
+//! the server taking a new certificate without a restart; and `aiki bench` against a server
+//! that requires client certificates.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -418,4 +419,54 @@ async fn the_readme_security_commands_run_over_tls_with_keys() {
     assert!(stdout.contains("revoked"), "the temporary key is revoked: {stdout}");
     // grpcurl's answer over TLS with the key: the namespace's (empty) list of runs.
     assert!(stdout.trim_end().ends_with('}'), "{stdout}");
+}
+
+/// `aiki bench --server https://…` reaches a server that requires client certificates with the
+/// global `--tls-ca`, `--tls-cert` and `--tls-key`, for its own clients and for its workers
+/// (the drain completes every run, so the workers got them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reaches_a_mutual_tls_server_with_the_tls_flags() {
+    let db = TestDb::new().await;
+    let files = Files::new("bench");
+    let ca = Ca::new("aiki test CA");
+    let clients = Ca::new("aiki clients CA");
+    let (cert, key) = clients.issue(false, false);
+    let good = TlsOptions {
+        ca: Some(ca.pem().into_bytes()),
+        cert: Some(cert.clone().into_bytes()),
+        key: Some(key.clone().into_bytes()),
+    };
+    let server = server(&db, &files, &ca.issue(true, false), Some(&clients), good).await;
+    let ca_file = files.write("ca.pem", &ca.pem());
+    let cert_file = files.write("client.pem", &cert);
+    let key_file = files.write("client.key", &key);
+    let url = server.url();
+    let args = [
+        "--server",
+        url.as_str(),
+        "--tls-ca",
+        ca_file.to_str().unwrap(),
+        "--tls-cert",
+        cert_file.to_str().unwrap(),
+        "--tls-key",
+        key_file.to_str().unwrap(),
+        "bench",
+        "--runs",
+        "100",
+        "--warmup",
+        "0",
+        "--phases",
+        "enqueue-batch,drain",
+        "--output",
+        "json",
+    ];
+    let (status, stdout, stderr) = crate::bench::aiki(&args, Duration::from_secs(120)).await;
+    assert!(
+        status.success(),
+        "aiki bench over mutual TLS failed ({status}); stderr:\n{stderr}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    assert_eq!(report["parameters"]["tls"], true, "{report:#}");
+    assert_eq!(report["drain_completed"], 100, "{report:#}");
 }
