@@ -579,11 +579,13 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-async fn connect_pg(pg: &tokio_postgres::Config) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .with_context(|| format!("cannot connect to database {:?}", pg.get_dbname().unwrap_or_default()))?;
+async fn connect_pg(db: &aiki_server::database::Database) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = db.connect().await.with_context(|| {
+        format!(
+            "cannot connect to database {:?}",
+            db.config().get_dbname().unwrap_or_default()
+        )
+    })?;
     tokio::spawn(conn);
     Ok(client)
 }
@@ -602,8 +604,9 @@ impl Database {
     /// When the maintenance database (`postgres`) cannot be reached with the URL's role,
     /// [`dev::ensure_postgres`] starts (or installs) a local PostgreSQL and creates the role.
     async fn recreate(url: &str) -> anyhow::Result<Self> {
-        let pg = tokio_postgres::Config::from_str(url).context("invalid --database-url")?;
+        let pg = aiki_server::database::Database::new(url).context("invalid --database-url")?;
         let name = pg
+            .config()
             .get_dbname()
             .ok_or_else(|| anyhow!("--database-url names no database"))?
             .to_owned();
@@ -614,7 +617,7 @@ impl Database {
             );
         }
         let mut admin = pg.clone();
-        admin.dbname("postgres");
+        admin.config_mut().dbname("postgres");
         let session = match connect_pg(&admin).await {
             Ok(session) => session,
             Err(_) => {

@@ -8,11 +8,11 @@
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
-    str::FromStr,
     time::Duration,
 };
 
 use aiki::{Client, StartOptions};
+use aiki_server::database::{ConnectError, Database};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use tokio::process::{Child, Command};
@@ -360,8 +360,8 @@ fn is_local(pg: &tokio_postgres::Config) -> bool {
     })
 }
 
-async fn try_connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+async fn try_connect(db: &Database) -> Result<tokio_postgres::Client, ConnectError> {
+    let (client, conn) = db.connect().await?;
     tokio::spawn(conn);
     Ok(client)
 }
@@ -369,21 +369,23 @@ async fn try_connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Clie
 /// Makes sure the database of `url` is reachable: starts or installs a local PostgreSQL and
 /// creates the role and database if needed.
 pub async fn ensure_postgres(url: &str) -> anyhow::Result<()> {
-    let pg = tokio_postgres::Config::from_str(url).context("invalid database URL")?;
-    if try_connect(&pg).await.is_ok() {
-        return Ok(());
-    }
-    if !is_local(&pg) {
-        bail!("cannot connect to {}; is that PostgreSQL up?", aiki_server::redact(url));
+    let db = Database::new(url).with_context(|| format!("invalid database URL {}", aiki_server::redact(url)))?;
+    let pg = db.config();
+    let first = match try_connect(&db).await {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    if !is_local(pg) {
+        bail!("cannot connect to {}: {first}", aiki_server::redact(url));
     }
     let user = pg.get_user().unwrap_or("postgres").to_owned();
     let dbname = pg.get_dbname().unwrap_or(&user).to_owned();
     let password = pg.get_password().map(|p| String::from_utf8_lossy(p).into_owned());
-    let mut admin = pg.clone();
-    admin.dbname("postgres");
+    let mut admin = db.clone();
+    admin.config_mut().dbname("postgres");
 
     if let Err(e) = try_connect(&admin).await {
-        let refused = e.as_db_error().is_none();
+        let refused = e.error.as_db_error().is_none();
         if refused {
             start_postgres(pg.get_ports().first().copied().unwrap_or(5432)).await?;
         }

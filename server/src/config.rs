@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
-    /// PostgreSQL connection string (URL or key=value form).
+    /// PostgreSQL connection string (URL or key=value form), with libpq's `sslmode` and
+    /// `sslrootcert` (see [`crate::database`]).
     pub database_url: String,
     /// Largest number of pooled database connections.
     pub pool_size: usize,

@@ -2,6 +2,8 @@
 //!
 //! - [`config`]: settings from defaults, a TOML file, the environment and flags.
 //! - [`store`]: all SQL; the only module that talks to PostgreSQL.
+//! - [`database`]: the database URL (with libpq's `sslmode` and `sslrootcert`) and the TLS
+//!   of every connection to PostgreSQL.
 //! - [`service`]: `WorkflowService`, `WorkerService`, `AdminService`.
 //! - [`commit`]: group commit of worker reports (one transaction for many).
 //! - [`wake`]: LISTEN/NOTIFY, in-process wake-ups and timers for waiting polls.
@@ -17,6 +19,7 @@ pub mod auth;
 pub mod background;
 pub mod commit;
 pub mod config;
+pub mod database;
 pub mod engine;
 pub mod error;
 pub mod service;
@@ -26,7 +29,7 @@ pub mod tls;
 pub mod validate;
 pub mod wake;
 
-use std::{str::FromStr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use aiki_proto::v1::{
     admin_service_server::AdminServiceServer, worker_service_server::WorkerServiceServer,
@@ -44,16 +47,31 @@ use store::Store;
 /// Largest gRPC message the server decodes (unless `max_payload_bytes` asks for more).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Parses a database URL into a connection config, naming the server in errors.
-pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
-    let mut pg = tokio_postgres::Config::from_str(url).context("invalid database_url")?;
-    pg.application_name("aiki-server");
-    Ok(pg)
+/// Parses a database URL (and its TLS settings) into the database to connect to, naming the
+/// server in PostgreSQL's list of sessions.
+pub fn pg_config(url: &str) -> anyhow::Result<database::Database> {
+    let mut db = database::Database::new(url).with_context(|| format!("invalid database URL {}", redact(url)))?;
+    db.config_mut().application_name("aiki-server");
+    Ok(db)
+}
+
+/// Opens one connection to `db`, to fail early with a message that names the cause.
+async fn check(db: &database::Database, url: &str) -> anyhow::Result<()> {
+    let (client, conn) = db
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach PostgreSQL at {}", redact(url)))?;
+    // Without its client, the connection says goodbye and ends.
+    drop(client);
+    let _ = conn.await;
+    Ok(())
 }
 
 /// Applies pending migrations to the database at `url`; returns the names applied.
 pub async fn migrate(url: &str) -> anyhow::Result<Vec<&'static str>> {
-    let store = Store::new(pg_config(url)?, 2, Duration::ZERO)?;
+    let db = pg_config(url)?;
+    check(&db, url).await?;
+    let store = Store::new(&db, 2, Duration::ZERO)?;
     Ok(store.migrate().await?)
 }
 
@@ -77,11 +95,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         );
     }
     let pg = pg_config(&config.database_url)?;
-    let store = Store::new(pg.clone(), config.pool_size, config.notify_window)?;
-    store
-        .ping()
-        .await
-        .with_context(|| format!("cannot reach PostgreSQL at {}", redact(&config.database_url)))?;
+    check(&pg, &config.database_url).await?;
+    let store = Store::new(&pg, config.pool_size, config.notify_window)?;
     if config.migrate {
         store.migrate().await.context("migrations failed")?;
     }

@@ -37,7 +37,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The process's provider if one was installed, else *ring*'s (the one tonic's own TLS uses):
 /// *ring* builds without a C toolchain, at the price of no post-quantum key exchange.
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     if let Some(p) = CryptoProvider::get_default() {
         return p.clone();
     }

@@ -13,7 +13,6 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    str::FromStr,
     sync::{Arc, OnceLock},
     time::Duration,
 };
@@ -22,21 +21,31 @@ use aiki_proto::v1::{
     LeasedRun, PollTasksRequest, RegisterWorkerRequest, StartRunRequest, WorkflowRef,
     worker_service_client::WorkerServiceClient, workflow_service_client::WorkflowServiceClient,
 };
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub use aiki_server::Config;
+use aiki_server::database::Database;
 
 /// The admin connection string.
 pub fn admin_url() -> String {
     std::env::var("AIKI_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://aiki:aiki@127.0.0.1:5432/postgres".into())
 }
 
+/// The tests' PostgreSQL, as the server would connect to it (`sslmode` included).
+fn admin_database() -> Database {
+    Database::new(&admin_url()).expect("valid AIKI_TEST_DATABASE_URL")
+}
+
 /// The connection string (key=value form) of database `db` on the tests' PostgreSQL.
 pub fn url_for(db: &str) -> String {
-    let mut pg = tokio_postgres::Config::from_str(&admin_url()).expect("valid AIKI_TEST_DATABASE_URL");
-    pg.dbname(db);
+    let database = admin_database();
+    let pg = database.config();
     // Rebuild as key=value: works for any URL form.
     let mut parts = vec![format!("dbname={db}")];
     if let Some(u) = pg.get_user() {
@@ -54,18 +63,23 @@ pub fn url_for(db: &str) -> String {
     if let Some(port) = pg.get_ports().first() {
         parts.push(format!("port={port}"));
     }
+    parts.push(format!("sslmode={}", database.mode()));
+    if let Some(root) = database.rootcert() {
+        parts.push(format!(
+            "sslrootcert='{}'",
+            root.replace('\\', "\\\\").replace('\'', "\\'")
+        ));
+    }
     parts.join(" ")
 }
 
 async fn admin() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot connect to {}: {e}; run `cargo run -p aiki-cli -- dev postgres` first",
-                admin_url()
-            )
-        });
+    let (client, conn) = admin_database().connect().await.unwrap_or_else(|e| {
+        panic!(
+            "cannot connect to {}: {e}; run `cargo run -p aiki-cli -- dev postgres` first",
+            aiki_server::redact(&admin_url())
+        )
+    });
     tokio::spawn(conn);
     client
 }
@@ -150,9 +164,11 @@ impl TestDb {
 
     /// A connection to this database, for assertions on stored rows.
     pub async fn connect(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+        let (client, conn) = Database::new(&self.url)
+            .expect("a valid URL")
+            .connect()
             .await
-            .expect("connect");
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.name));
         tokio::spawn(conn);
         client
     }
@@ -588,6 +604,82 @@ pub async fn history_types(server: &TestServer, run_id: &str) -> Vec<String> {
         if !page.more {
             return out;
         }
+    }
+}
+
+/// A certificate authority made for one test (TLS on the gRPC port, or PostgreSQL's).
+pub struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Self {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Self { issuer }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for `127.0.0.1` and `localhost` (server) or a client, and its key, as PEM.
+    pub fn issue(&self, server: bool, expired: bool) -> (String, String) {
+        self.issue_for(&["127.0.0.1", "localhost"], server, expired)
+    }
+
+    /// [`Ca::issue`], for the host names (or addresses) `names`.
+    pub fn issue_for(&self, names: &[&str], server: bool, expired: bool) -> (String, String) {
+        let mut params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, if server { "aiki server" } else { "aiki client" });
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Client options trusting this CA, with no client certificate.
+    pub fn trust(&self) -> aiki::TlsOptions {
+        aiki::TlsOptions {
+            ca: Some(self.pem().into_bytes()),
+            ..aiki::TlsOptions::default()
+        }
+    }
+}
+
+/// A folder of PEM files, removed when dropped.
+pub struct Files(pub PathBuf);
+
+impl Files {
+    pub fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("aiki-tls-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -7,13 +7,13 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{store::Store, wake::Wakers};
+use crate::{database::Database, store::Store, wake::Wakers};
 
 /// Listens on the channel `aiki_ready` (`store/sql/session/listen_ready.sql`) with a dedicated connection and wakes local pollers. After
 /// each (re)connection it wakes every poller and re-arms the timers of delayed runs (a
 /// notification may have been missed meanwhile), and it checks the connection every 30 s so a
 /// half-open one is noticed. Reconnects with backoff.
-pub async fn listen(pg: tokio_postgres::Config, store: Store, wakers: Arc<Wakers>, shutdown: CancellationToken) {
+pub async fn listen(pg: Database, store: Store, wakers: Arc<Wakers>, shutdown: CancellationToken) {
     let mut delay = Duration::from_millis(100);
     loop {
         match listen_once(&pg, &store, &wakers, &shutdown).await {
@@ -36,15 +36,12 @@ pub async fn listen(pg: tokio_postgres::Config, store: Store, wakers: Arc<Wakers
 
 /// Returns `Ok` at shutdown, else the error and whether it had connected.
 async fn listen_once(
-    pg: &tokio_postgres::Config,
+    pg: &Database,
     store: &Store,
     wakers: &Wakers,
     shutdown: &CancellationToken,
 ) -> Result<(), (bool, String)> {
-    let (client, mut conn) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| (false, e.to_string()))?;
+    let (client, mut conn) = pg.connect().await.map_err(|e| (false, e.to_string()))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));

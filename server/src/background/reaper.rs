@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{store::Store, wake::Wakers};
+use crate::{database::Database, store::Store, wake::Wakers};
 
 /// "aiki" + 2: the reaper's advisory lock key.
 const REAPER_LOCK: i64 = 0x6169_6b69_0000_0002;
@@ -37,13 +37,7 @@ struct Reaper {
 
 /// Runs until `shutdown`: becomes the reaper when it can and reaps while it is; a connection
 /// that fails is opened again after a second.
-pub async fn run(
-    store: Store,
-    wakers: Arc<Wakers>,
-    settings: Settings,
-    pg: tokio_postgres::Config,
-    shutdown: CancellationToken,
-) {
+pub async fn run(store: Store, wakers: Arc<Wakers>, settings: Settings, pg: Database, shutdown: CancellationToken) {
     let reaper = Reaper {
         store,
         wakers,
@@ -64,8 +58,8 @@ pub async fn run(
 /// On one session, tries to take the lock until it holds it (every [`FOLLOWER_PAUSE`]; the
 /// session stays open meanwhile, so trying again costs no new connection), then reaps until
 /// the server stops (`Ok`) or the connection fails (`Err`).
-async fn lead(reaper: &Reaper, pg: &tokio_postgres::Config, shutdown: &CancellationToken) -> Result<(), String> {
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+async fn lead(reaper: &Reaper, pg: &Database, shutdown: &CancellationToken) -> Result<(), String> {
+    let (client, conn) = pg.connect().await.map_err(|e| e.to_string())?;
     let conn = tokio::spawn(conn);
     loop {
         let got = crate::store::session::try_lock(&client, REAPER_LOCK)

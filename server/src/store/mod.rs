@@ -235,7 +235,8 @@ impl Store {
     /// Builds a pool of at most `size` connections (connections open lazily).
     /// Ready notifications of batches of single starts are limited to one per queue and
     /// `notify_window` (see `notices`).
-    pub fn new(mut pg: tokio_postgres::Config, size: usize, notify_window: Duration) -> Result<Self> {
+    pub fn new(db: &crate::database::Database, size: usize, notify_window: Duration) -> Result<Self> {
+        let mut pg = db.config().clone();
         // Every statement is planned once per connection for its shape, not again for the
         // batch in hand: PostgreSQL's first custom plans of a completion of 1,000 runs, against
         // a young table of 50,000 rows, chose a hash join over a sequential scan of the whole
@@ -248,7 +249,7 @@ impl Store {
         pg.options(&options);
         let mgr = deadpool_postgres::Manager::from_config(
             pg,
-            tokio_postgres::NoTls,
+            db.tls(),
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },

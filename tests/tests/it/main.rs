@@ -23,6 +23,7 @@ mod migrations;
 mod operations;
 mod pause;
 mod payload_depth;
+mod pg_tls;
 mod recovery;
 mod reflection;
 mod reports;

@@ -4,87 +4,12 @@
 //! the server taking a new certificate without a restart; and `aiki bench` against a server
 //! that requires client certificates.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use aiki::{Client, TlsOptions};
-use aiki_tests::{Config, TestDb, TestServer, TestWorker, aiki_cli, eventually};
+use aiki_tests::{Ca, Config, Files, TestDb, TestServer, TestWorker, aiki_cli, eventually};
 use aiki_worker::{Context, WorkerBuilder};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use serde_json::json;
-
-/// A certificate authority made for one test.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Self { issuer }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A certificate for `127.0.0.1` and `localhost` (server) or a client, and its key, as PEM.
-    fn issue(&self, server: bool, expired: bool) -> (String, String) {
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, if server { "aiki server" } else { "aiki client" });
-        params.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// Client options trusting this CA, with no client certificate.
-    fn trust(&self) -> TlsOptions {
-        TlsOptions {
-            ca: Some(self.pem().into_bytes()),
-            ..TlsOptions::default()
-        }
-    }
-}
-
-/// A folder of PEM files, removed when dropped.
-struct Files(PathBuf);
-
-impl Files {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("aiki-tls-{test}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A test server on `db` serving `cert`/`key`, requiring client certificates of `client_ca`
 /// when given; its own clients connect with `tls`.
