@@ -9,12 +9,14 @@
 //! - [`background`]: the notification listener, the timers of suspended runs, and the reaper
 //!   (expired leases, timeouts; one per database, by advisory lock).
 //! - [`tls`]: TLS and client certificates on the gRPC port; the certificate reloads itself.
+//! - [`conn`]: the port's connections: a cap, a handshake deadline, accept errors survived.
 //!
 //! [`serve`] runs everything on a bound listener until a shutdown token is cancelled.
 
 pub mod background;
 pub mod commit;
 pub mod config;
+pub mod conn;
 pub mod engine;
 pub mod error;
 pub mod service;
@@ -87,6 +89,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         wakers: wakers.clone(),
         shutdown: shutdown.clone(),
         scans: tokio::sync::Semaphore::new(Engine::scan_permits(config.pool_size)),
+        watches: Default::default(),
     });
     let listen_task = tokio::spawn(background::listener::listen(
         pg.clone(),
@@ -144,7 +147,16 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
             tracing::info!("shutting down: no new calls; finishing in-flight ones");
         }
     };
+    let limits = conn::Limits {
+        max_connections: client_connections(&config),
+        handshake_timeout: config.handshake_timeout,
+    };
+    // Per call, what a client does not read is bounded by HTTP/2 flow control: hyper buffers at
+    // most 400 KB past the client's window, plus the one message being written.
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .max_concurrent_streams(config.max_concurrent_streams)
         .layer(tower::util::MapResponseLayer::new(
             error::undecodable_is_invalid_argument,
         ))
@@ -156,17 +168,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         .add_service(AdminServiceServer::new(AdminSvc(engine.clone())));
     let accepting = CancellationToken::new();
     let _stop_accepting = accepting.clone().drop_guard();
-    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
-        Some(acceptor) => {
-            Box::pin(server.serve_with_incoming_shutdown(tls::incoming(listener, acceptor, accepting.clone()), signal))
-        }
-        None => {
-            // Without TCP_NODELAY, small answers wait for the peer's delayed ACK (tens of
-            // milliseconds on Linux) and every poll or report pays for it.
-            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            Box::pin(server.serve_with_incoming_shutdown(incoming, signal))
-        }
-    };
+    let incoming = conn::incoming(listener, tls, limits, accepting.clone());
+    let server = server.serve_with_incoming_shutdown(incoming, signal);
     let grace = config.shutdown_grace;
     let result = tokio::select! {
         r = server => r.map_err(anyhow::Error::from),
@@ -181,6 +184,24 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     let _ = sleepers_task.await;
     tracing::info!("aiki-server stopped");
     result
+}
+
+/// `max_client_connections`, or fewer if the open-file limit cannot be raised to allow them.
+fn client_connections(config: &Config) -> usize {
+    let wanted = config.max_client_connections;
+    match conn::file_limit_allows(wanted, config.pool_size) {
+        Some(allowed) if allowed < wanted => {
+            let allowed = allowed.max(1);
+            tracing::warn!(
+                max_client_connections = wanted,
+                allowed,
+                "the open-file limit allows fewer client connections than max_client_connections; \
+                 raise it (LimitNOFILE, ulimit -n) to allow them all"
+            );
+            allowed
+        }
+        _ => wanted,
+    }
 }
 
 /// The URL without its password, for messages.
