@@ -54,6 +54,26 @@ pub struct Config {
     /// stops listing it. One that comes back registers again.
     #[serde(with = "humantime_serde")]
     pub worker_retention: Duration,
+    /// Most client connections open at once; past it a new connection is closed at once (clients
+    /// retry). Lowered at start to what the process' open-file limit allows.
+    pub max_client_connections: usize,
+    /// A connection that has not completed its TLS handshake (with TLS) and sent the HTTP/2
+    /// preface within this is closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How often an HTTP/2 ping checks that a connection's peer is still there.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    /// A connection whose peer does not answer a ping within this is closed.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
+    /// Most calls in progress at once on one connection (HTTP/2 streams); a client's further
+    /// calls wait for one to end.
+    pub max_concurrent_streams: u32,
+    /// A stream (`WatchRun`) whose client does not take its next message within this is ended
+    /// with an error, and what it held is freed.
+    #[serde(with = "humantime_serde")]
+    pub slow_reader_timeout: Duration,
     /// PEM file with the server's certificate chain; with `tls_key`, the gRPC port speaks TLS
     /// only. Both files are re-read when they change, without a restart.
     pub tls_cert: Option<PathBuf>,
@@ -137,6 +157,12 @@ impl Default for Config {
             recheck_interval: Duration::from_millis(500),
             notify_window: Duration::from_millis(5),
             worker_retention: Duration::from_secs(7 * 86_400),
+            max_client_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 1000,
+            slow_reader_timeout: Duration::from_secs(30),
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -210,6 +236,23 @@ impl Config {
             self.notify_window
         );
         anyhow::ensure!(
+            self.max_client_connections >= 1,
+            "max_client_connections must be at least 1"
+        );
+        anyhow::ensure!(!self.handshake_timeout.is_zero(), "handshake_timeout must be positive");
+        anyhow::ensure!(
+            !self.http2_keepalive_interval.is_zero() && !self.http2_keepalive_timeout.is_zero(),
+            "http2_keepalive_interval and http2_keepalive_timeout must be positive"
+        );
+        anyhow::ensure!(
+            self.max_concurrent_streams >= 10,
+            "max_concurrent_streams must be at least 10: a worker polls, heartbeats and reports at once"
+        );
+        anyhow::ensure!(
+            !self.slow_reader_timeout.is_zero(),
+            "slow_reader_timeout must be positive"
+        );
+        anyhow::ensure!(
             self.max_payload_bytes >= 1024,
             "max_payload_bytes must be at least 1024"
         );
@@ -274,6 +317,24 @@ pub struct Args {
     /// Forget workers not heard from for this long [default: 7days].
     #[arg(long, env = "AIKI_WORKER_RETENTION", value_parser = humantime::parse_duration)]
     pub worker_retention: Option<Duration>,
+    /// Most client connections open at once [default: 10000].
+    #[arg(long, env = "AIKI_MAX_CLIENT_CONNECTIONS")]
+    pub max_client_connections: Option<usize>,
+    /// Close connections without a TLS handshake and HTTP/2 preface within this [default: 10s].
+    #[arg(long, env = "AIKI_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Option<Duration>,
+    /// How often to ping each connection's peer [default: 30s].
+    #[arg(long, env = "AIKI_HTTP2_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Option<Duration>,
+    /// Close a connection whose peer does not answer a ping within this [default: 10s].
+    #[arg(long, env = "AIKI_HTTP2_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Option<Duration>,
+    /// Most calls in progress at once on one connection [default: 1000].
+    #[arg(long, env = "AIKI_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// End a stream whose client does not take its next message within this [default: 30s].
+    #[arg(long, env = "AIKI_SLOW_READER_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub slow_reader_timeout: Option<Duration>,
     /// PEM certificate chain of the server; with --tls-key, serve TLS only.
     #[arg(long, env = "AIKI_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -339,6 +400,14 @@ impl Args {
         if self.insecure {
             c.insecure = true;
         }
+        set!(
+            max_client_connections,
+            handshake_timeout,
+            http2_keepalive_interval,
+            http2_keepalive_timeout,
+            max_concurrent_streams,
+            slow_reader_timeout
+        );
         if let Some(v) = self.tls_cert {
             c.tls_cert = Some(v);
         }

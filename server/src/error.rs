@@ -4,7 +4,7 @@ use tonic::{Code, Status};
 
 /// Everything a request can fail with. User mistakes carry a message a person can act on;
 /// faults of the server or the database are `Unavailable` or `Internal`.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),

@@ -12,6 +12,7 @@
 //!   (expired leases, timeouts; one per database, by advisory lock).
 //! - [`tls`]: TLS and client certificates on the gRPC port; the certificate reloads itself.
 //! - [`auth`]: API keys: authentication of every request, the roles, request rates.
+//! - [`conn`]: the port's connections: a cap, a handshake deadline, accept errors survived.
 //!
 //! [`serve`] runs everything on a bound listener until a shutdown token is cancelled.
 
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod background;
 pub mod commit;
 pub mod config;
+pub mod conn;
 pub mod database;
 pub mod engine;
 pub mod error;
@@ -127,6 +129,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         shutdown: shutdown.clone(),
         scans: tokio::sync::Semaphore::new(Engine::scan_permits(config.pool_size)),
         keys: keys.clone(),
+        watches: Default::default(),
     });
     let keys_task = tokio::spawn(keys.clone().refresh(inner.clone()));
     let listen_task = tokio::spawn(background::listener::listen(
@@ -184,7 +187,16 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
             tracing::info!("shutting down: no new calls; finishing in-flight ones");
         }
     };
+    let limits = conn::Limits {
+        max_connections: client_connections(&config),
+        handshake_timeout: config.handshake_timeout,
+    };
+    // Per call, what a client does not read is bounded by HTTP/2 flow control: hyper buffers at
+    // most 400 KB past the client's window, plus the one message being written.
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .max_concurrent_streams(config.max_concurrent_streams)
         .layer(tower::util::MapResponseLayer::new(
             error::undecodable_is_invalid_argument,
         ))
@@ -197,17 +209,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         .add_service(AdminServiceServer::new(AdminSvc(engine.clone())));
     let accepting = CancellationToken::new();
     let _stop_accepting = accepting.clone().drop_guard();
-    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
-        Some(acceptor) => {
-            Box::pin(server.serve_with_incoming_shutdown(tls::incoming(listener, acceptor, accepting.clone()), signal))
-        }
-        None => {
-            // Without TCP_NODELAY, small answers wait for the peer's delayed ACK (tens of
-            // milliseconds on Linux) and every poll or report pays for it.
-            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            Box::pin(server.serve_with_incoming_shutdown(incoming, signal))
-        }
-    };
+    let incoming = conn::incoming(listener, tls, limits, accepting.clone());
+    let server = server.serve_with_incoming_shutdown(incoming, signal);
     let grace = config.shutdown_grace;
     let result = tokio::select! {
         r = server => r.map_err(anyhow::Error::from),
@@ -223,6 +226,24 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     let _ = keys_task.await;
     tracing::info!("aiki-server stopped");
     result
+}
+
+/// `max_client_connections`, or fewer if the open-file limit cannot be raised to allow them.
+fn client_connections(config: &Config) -> usize {
+    let wanted = config.max_client_connections;
+    match conn::file_limit_allows(wanted, config.pool_size) {
+        Some(allowed) if allowed < wanted => {
+            let allowed = allowed.max(1);
+            tracing::warn!(
+                max_client_connections = wanted,
+                allowed,
+                "the open-file limit allows fewer client connections than max_client_connections; \
+                 raise it (LimitNOFILE, ulimit -n) to allow them all"
+            );
+            allowed
+        }
+        _ => wanted,
+    }
 }
 
 /// The URL without its password, for messages.

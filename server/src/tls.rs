@@ -1,8 +1,6 @@
 //! TLS on the gRPC port: the acceptor built from `tls_cert`, `tls_key` and `tls_client_ca`,
 //! and the certificate resolver that re-reads the certificate and key when their files change.
-//!
-//! Handshakes run in their own tasks, so a slow or silent client holds up no other connection;
-//! the connections that complete one are handed to tonic as its incoming stream.
+//! The handshakes themselves run in `conn`, each in its own task and within a deadline.
 
 use std::{
     fmt,
@@ -12,7 +10,6 @@ use std::{
 };
 
 use anyhow::Context;
-use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{
     TlsAcceptor,
     rustls::{
@@ -22,18 +19,12 @@ use tokio_rustls::{
         server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
         sign::CertifiedKey,
     },
-    server::TlsStream,
 };
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 
 use crate::Config;
 
 /// How often, at most, a new connection makes the resolver look at the files.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
-
-/// The longest a client may take over its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The process's provider if one was installed, else *ring*'s (the one tonic's own TLS uses):
 /// *ring* builds without a C toolchain, at the price of no post-quantum key exchange.
@@ -74,47 +65,6 @@ pub fn acceptor(config: &Config) -> anyhow::Result<Option<TlsAcceptor>> {
     let mut server = builder.with_cert_resolver(resolver);
     server.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Some(TlsAcceptor::from(Arc::new(server))))
-}
-
-/// The TLS connections accepted on `listener` until `stop` is cancelled, as a stream for
-/// tonic. Failed handshakes are logged at debug level and dropped.
-pub fn incoming(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    stop: CancellationToken,
-) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tx.closed() => return,
-                a = listener.accept() => a,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: give the process a moment.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            // Without TCP_NODELAY, small answers wait for the peer's delayed ACK.
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
 }
 
 /// The server's certificate and key, re-read when either file changes (looked at by the

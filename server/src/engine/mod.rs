@@ -6,7 +6,8 @@
 //! stores. Every operation starts by authorizing its caller for its [`Op`] in its namespace.
 //!
 //! - [`runs`]: start, get, wait for the result, list, cancel, pause, resume, wake, send an
-//!   event, read and watch the history;
+//!   event, read the history;
+//! - [`watch`]: watch a run's history, one reader per watched run for all its watchers;
 //! - [`workers`]: register, poll (the long poll and the sizing of claims), heartbeat, and the
 //!   reports (task checkpoints, completions, failures, releases, suspensions);
 //! - [`admin`]: workers, queues and workflows, for operators;
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod keys;
 pub mod requests;
 pub mod runs;
+pub mod watch;
 pub mod workers;
 
 use std::sync::Arc;
@@ -132,6 +134,8 @@ pub struct Engine {
     pub scans: tokio::sync::Semaphore,
     /// The API keys: authentication, and each key's request rate.
     pub keys: Arc<Keys>,
+    /// The runs being watched, each with the one reader its watchers share.
+    pub watches: watch::Tails,
 }
 
 /// How long a list waits for its turn before it is refused (`RESOURCE_EXHAUSTED`).

@@ -3,7 +3,6 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use aiki_proto::v1::{HistoryEvent, Run};
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::{
@@ -202,7 +201,7 @@ impl Engine {
 
     /// Waits until `notified` fires, `recheck_interval` passes, `deadline` comes or the server
     /// shuts down: run waiters of other replicas are not notified, they look again.
-    async fn wait_change(
+    pub(super) async fn wait_change(
         &self,
         notified: Pin<&mut tokio::sync::futures::Notified<'_>>,
         deadline: tokio::time::Instant,
@@ -302,56 +301,12 @@ impl Engine {
     }
 
     /// A run's history after `after_seq` as it is written, until the run ends (or the server
-    /// shuts down, or the receiver is dropped).
-    pub async fn watch(
-        self: &Arc<Self>,
-        caller: &Caller,
-        req: RunId,
-        after_seq: i64,
-    ) -> Result<mpsc::Receiver<Result<HistoryEvent>>> {
+    /// shuts down, or the client goes away or reads too slowly); see [`super::watch`].
+    pub async fn watch(self: &Arc<Self>, caller: &Caller, req: RunId, after_seq: i64) -> Result<super::watch::Watch> {
         self.authorize(caller, Op::GetHistory, &req.namespace)?;
-        let RunId { namespace: ns, id } = req;
-        self.run(&ns, id).await?;
-        let (tx, rx) = mpsc::channel(64);
-        let engine = self.clone();
-        let mut after = after_seq;
-        tokio::spawn(async move {
-            let notify = engine.wakers.runs.subscribe(&id);
-            let result: Result<()> = async {
-                loop {
-                    let notified = notify.notify().notified();
-                    tokio::pin!(notified);
-                    notified.as_mut().enable();
-                    // Read the status first: events written before a terminal status are then
-                    // all visible to the history read that follows.
-                    let run = engine.store.get_run(&ns, id).await?;
-                    let (events, more) = engine.store.history(&ns, id, after, HISTORY_PAGE, PAGE_BYTES).await?;
-                    for e in events {
-                        after = e.seq;
-                        if tx.send(Ok(e)).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    let ended = run.is_none_or(|r| RunStatus::from_proto(r.status).is_some_and(RunStatus::is_terminal));
-                    if (ended && !more) || engine.shutdown.is_cancelled() {
-                        return Ok(());
-                    }
-                    if !more {
-                        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-                        tokio::select! {
-                            _ = engine.wait_change(notified, far) => {}
-                            // The client went away: stop reading for it.
-                            _ = tx.closed() => return Ok(()),
-                        }
-                    }
-                }
-            }
-            .await;
-            if let Err(e) = result {
-                let _ = tx.send(Err(e)).await;
-            }
-        });
-        Ok(rx)
+        let RunId { namespace, id } = req;
+        self.run(&namespace, id).await?;
+        Ok(self.watch_events(namespace, id, after_seq))
     }
 }
 

@@ -142,7 +142,7 @@ impl WorkflowService for WorkflowSvc {
     async fn watch_run(&self, req: Request<WatchRunRequest>) -> Result<Response<Self::WatchRunStream>, Status> {
         let run = RunId::try_from(req.get_ref())?;
         let events = self.0.watch(&caller(&req)?, run, req.get_ref().after_seq).await?;
-        let stream = tokio_stream::wrappers::ReceiverStream::new(events).map(|e| e.map_err(Status::from));
+        let stream = events.map(|e| e.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -14,6 +14,7 @@ mod bench;
 mod binaries;
 mod cancel;
 mod children;
+mod connections;
 mod events;
 mod idempotency;
 mod lease_loss;
