@@ -314,6 +314,7 @@ async fn the_claim_walks_its_partial_index_without_sorting_the_queue() {
                 &30_000i64,
                 &vec!["bulk"],
                 &Vec::<String>::new(),
+                &Some(uuid::Uuid::new_v4()),
             ],
         )
         .await
@@ -342,7 +343,7 @@ async fn a_completion_of_a_thousand_runs_finds_them_by_key_not_by_scanning() {
     let n = ids.len();
     let complete = include_str!("../../../server/src/store/sql/reports/complete.sql");
     pg.batch_execute(&format!(
-        "PREPARE complete(text[], uuid[], uuid[], jsonb[], jsonb[], int[]) AS {complete}"
+        "PREPARE complete(text[], uuid[], uuid[], jsonb[], jsonb[], int[], uuid[]) AS {complete}"
     ))
     .await
     .unwrap();
@@ -355,6 +356,7 @@ async fn a_completion_of_a_thousand_runs_finds_them_by_key_not_by_scanning() {
         list(vec!["null".to_owned(); n]),
         list(vec!["NULL".to_owned(); n]),
         list(vec!["0".to_owned(); n]),
+        list(vec![uuid::Uuid::new_v4().to_string(); n]),
     ];
     let rows = pg
         .query(
