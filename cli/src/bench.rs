@@ -196,6 +196,11 @@ pub struct BenchArgs {
     /// https:// address and --tls-ca (--tls-cert, --tls-key) instead.
     #[arg(long)]
     tls: bool,
+    /// Require API keys on the bench's own server: its clients send a key of the admin role
+    /// (they also list queues and workers), its workers one of the worker role, each made
+    /// through a bootstrap admin key. With --server, the global --api-key is sent instead.
+    #[arg(long)]
+    api_keys: bool,
 }
 
 const AFTER_HELP: &str = "\
@@ -242,6 +247,11 @@ pub struct Access {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// The API key of the bench's clients.
+    pub api_key: Option<String>,
+    /// The API key of its workers (`api_key` if none), given to them by the environment
+    /// (`AIKI_API_KEY`), never on their command line.
+    pub worker_api_key: Option<String>,
 }
 
 impl Access {
@@ -259,7 +269,9 @@ impl Access {
         let client = Client::connect_with(self.server.clone(), &self.tls()?)
             .await
             .with_context(|| format!("cannot connect to {}", self.server))?;
-        Ok(client.with_namespace(namespace.to_owned()))
+        Ok(client
+            .with_api_key(self.api_key.as_deref().unwrap_or_default())?
+            .with_namespace(namespace.to_owned()))
     }
 
     /// The global flags of `aiki` that give a child process this access.
@@ -301,6 +313,7 @@ pub async fn worker(access: &Access, namespace: &str, args: &WorkerArgs) -> anyh
     let server = &access.server;
     let mut builder = aiki_worker::WorkerBuilder::new(server)
         .tls(access.tls()?)
+        .api_key(access.api_key.as_deref().unwrap_or_default())?
         .namespace(namespace)
         .slots(args.slots)
         .poll_batch(args.poll_batch);
@@ -684,7 +697,7 @@ async fn checkpoint(stack: &Stack) -> anyhow::Result<()> {
 
 /// Starts `aiki-server` on a free loopback port with the bench database, with `tls` over TLS
 /// (certificates made in the logs' folder); returns how to reach it.
-async fn start_server(stack: &mut Stack, database_url: &str, tls: bool) -> anyhow::Result<Access> {
+async fn start_server(stack: &mut Stack, database_url: &str, tls: bool, api_keys: bool) -> anyhow::Result<Access> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .context("cannot find a free port")?
@@ -698,7 +711,7 @@ async fn start_server(stack: &mut Stack, database_url: &str, tls: bool) -> anyho
     for var in dev::TLS_VARS {
         command.env_remove(var);
     }
-    let access = if tls {
+    let mut access = if tls {
         let certs = dev::DevTls::create(&stack.logs.join("tls"), "127.0.0.1")?;
         command
             .arg("--tls-cert")
@@ -716,12 +729,22 @@ async fn start_server(stack: &mut Stack, database_url: &str, tls: bool) -> anyho
             ..Access::default()
         }
     };
-    let child = command
+    command
         .arg("--listen")
         .arg(&listen)
         .arg("--database-url")
         .arg(database_url)
-        .arg("--no-auth")
+        .env_remove("AIKI_ADMIN_KEY")
+        .env_remove("AIKI_NO_AUTH")
+        .env_remove("AIKI_KEY_RATE_LIMIT");
+    let admin_key = aiki_server::auth::new_secret().token;
+    if api_keys {
+        // Given by the environment: argv is visible to every user of the machine.
+        command.env("AIKI_ADMIN_KEY", &admin_key);
+    } else {
+        command.arg("--no-auth");
+    }
+    let child = command
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)
@@ -736,9 +759,25 @@ async fn start_server(stack: &mut Stack, database_url: &str, tls: bool) -> anyho
         stdin: None,
         drained: Arc::default(),
     });
-    dev::wait_for_server(&access.server, &access.tls()?, &mut server.child)
+    let admin = dev::wait_for_server(&access.server, &access.tls()?, &mut server.child)
         .await
         .map_err(|e| anyhow!("{e:#}\nthe end of its log ({}):\n{}", log.display(), tail(&log, 20)))?;
+    if api_keys {
+        // Keys as an application and a worker fleet would hold them, with a rate far above
+        // what the bench asks (the limiter is still on every request's path).
+        let admin = admin.with_api_key(&admin_key)?;
+        let every = ["*".to_owned()];
+        let (_, client_key) = admin
+            .create_api_key("bench clients", "admin", &every, 10_000_000)
+            .await
+            .context("cannot make the bench's client key")?;
+        let (_, worker_key) = admin
+            .create_api_key("bench workers", "worker", &every, 10_000_000)
+            .await
+            .context("cannot make the bench's worker key")?;
+        access.api_key = Some(client_key);
+        access.worker_api_key = Some(worker_key);
+    }
     Ok(access)
 }
 
@@ -761,6 +800,10 @@ async fn start_workers(
         // The worker connects as `access` says, whatever the shell says.
         for var in dev::TLS_VARS {
             command.env_remove(var);
+        }
+        command.env_remove("AIKI_API_KEY");
+        if let Some(key) = access.worker_api_key.as_ref().or(access.api_key.as_ref()) {
+            command.env("AIKI_API_KEY", key);
         }
         let mut child = command
             .args(access.args())
@@ -1444,7 +1487,7 @@ async fn bench(
             let db = Database::recreate(&url).await?;
             report.database = Some(describe_database(&url, &db.name));
             stack.database = Some(db);
-            let access = start_server(stack, &url, args.tls).await?;
+            let access = start_server(stack, &url, args.tls, args.api_keys).await?;
             let pid = stack.server.as_ref().and_then(|s| s.child.id());
             eprintln!(
                 "aiki-server listening on {} (pid {})",
@@ -1629,6 +1672,7 @@ impl Report {
                 "server": self.server,
                 "own_server": self.own_server,
                 "tls": self.server.starts_with("https://"),
+                "api_keys": args.api_keys,
                 "database": self.database,
                 "namespace": self.namespace,
                 "build": build_profile(),

@@ -327,8 +327,9 @@ pub(crate) async fn wait_for_server(server: &str, tls: &aiki::TlsOptions, child:
             bail!("aiki-server exited during start ({status}); see its log above");
         }
         let connect = tokio::time::timeout(Duration::from_secs(2), Client::connect_with(server.to_owned(), tls));
+        // Up once it answers: with a list, or by asking for a key.
         if let Ok(Ok(client)) = connect.await
-            && client.queues().await.is_ok()
+            && matches!(client.queues().await, Ok(_) | Err(aiki::Error::Unauthenticated(_)))
         {
             return Ok(client);
         }

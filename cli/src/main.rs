@@ -386,6 +386,8 @@ impl Cli {
             tls_ca: self.tls_ca.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            api_key: self.api_key.clone(),
+            worker_api_key: None,
         }
     }
 }

@@ -129,11 +129,12 @@ async fn smoke_run_reports_every_figure_and_cleans_up() {
     assert!(!database_exists(&db).await, "the bench dropped its database {db}");
 }
 
-/// `--tls`: the bench's own server serves TLS only, and its clients and workers reach it over
-/// https:// (the drain and the latency phase complete every run, so the workers did), with
-/// every figure; `--tls` is refused with a server of someone else's.
+/// `--tls --api-keys`: the bench's own server serves TLS only and requires keys, and its
+/// clients and workers reach it over https:// with theirs (the drain and the latency phase
+/// complete every run, so the workers did), with every figure; `--tls` is refused with a
+/// server of someone else's.
 #[tokio::test]
-async fn tls_bench_serves_and_connects_over_https() {
+async fn tls_bench_with_keys_serves_and_connects_over_https() {
     assert_refused(
         &["bench", "--tls", "--server", "http://127.0.0.1:9"],
         "--tls has the bench start its own server with TLS",
@@ -145,6 +146,7 @@ async fn tls_bench_serves_and_connects_over_https() {
     let args = [
         "bench",
         "--tls",
+        "--api-keys",
         "--runs",
         "200",
         "--rate",
@@ -167,6 +169,7 @@ async fn tls_bench_serves_and_connects_over_https() {
         .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}):\n{stdout}\nstderr:\n{stderr}"));
     let params = &report["parameters"];
     assert_eq!(params["tls"], true, "{report:#}");
+    assert_eq!(params["api_keys"], true, "{report:#}");
     assert!(
         params["server"]
             .as_str()
