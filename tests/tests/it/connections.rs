@@ -137,7 +137,7 @@ struct ServerProc {
 impl ServerProc {
     async fn start(db: &TestDb, args: &[&str]) -> Self {
         let mut child = tokio::process::Command::new(bin("aiki-server"))
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--no-auth"])
             .args(args)
             .env("AIKI_DATABASE_URL", &db.url)
             .env("AIKI_LOG", "info,aiki_server::engine::watch=debug")

@@ -42,11 +42,12 @@ async fn a_paused_queued_run_is_not_leased_until_resumed() {
     assert_eq!((queues[0].paused, queues[0].ready), (1, 0), "{queues:?}");
 
     // Resuming wakes a waiting poll at once: once the poll has claimed (and found nothing),
-    // it waits up to 10 s, longer than the answer is waited for below.
+    // it waits up to 30 s, far longer than the answer is waited for below (on a loaded
+    // machine, seeing its claim can take seconds).
     let since = db.clock().await;
     let poll = tokio::spawn({
         let w = w.clone();
-        async move { w.poll(10, Duration::from_secs(10)).await }
+        async move { w.poll(10, Duration::from_secs(30)).await }
     });
     db.until_claimed_since(Some(since)).await;
     assert!(!poll.is_finished(), "the poll answered with nothing to lease");
