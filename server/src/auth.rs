@@ -39,6 +39,8 @@ use crate::{
 pub const REFRESH: Duration = Duration::from_millis(500);
 /// Most keys cached; past it the cache starts again empty.
 const MAX_CACHED: usize = 10_000;
+/// How long a request waits for its turn to read its key from the database.
+const LOOKUP_WAIT: Duration = Duration::from_secs(2);
 /// What every key starts with.
 pub const PREFIX: &str = "aiki_";
 /// The id of the bootstrap admin key.
@@ -205,6 +207,9 @@ pub struct Keys {
     default_rate: u32,
     /// Keys with a limit of their own, by their limit.
     own_limits: Mutex<HashMap<u32, Arc<DefaultKeyedRateLimiter<Uuid>>>>,
+    /// Reads of keys not in the cache take one of these: requests with made-up keys (which
+    /// no rate limit counts, since they name no key) cannot take the pool from the others.
+    lookups: tokio::sync::Semaphore,
 }
 
 impl fmt::Debug for Keys {
@@ -224,8 +229,9 @@ fn limiter(per_second: u32) -> DefaultKeyedRateLimiter<Uuid> {
 
 impl Keys {
     /// Keys of `store`; `admin_key` is the bootstrap admin key, if any; `default_rate` the
-    /// requests per second of a key without a limit of its own (0: none).
-    pub fn new(store: Store, required: bool, admin_key: Option<&str>, default_rate: u32) -> Self {
+    /// requests per second of a key without a limit of its own (0: none); at most `lookups`
+    /// keys are read from the database at once.
+    pub fn new(store: Store, required: bool, admin_key: Option<&str>, default_rate: u32, lookups: usize) -> Self {
         Self {
             store,
             required,
@@ -245,6 +251,7 @@ impl Keys {
             limiter: limiter(default_rate),
             default_rate,
             own_limits: Mutex::new(HashMap::new()),
+            lookups: tokio::sync::Semaphore::new(lookups.max(1)),
         }
     }
 
@@ -293,6 +300,11 @@ impl Keys {
         {
             return Ok(c.key.clone());
         }
+        let Ok(Ok(_turn)) = tokio::time::timeout(LOOKUP_WAIT, self.lookups.acquire()).await else {
+            return Err(Error::Unavailable(
+                "too many requests with API keys this server has not seen lately; retry shortly".into(),
+            ));
+        };
         let key = self.store.api_key(id).await?;
         let mut cache = self.lock();
         if cache.len() >= MAX_CACHED {

@@ -115,6 +115,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
         config.auth,
         config.admin_key.as_ref().map(|k| k.0.as_str()),
         config.key_rate_limit,
+        // An eighth of the pool, as single starts have: polls and reports keep the rest.
+        (config.pool_size / 8).clamp(1, 4),
     ));
     if config.auth && config.admin_key.is_none() {
         tracing::info!("API keys are required; no bootstrap admin key is set (admin_key, AIKI_ADMIN_KEY)");

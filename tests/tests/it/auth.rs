@@ -1218,3 +1218,80 @@ async fn the_history_says_which_key_did_what() {
     assert_eq!(events[0].actor_key_name, "bootstrap admin");
     assert_eq!(events[0].actor_key_id, uuid::Uuid::nil().to_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_keys_cannot_take_the_pool_from_the_others() {
+    let db = TestDb::new().await;
+    let server = TestServer::start_with(keyed_config(&db)).await;
+    // The bootstrap admin key is checked without the database: its calls need a connection
+    // only for their own work.
+    let admin = clients(&server, ADMIN).await;
+    // The database is slow to answer reads of keys: they wait for a lock held meanwhile.
+    let mut pg = db.connect().await;
+    let slow = pg.transaction().await.unwrap();
+    slow.batch_execute("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // 300 callers at a time, each with a key of the right shape that no one made: each one is
+    // a read of the database, which no rate limit counts (they name no key).
+    let stop = tokio_util::sync::CancellationToken::new();
+    let channel = server.channel().await;
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        let (channel, stop) = (channel.clone(), stop.clone());
+        flood.spawn(async move {
+            let mut codes = Vec::new();
+            while !stop.is_cancelled() {
+                let made_up = format!("aiki_{}{}", uuid::Uuid::new_v4().simple(), "cd".repeat(32));
+                let mut wf = WorkflowServiceClient::with_interceptor(channel.clone(), ApiKey::new(&made_up).unwrap());
+                codes.push(code(wf.list_runs(ListRunsRequest::default()).await));
+            }
+            codes
+        });
+    }
+    let watcher = db.connect().await;
+    let stuck = || async {
+        watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    aiki_tests::eventually(Duration::from_secs(10), "reads of made-up keys wait", || async {
+        stuck().await >= 1
+    })
+    .await;
+    // Meanwhile the others are served promptly, again and again, and the reads of keys hold
+    // at most their share of the pool: the tests' pool of 8 lends them one connection, and
+    // one more to the loop that re-reads the cached keys.
+    let mut most = 0;
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(
+            code(admin.workflows.clone().list_runs(ListRunsRequest::default()).await),
+            Code::Ok
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a call waited {:?} behind made-up keys",
+            started.elapsed()
+        );
+        most = most.max(stuck().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(most <= 2, "{most} connections waited on reads of keys");
+    slow.commit().await.unwrap();
+    stop.cancel();
+    let mut answered = 0;
+    while let Some(codes) = flood.join_next().await {
+        for c in codes.unwrap() {
+            assert!(matches!(c, Code::Unauthenticated | Code::Unavailable), "{c:?}");
+            answered += 1;
+        }
+    }
+    assert!(answered >= 300, "every made-up key was answered: {answered}");
+}
