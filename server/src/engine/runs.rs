@@ -130,6 +130,7 @@ impl Engine {
     /// transaction. `bytes`: the request's size, which the coalescing weighs.
     pub async fn start(&self, caller: &Caller, start: StartRun, bytes: usize) -> Result<Started> {
         self.authorize(caller, start_op(&start), &start.namespace)?;
+        self.authorize_child(caller, &start).await?;
         let mut new = self.new_run(start)?;
         new.created_by = caller.key_id();
         let (namespace, queue, delay) = (new.namespace.clone(), new.queue.clone(), new.delay);
@@ -141,6 +142,7 @@ impl Engine {
     pub async fn start_many(&self, caller: &Caller, starts: Vec<StartRun>) -> Result<Vec<Started>> {
         for s in &starts {
             self.authorize(caller, start_op(s), &s.namespace)?;
+            self.authorize_child(caller, s).await?;
         }
         let runs = starts
             .into_iter()
@@ -158,6 +160,25 @@ impl Engine {
                 answer.map(|(run, created)| self.started(&new.namespace, &new.queue, new.delay, run, created))
             })
             .collect()
+    }
+
+    /// A key that may start only child runs (the worker role) starts children of the runs its
+    /// workers hold, and of no other run.
+    async fn authorize_child(&self, caller: &Caller, start: &StartRun) -> Result<()> {
+        let (Caller::Key(key), Some(parent)) = (caller, start.parent) else {
+            return Ok(());
+        };
+        if key.role.allows(Op::StartRun) {
+            return Ok(());
+        }
+        match self.store.run_lease_key(&start.namespace, parent).await? {
+            None => Err(Error::NotFound(format!("parent run {parent} not found"))),
+            Some(holder) if holder == Some(key.id) => Ok(()),
+            Some(_) => Err(Error::PermissionDenied(format!(
+                "API key {} starts child runs only of runs its workers hold, and run {parent} is not one",
+                key.label()
+            ))),
+        }
     }
 
     async fn run(&self, namespace: &str, id: Uuid) -> Result<Run> {

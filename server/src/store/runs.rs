@@ -53,6 +53,18 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether run `id` exists (`None`: it does not) and the key of the worker holding its
+    /// open lease, if any.
+    #[instrument(name = "store.run.lease_key", skip_all)]
+    pub async fn run_lease_key(&self, namespace: &str, id: Uuid) -> Result<Option<Option<Uuid>>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql!("runs/lease_key")).await?;
+        Ok(client
+            .query_opt(&stmt, &[&namespace, &id])
+            .await?
+            .map(|r| r.get("lease_key")))
+    }
+
     /// A run by id.
     #[instrument(name = "store.run.get", skip_all)]
     pub async fn get_run(&self, namespace: &str, id: Uuid) -> Result<Option<Run>> {

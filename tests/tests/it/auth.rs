@@ -757,6 +757,19 @@ async fn a_stolen_worker_id_and_lease_token_are_useless_to_another_worker_key() 
         matches!(&batch[0].result, Some(report_result::Result::Error(e)) if e.code == Code::PermissionDenied as i32),
         "{batch:?}"
     );
+    // A worker key starts children only of the runs its own workers hold.
+    let child = |c: &Clients, key: &str| {
+        let mut wf = c.workflows.clone();
+        let mut req = start_req("wf", json!({}));
+        req.parent_run_id = run_id.clone();
+        req.idempotency_key = key.to_owned();
+        async move { wf.start_run(req).await }
+    };
+    let foreign = child(&thief, "thief's child").await.unwrap_err();
+    assert_eq!(foreign.code(), Code::PermissionDenied, "{}", foreign.message());
+    child(&owner, "owner's child")
+        .await
+        .expect("a child of a run its worker holds");
     // The real worker's heartbeat and report still count, and its output is the result.
     let held = owner
         .workers
