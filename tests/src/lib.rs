@@ -697,3 +697,23 @@ pub async fn aiki_cli(server: &TestServer, args: &[&str]) -> (bool, String, Stri
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The `sh` blocks of the README's section `heading` (up to the next heading), each as its
+/// lines, comments left out.
+pub fn readme_blocks(heading: &str) -> Vec<Vec<String>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme.find(heading).expect("the README has the section");
+    let rest = &readme[start + heading.len()..];
+    let end = rest.find("\n#").unwrap_or(rest.len());
+    let (mut blocks, mut block) = (Vec::new(), None::<Vec<String>>);
+    for line in rest[..end].lines() {
+        match (line.trim(), &mut block) {
+            ("```sh", None) => block = Some(Vec::new()),
+            ("```", Some(_)) => blocks.push(block.take().unwrap()),
+            (l, Some(b)) if !l.is_empty() && !l.starts_with('#') => b.push(l.to_owned()),
+            _ => {}
+        }
+    }
+    blocks
+}

@@ -296,3 +296,70 @@ async fn the_certificate_is_checked_as_sslmode_asks() {
         "{e}"
     );
 }
+
+/// The README's commands for a PostgreSQL that requires TLS, run as written against this
+/// test's cluster (its address, role and password in place of the example's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_commands_reach_a_database_that_requires_tls() {
+    let ca = Ca::new("aiki test database CA");
+    let cluster = Cluster::start("readme", &ca.issue_for(&["localhost"], true, false));
+    cluster.files.write("db-ca.pem", &ca.pem());
+    let blocks = aiki_tests::readme_blocks("## TLS to PostgreSQL");
+    let [block] = &blocks[..] else {
+        panic!("one block of commands: {blocks:?}");
+    };
+    let [migrate, server] = &block[..] else {
+        panic!("aiki migrate, then aiki-server: {block:?}");
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ours = |line: &str| {
+        line.replace(
+            "postgres://aiki:secret@db.example.com:5432/aiki",
+            &format!("postgres://postgres:{PASSWORD}@localhost:{}/postgres", cluster.port),
+        )
+        .replace("7070", &port.to_string())
+    };
+    let bin_dir = bin("aiki").parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(ours(migrate))
+        .current_dir(&cluster.files.0)
+        .env("PATH", &path)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "`{migrate}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The server line: its environment, then the command.
+    let line = ours(server);
+    let (assignment, command) = line.split_once("' ").expect("VAR='…' aiki-server …");
+    let (name, value) = assignment.split_once("='").unwrap();
+    let mut words = command.split_whitespace();
+    assert_eq!(words.next(), Some("aiki-server"));
+    let _server = tokio::process::Command::new(bin_dir.join("aiki-server"))
+        .args(words)
+        .env(name, value)
+        .current_dir(&cluster.files.0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start aiki-server");
+    let url = format!("http://127.0.0.1:{port}");
+    // It serves (and asks for keys, as a server does by default) once it has reached the
+    // database over TLS.
+    eventually(Duration::from_secs(30), "the server answers", || async {
+        match Client::connect(url.clone()).await {
+            Ok(c) => matches!(c.queues().await, Err(aiki::Error::Unauthenticated(_))),
+            Err(_) => false,
+        }
+    })
+    .await;
+}

@@ -233,32 +233,12 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     assert_eq!(run_count(&before).await, 0);
 }
 
-/// The `sh` blocks of the README's section `heading` (up to the next heading), each as its
-/// lines, comments left out.
-fn readme_blocks(heading: &str) -> Vec<Vec<String>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let start = readme.find(heading).expect("the README has the section");
-    let rest = &readme[start + heading.len()..];
-    let end = rest.find("\n#").unwrap_or(rest.len());
-    let (mut blocks, mut block) = (Vec::new(), None::<Vec<String>>);
-    for line in rest[..end].lines() {
-        match (line.trim(), &mut block) {
-            ("```sh", None) => block = Some(Vec::new()),
-            ("```", Some(_)) => blocks.push(block.take().unwrap()),
-            (l, Some(b)) if !l.is_empty() && !l.starts_with('#') => b.push(l.to_owned()),
-            _ => {}
-        }
-    }
-    blocks
-}
-
 /// The README's Security section, run as it is written: the server started with its TLS pair
 /// and bootstrap key on a public address, then the operator's commands over TLS with keys,
 /// grpcurl included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_security_commands_run_over_tls_with_keys() {
-    let blocks = readme_blocks("### API keys and roles");
+    let blocks = aiki_tests::readme_blocks("### API keys and roles");
     assert_eq!(
         blocks.len(),
         2,
