@@ -47,8 +47,7 @@ pub const PREFIX: &str = "aiki_";
 pub const BOOTSTRAP_ID: Uuid = Uuid::nil();
 
 /// What a key may do, in the namespaces it is bound to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// Reads runs: get, list, history, watch, result.
     Read,

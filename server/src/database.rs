@@ -155,7 +155,10 @@ impl Database {
         };
         let provider = crate::tls::provider();
         let verifier: Arc<dyn ServerCertVerifier> = match &roots {
-            None => Arc::new(Unchecked(provider.clone())),
+            None => Arc::new(ChainCheck {
+                roots: None,
+                provider: provider.clone(),
+            }),
             Some(r) => {
                 let store = Arc::new(load_roots(r)?);
                 if mode == Mode::VerifyFull {
@@ -163,8 +166,8 @@ impl Database {
                         .build()
                         .context("cannot check server certificates")?
                 } else {
-                    Arc::new(SignedByRoot {
-                        roots: store,
+                    Arc::new(ChainCheck {
+                        roots: Some(store),
                         provider: provider.clone(),
                     })
                 }
@@ -524,55 +527,17 @@ fn only_local_hosts(config: &tokio_postgres::Config) -> bool {
         })
 }
 
-/// `prefer` and `require` without a root: encrypted, the certificate not checked (libpq's
-/// meaning); the handshake's signatures still are.
+/// `prefer` and `require` without a root (`roots` none): encrypted, the certificate not
+/// checked (libpq's meaning). `verify-ca` (and `require` with a root file): the certificate
+/// chains to a root; its names are not looked at. The handshake's signatures are checked
+/// either way.
 #[derive(Debug)]
-struct Unchecked(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca` (and `require` with a root file): the certificate chains to a root; its names
-/// are not looked at.
-#[derive(Debug)]
-struct SignedByRoot {
-    roots: Arc<RootCertStore>,
+struct ChainCheck {
+    roots: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for SignedByRoot {
+impl ServerCertVerifier for ChainCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -581,10 +546,13 @@ impl ServerCertVerifier for SignedByRoot {
         _: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(roots) = &self.roots else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,

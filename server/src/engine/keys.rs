@@ -76,6 +76,18 @@ impl Engine {
         Ok(())
     }
 
+    /// Checks that `caller` administers some namespace: an admin key, whatever its namespaces
+    /// (the message of the first one's refusal says what it lacks).
+    fn authorize_some_admin(&self, caller: &Caller) -> Result<()> {
+        match caller {
+            Caller::Key(k) => {
+                let ns = k.namespaces.first().map(String::as_str).unwrap_or("default");
+                self.authorize(caller, Op::ManageKeys, ns)
+            }
+            Caller::Anonymous => Ok(()),
+        }
+    }
+
     /// Makes a key; answers it and its secret (shown this once).
     pub async fn create_key(&self, caller: &Caller, new: NewKey) -> Result<(ApiKey, String)> {
         self.authorize_keys(caller, &new.namespaces)?;
@@ -98,14 +110,10 @@ impl Engine {
 
     /// The keys that share a namespace with the caller's.
     pub async fn list_keys(&self, caller: &Caller, include_revoked: bool) -> Result<Vec<ApiKey>> {
+        self.authorize_some_admin(caller)?;
         let namespaces = match caller {
             Caller::Anonymous => vec!["*".to_owned()],
-            Caller::Key(k) => {
-                // An admin of some namespace: the first check gives the message if it is not.
-                let ns = k.namespaces.first().map(String::as_str).unwrap_or("default");
-                self.authorize(caller, Op::ManageKeys, ns)?;
-                k.namespaces.clone()
-            }
+            Caller::Key(k) => k.namespaces.clone(),
         };
         self.store.list_api_keys(&namespaces, include_revoked, MAX_LISTED).await
     }
@@ -120,12 +128,7 @@ impl Engine {
                 "the bootstrap admin key is set in the server's settings (admin_key): change it there".into(),
             ));
         }
-        if let Caller::Key(k) = caller
-            && !k.role.allows(Op::ManageKeys)
-        {
-            let ns = k.namespaces.first().map(String::as_str).unwrap_or("default");
-            self.authorize(caller, Op::ManageKeys, ns)?;
-        }
+        self.authorize_some_admin(caller)?;
         let stored = self.store.api_key(id).await?.ok_or_else(missing)?;
         if self.authorize_keys(caller, &stored.key.namespaces).is_err() {
             return Err(missing());

@@ -53,14 +53,6 @@ impl Caller {
             Caller::Key(k) => Some(k.id),
         }
     }
-
-    /// Who did something, as history events record it: `{"key_id", "key"}`, or `None`.
-    pub fn actor(&self) -> Option<serde_json::Value> {
-        match self {
-            Caller::Anonymous => None,
-            Caller::Key(k) => Some(serde_json::json!({"key_id": k.id.to_string(), "key": k.name})),
-        }
-    }
 }
 
 /// Every operation, as authorization names it.

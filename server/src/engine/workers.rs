@@ -79,10 +79,11 @@ impl Engine {
             wait,
         } = req;
         let wait = wait.min(self.config.max_poll_wait);
-        let registered =
-            self.store.worker_registration(&ns, worker).await?.ok_or_else(|| {
-                Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"))
-            })?;
+        let registered = self
+            .store
+            .worker_registration(&ns, worker)
+            .await?
+            .ok_or_else(|| unregistered(worker))?;
         self.authorize_worker(caller, worker, registered.key)?;
         let queues = if queues.is_empty() {
             registered.queues.clone()
@@ -213,12 +214,7 @@ impl Engine {
                 .store
                 .worker_registration(&req.namespace, req.worker)
                 .await?
-                .ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "worker {} is not registered; call RegisterWorker first",
-                        req.worker
-                    ))
-                })?;
+                .ok_or_else(|| unregistered(req.worker))?;
             self.authorize_worker(caller, req.worker, registered.key)?;
         }
         let out = self
@@ -226,10 +222,7 @@ impl Engine {
             .heartbeat(&req.namespace, req.worker, &req.ids, &req.tokens, self.config.lease_ttl)
             .await?;
         if !out.worker_known {
-            return Err(Error::NotFound(format!(
-                "worker {} is not registered; call RegisterWorker first",
-                req.worker
-            )));
+            return Err(unregistered(req.worker));
         }
         // Lost: neither held nor ended by this worker's own report (which its answer settles).
         let answered: HashSet<&Uuid> = out.held.iter().chain(&out.ended).collect();
@@ -396,4 +389,9 @@ impl Engine {
         }
         Ok(*run)
     }
+}
+
+/// The answer to a call naming a worker that is not registered (or was forgotten).
+fn unregistered(worker: Uuid) -> Error {
+    Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"))
 }
